@@ -1,0 +1,44 @@
+"""The ``xmig`` command. It parses flags, calls the library and renders what it reports.
+
+A typed :class:`~xmig.errors.XmigError` becomes one red line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from xmig import __version__
+from xmig.errors import XmigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmig", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"xmig {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from xmig.netem import cli as netem_cli
+    from xmig.transport import cli as transport_cli
+
+    transport_cli.add_parsers(sub)
+    netem_cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except XmigError as err:
+        Console(stderr=True).print(f"[bold red]xmig: {type(err).__name__}: {err}[/]", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""xmig.guest (see DESIGN.md; filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""xmig.memory (see DESIGN.md; filled in by its issue)."""

@@ -1,0 +1,1 @@
+"""xmig.storage (see DESIGN.md; filled in by its issue)."""
