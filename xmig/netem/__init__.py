@@ -1,0 +1,1 @@
+"""WAN link emulation for tests, drills and benchmarks."""

@@ -1,0 +1,1 @@
+"""Framed, authenticated, multi-stream transport between two agents."""
