@@ -1,0 +1,229 @@
+"""The session state machine, without sockets: two endpoints joined in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from xmig.errors import ConnectionClosed, ProtocolError, SessionExpired, StateError
+from xmig.transport.channels import Channel
+from xmig.transport.frames import FrameType, encode_frame
+from xmig.transport.session import (
+    ConnectionDead,
+    ConnectionReady,
+    MessageReceived,
+    PeerClosed,
+    SessionConfig,
+    SessionFailed,
+    SessionState,
+)
+from xmig.transport.testing import MemoryPair
+
+
+def received(pair: MemoryPair, channel: int) -> list[bytes]:
+    return [
+        e.data for e in MemoryPair.events(pair.server)
+        if isinstance(e, MessageReceived) and e.channel == channel
+    ]
+
+
+def consume_all(pair: MemoryPair, msgs: list[bytes], channel: int) -> None:
+    for m in msgs:
+        pair.server.consume(channel, len(m), pair.now)
+
+
+def test_handshake_exact_frames() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    assert [(d, f.type) for d, f in pair.wire] == [("s->c", FrameType.WELCOME)]
+    assert pair.client.state is SessionState.OPEN
+    assert pair.server.state is SessionState.OPEN
+    assert MemoryPair.events(pair.client) == [ConnectionReady(1)]
+
+
+def test_messages_arrive_in_order_with_exact_frames_and_acks() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.wire.clear()
+    for i in range(3):
+        pair.client.send(Channel.MEMORY, b"m%d" % i)
+    pair.flush(1)
+    assert [(f.type, f.channel, f.seq, f.payload) for _, f in pair.wire] == [
+        (FrameType.DATA, Channel.MEMORY, i, b"m%d" % i) for i in range(3)
+    ]
+    msgs = received(pair, Channel.MEMORY)
+    assert msgs == [b"m0", b"m1", b"m2"]
+    assert pair.client.send_channels[Channel.MEMORY].inflight_bytes == 6
+    consume_all(pair, msgs, Channel.MEMORY)
+    pair.now += 0.01  # past the ack delay
+    pair.server.handle_timer(pair.now)
+    pair.wire.clear()
+    pair.flush(1)
+    assert [(f.type, f.channel, f.seq) for _, f in pair.wire] == [
+        (FrameType.ACK, Channel.MEMORY, 3)
+    ]
+    assert pair.client.send_channels[Channel.MEMORY].inflight_bytes == 0
+    assert pair.client.all_acked
+
+
+def test_control_frames_go_before_queued_bulk() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.wire.clear()
+    for _ in range(4):
+        pair.client.send(Channel.DISK_BULK, b"b" * 1000)
+    pair.client.send(Channel.MEMORY, b"m")
+    pair.client.send(Channel.CONTROL, b"c")
+    pair.client.send(Channel.DEVICE_STATE, b"d")
+    pair.flush(1)
+    channels = [f.channel for _, f in pair.wire if f.type is FrameType.DATA]
+    assert channels[:3] == [Channel.CONTROL, Channel.DEVICE_STATE, Channel.MEMORY]
+
+
+def test_memory_and_bulk_share_by_weight() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.wire.clear()
+    for _ in range(40):
+        pair.client.send(Channel.DISK_BULK, b"b" * 1000)
+        pair.client.send(Channel.MEMORY, b"m" * 1000)
+    sent = []
+    for _ in range(40):
+        frame = pair.client.frame_to_send(1, pair.now)
+        assert frame is not None
+        sent.append(frame[0][4])  # the channel byte of the header
+    # weights 3:1 -> 30 memory, 10 bulk among the first 40 frames (neither starves)
+    assert sent.count(Channel.MEMORY) == 30
+    assert sent.count(Channel.DISK_BULK) == 10
+
+
+def test_window_bounds_bytes_in_flight() -> None:
+    from xmig.transport.channels import ChannelSpec
+
+    spec = (ChannelSpec(Channel.CONTROL, 0, window=4096), ChannelSpec(Channel.MEMORY, 3, window=3000))
+    pair = MemoryPair(SessionConfig(channels=spec, max_payload=2048))
+    pair.connect(1)
+    for _ in range(5):
+        pair.client.send(Channel.MEMORY, b"x" * 1000)
+    pair.flush(1)
+    msgs = received(pair, Channel.MEMORY)
+    assert len(msgs) == 3  # 3000 bytes in flight, the rest waits for acks
+    consume_all(pair, msgs, Channel.MEMORY)
+    pair.now += 1
+    pair.server.handle_timer(pair.now)
+    pair.flush(1)
+    assert len(received(pair, Channel.MEMORY)) == 2
+
+
+def test_lost_connection_resends_on_another_without_duplicates() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.connect(2)
+    for i in range(10):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    # frames for conn 1 vanish with it (a cut), conn 2 delivers its share
+    pair.flush(1, drop=True)
+    pair.client.connection_lost(1, pair.now)
+    pair.server.connection_lost(1, pair.now)
+    pair.flush(2)
+    msgs = received(pair, Channel.MEMORY)
+    assert msgs == [b"%d" % i for i in range(10)]
+    assert pair.client.send_channels[Channel.MEMORY].resent_bytes > 0
+
+
+def test_duplicate_frame_is_dropped_and_changes_nothing() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.client.send(Channel.MEMORY, b"once")
+    pair.flush(1)
+    assert received(pair, Channel.MEMORY) == [b"once"]
+    replay = encode_frame(FrameType.DATA, Channel.MEMORY, 0, b"once")
+    pair.server.receive_data(1, replay, pair.now)
+    assert received(pair, Channel.MEMORY) == []
+    assert pair.server.recv_channels[Channel.MEMORY].duplicates == 1
+
+
+def test_protocol_violations_raise_typed_errors() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    with pytest.raises(ProtocolError):
+        pair.server.receive_data(1, encode_frame(FrameType.DATA, 99, 0, b"x"), pair.now)
+    with pytest.raises(ProtocolError):
+        pair.client.receive_data(1, encode_frame(FrameType.ACK, Channel.MEMORY, 5), pair.now)
+    with pytest.raises(ProtocolError):
+        pair.server.receive_data(1, encode_frame(FrameType.HELLO, 0, 0, b"{}"), pair.now)
+    assert pair.server.state is SessionState.OPEN
+
+
+def test_silent_connection_is_declared_dead_then_session_expires() -> None:
+    cfg = SessionConfig(idle_timeout=2.0, resume_deadline=5.0)
+    pair = MemoryPair(cfg)
+    pair.connect(1)
+    MemoryPair.events(pair.client)
+    pair.now = 2.5
+    pair.client.handle_timer(pair.now)
+    evs = MemoryPair.events(pair.client)
+    assert len(evs) == 1 and isinstance(evs[0], ConnectionDead) and evs[0].conn == 1
+    assert pair.client.state is SessionState.DISCONNECTED
+    pair.now = 7.6
+    pair.client.handle_timer(pair.now)
+    (failed,) = MemoryPair.events(pair.client)
+    assert isinstance(failed, SessionFailed) and isinstance(failed.error, SessionExpired)
+    assert pair.client.state is SessionState.ERROR
+    with pytest.raises(SessionExpired):
+        pair.client.send(Channel.MEMORY, b"late")
+    with pytest.raises(StateError):  # ERROR is sticky
+        pair.client.add_connection(3, pair.now)
+
+
+def test_pings_measure_rtt() -> None:
+    pair = MemoryPair(SessionConfig(ping_interval=0.5))
+    pair.connect(1)
+    pair.now = 0.6
+    pair.client.handle_timer(pair.now)
+    frame = pair.client.frame_to_send(1, pair.now)
+    assert frame is not None
+    pair.server.receive_data(1, frame[0], pair.now)
+    pair.now = 0.65
+    pong = pair.server.frame_to_send(1, pair.now)
+    assert pong is not None
+    pair.client.receive_data(1, pong[0], pair.now)
+    assert pair.client.rtt.min_rtt == pytest.approx(0.05)
+
+
+def test_orderly_close() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    pair.client.send(Channel.MEMORY, b"last")
+    pair.client.close("done")
+    assert pair.client.state is SessionState.CLOSING
+    with pytest.raises(ConnectionClosed):
+        pair.client.send(Channel.MEMORY, b"too late")
+    pair.flush(1)
+    consume_all(pair, received(pair, Channel.MEMORY), Channel.MEMORY)
+    pair.now += 1
+    pair.server.handle_timer(pair.now)
+    pair.flush(1)  # ack -> client sends CLOSE -> server answers CLOSE
+    assert pair.client.state is SessionState.CLOSED
+    assert pair.server.state is SessionState.CLOSED
+    assert PeerClosed("done") in MemoryPair.events(pair.server)
+
+
+def test_rate_cap_holds_bulk_but_not_control() -> None:
+    pair = MemoryPair(SessionConfig(rate_cap_bps=8 * 100_000, max_payload=10_000))
+    pair.connect(1)
+    for _ in range(5):
+        pair.client.send(Channel.MEMORY, b"x" * 10_000)
+    first = pair.client.frame_to_send(1, pair.now)  # the burst allows one frame
+    assert first is not None
+    assert pair.client.frame_to_send(1, pair.now) is None
+    pair.client.send(Channel.CONTROL, b"urgent")
+    ctl = pair.client.frame_to_send(1, pair.now)
+    assert ctl is not None and ctl[1] == b"urgent"
+    # the burst (one frame) is spent; afterwards one 10 kB frame per 0.1 s at 100 kB/s
+    t1 = pair.client.get_timer()
+    assert t1 is not None and t1 < 0.001
+    pair.now = t1
+    assert pair.client.frame_to_send(1, pair.now) is not None
+    assert pair.client.frame_to_send(1, pair.now) is None
+    t2 = pair.client.get_timer()
+    assert t2 is not None and t2 - t1 == pytest.approx(0.1, abs=0.001)

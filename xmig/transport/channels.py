@@ -1,0 +1,242 @@
+"""Channels: per-channel send and receive bookkeeping and the scheduler between them. Sans-IO.
+
+Each channel is an ordered, reliable message stream with its own sequence numbers and a
+bounded number of bytes in flight (sent but not yet consumed by the peer's application).
+The scheduler serves channels by strict priority class (control > device state > disk
+mirror > bulk), and inside the bulk class by weight (memory : disk bulk), so a control
+message never waits behind megabytes of bulk data and neither bulk channel starves.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from xmig.errors import ProtocolError, SequenceError
+from xmig.transport.frames import FrameType, encode_header
+
+MiB = 1024 * 1024
+
+
+class Channel(enum.IntEnum):
+    """The channels of a migration session."""
+
+    CONTROL = 0
+    DEVICE_STATE = 1
+    DISK_MIRROR = 2
+    MEMORY = 3
+    DISK_BULK = 4
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """How one channel is scheduled and bounded."""
+
+    channel: int
+    priority: int  #: lower is served first; channels of one priority share by ``weight``
+    weight: float = 1.0
+    window: int = 16 * MiB  #: bytes in flight (sent, not consumed by the peer) at most
+
+
+DEFAULT_CHANNELS: tuple[ChannelSpec, ...] = (
+    ChannelSpec(Channel.CONTROL, priority=0, window=4 * MiB),
+    ChannelSpec(Channel.DEVICE_STATE, priority=1, window=16 * MiB),
+    ChannelSpec(Channel.DISK_MIRROR, priority=2, window=32 * MiB),
+    ChannelSpec(Channel.MEMORY, priority=3, weight=3.0, window=96 * MiB),
+    ChannelSpec(Channel.DISK_BULK, priority=3, weight=1.0, window=96 * MiB),
+)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A data frame: queued, in flight, or waiting to be sent again."""
+
+    seq: int
+    header: bytes
+    payload: bytes
+    conn: int | None = None  #: the connection it was last sent on
+
+
+class SendChannel:
+    """The sending half of a channel: queue, in-flight frames (the replay buffer), acks."""
+
+    def __init__(self, spec: ChannelSpec) -> None:
+        self.spec = spec
+        self.next_seq = 0
+        self.acked = 0  #: the peer consumed every message below this sequence number
+        self.pending: deque[Outgoing] = deque()
+        self.pending_bytes = 0
+        self.unacked: deque[Outgoing] = deque()
+        self.inflight_bytes = 0
+        self.retransmit: deque[Outgoing] = deque()
+        self.sent_bytes = 0
+        self.resent_bytes = 0
+        self.acked_bytes = 0
+
+    def enqueue(self, payload: bytes) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        header = encode_header(FrameType.DATA, self.spec.channel, seq, payload)
+        self.pending.append(Outgoing(seq, header, payload))
+        self.pending_bytes += len(payload)
+        return seq
+
+    def _drop_acked_retransmits(self) -> None:
+        while self.retransmit and self.retransmit[0].seq < self.acked:
+            self.retransmit.popleft()
+
+    def ready(self) -> bool:
+        """A frame may be sent now: a retransmission, or new data the window admits."""
+        self._drop_acked_retransmits()
+        if self.retransmit:
+            return True
+        if not self.pending:
+            return False
+        size = len(self.pending[0].payload)
+        return self.inflight_bytes == 0 or self.inflight_bytes + size <= self.spec.window
+
+    def take(self, conn: int) -> Outgoing:
+        """Pop the next frame to send on ``conn``; call only when :meth:`ready`."""
+        if self.retransmit:
+            out = self.retransmit.popleft()
+            self.resent_bytes += len(out.payload)
+        else:
+            out = self.pending.popleft()
+            self.pending_bytes -= len(out.payload)
+            self.unacked.append(out)
+            self.inflight_bytes += len(out.payload)
+        out.conn = conn
+        self.sent_bytes += len(out.payload)
+        return out
+
+    def on_ack(self, seq: int) -> int:
+        """The peer consumed everything below ``seq``; return the bytes newly acknowledged."""
+        if seq > self.next_seq:
+            raise ProtocolError(
+                f"ack for seq {seq} on channel {self.spec.channel}, only {self.next_seq} sent"
+            )
+        freed = 0
+        while self.unacked and self.unacked[0].seq < seq:
+            freed += len(self.unacked.popleft().payload)
+        self.acked = max(self.acked, seq)
+        self.inflight_bytes -= freed
+        self.acked_bytes += freed
+        self._drop_acked_retransmits()
+        return freed
+
+    def connection_lost(self, conn: int) -> None:
+        """Queue again every unacknowledged frame last sent on ``conn``, in order."""
+        lost = [o for o in self.unacked if o.conn == conn]
+        if not lost:
+            return
+        merged = sorted({o.seq: o for o in (*self.retransmit, *lost)}.items())
+        self.retransmit = deque(o for _, o in merged)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing unacknowledged."""
+        return not self.pending and not self.unacked
+
+
+class RecvChannel:
+    """The receiving half: in-order delivery, duplicate suppression, ack bookkeeping."""
+
+    # Seq numbers this far ahead of the next expected one are garbage, not reordering.
+    MAX_GAP = 1 << 20
+
+    def __init__(self, spec: ChannelSpec) -> None:
+        self.spec = spec
+        self.next_deliver = 0
+        self.consumed = 0  #: messages consumed by the application (the ack value)
+        self.acked_sent = 0  #: last ack value sent to the peer
+        self.reorder: dict[int, bytes] = {}
+        self.buffered_bytes = 0
+        self.duplicates = 0
+        self.received_bytes = 0
+        self.ack_due: float | None = None  #: when an ack must go out, if one is owed
+        self._unacked_consumed = 0
+
+    def on_data(self, seq: int, payload: bytes) -> list[tuple[int, bytes]]:
+        """Accept a frame; return the messages now deliverable in order."""
+        if seq < self.next_deliver or seq in self.reorder:
+            self.duplicates += 1
+            return []
+        if seq >= self.next_deliver + self.MAX_GAP:
+            raise SequenceError(
+                f"seq {seq} on channel {self.spec.channel} is far beyond {self.next_deliver}",
+                channel=self.spec.channel,
+                seq=seq,
+                expected=self.next_deliver,
+            )
+        if self.buffered_bytes + len(payload) > self.spec.window + self.spec.window // 2:
+            raise ProtocolError(
+                f"peer overran the window of channel {self.spec.channel} "
+                f"({self.buffered_bytes + len(payload)} > {self.spec.window} bytes)"
+            )
+        self.buffered_bytes += len(payload)
+        self.received_bytes += len(payload)
+        if seq != self.next_deliver:
+            self.reorder[seq] = payload
+            return []
+        out = [(seq, payload)]
+        self.next_deliver += 1
+        while self.next_deliver in self.reorder:
+            out.append((self.next_deliver, self.reorder.pop(self.next_deliver)))
+            self.next_deliver += 1
+        return out
+
+    def consume(self, nbytes: int, now: float, ack_delay: float) -> None:
+        """The application took the next message (``nbytes`` long)."""
+        if self.consumed >= self.next_deliver:
+            raise ProtocolError(f"consumed more than delivered on channel {self.spec.channel}")
+        self.consumed += 1
+        self.buffered_bytes -= nbytes
+        self._unacked_consumed += nbytes
+        if self._unacked_consumed >= self.spec.window // 8:
+            self.ack_due = now
+        elif self.ack_due is None:
+            self.ack_due = now + ack_delay
+
+    def take_ack(self) -> int:
+        """Mark the current ack value as sent and return it."""
+        self.acked_sent = self.consumed
+        self.ack_due = None
+        self._unacked_consumed = 0
+        return self.consumed
+
+
+class Scheduler:
+    """Picks the channel to serve next: strict priority, then weighted fair share."""
+
+    def __init__(self, channels: dict[int, SendChannel]) -> None:
+        self._classes: list[list[SendChannel]] = []
+        for prio in sorted({c.spec.priority for c in channels.values()}):
+            self._classes.append([c for c in channels.values() if c.spec.priority == prio])
+        self._vtime: dict[int, float] = {c.spec.channel: 0.0 for c in channels.values()}
+
+    def pick(self, *, allow_bulk: bool = True) -> SendChannel | None:
+        """The channel whose frame goes next, or ``None``. Without ``allow_bulk`` only the
+        first priority class (control) may send (the rate cap does not apply to it)."""
+        for i, group in enumerate(self._classes):
+            if i > 0 and not allow_bulk:
+                return None
+            ready = [c for c in group if c.ready()]
+            if not ready:
+                continue
+            if len(ready) == 1:
+                chosen = ready[0]
+            else:
+                chosen = min(ready, key=lambda c: self._vtime[c.spec.channel])
+            return chosen
+        return None
+
+    def charge(self, chan: SendChannel, nbytes: int) -> None:
+        """Account ``nbytes`` sent on ``chan`` towards its fair share."""
+        group = next(g for g in self._classes if chan in g)
+        if len(group) == 1:
+            return
+        key = chan.spec.channel
+        # a channel back from idle does not bank credit for the time it had nothing to send
+        floor = min(self._vtime[c.spec.channel] for c in group if c.ready() or c is chan)
+        self._vtime[key] = max(self._vtime[key], floor) + nbytes / chan.spec.weight
