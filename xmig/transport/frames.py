@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 import xxhash
@@ -85,55 +86,78 @@ def encode_frame(
 class FrameDecoder:
     """Incremental decoder for one connection's byte stream.
 
-    ``feed`` buffers bytes; ``next_frame`` returns the next whole frame or ``None``.
-    A bad frame raises and stays in the buffer: the connection must be dropped.
+    ``feed`` keeps the received chunks as they are; ``next_frame`` joins exactly the bytes
+    of the next whole frame (one copy) or returns ``None``. A bad frame raises and stays
+    in the buffer: the connection must be dropped.
     """
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._buf = bytearray()
-        self._pos = 0
+        self._chunks: deque[memoryview] = deque()  # slices of memoryviews copy nothing
+        self._size = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) - self._pos
+        return self._size
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        if data:
+            self._chunks.append(memoryview(data).cast("B"))
+            self._size += len(data)
+
+    def _peek(self, skip: int, n: int) -> list[memoryview]:
+        """The ``n`` bytes after the first ``skip``, as slices of the chunks; consumes nothing."""
+        parts = []
+        for chunk in self._chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            part = chunk[skip : skip + n]
+            skip = 0
+            parts.append(part)
+            n -= len(part)
+            if not n:
+                break
+        return parts
+
+    def _skip(self, n: int) -> None:
+        chunks = self._chunks
+        self._size -= n
+        while n:
+            first = chunks[0]
+            if len(first) > n:
+                chunks[0] = first[n:]
+                return
+            chunks.popleft()
+            n -= len(first)
 
     def next_frame(self) -> Frame | None:
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < HEADER_SIZE:
+        if self._size < HEADER_SIZE:
             return None
-        magic, version, ftype, channel, flags, _reserved, length, seq = HEADER.unpack_from(
-            buf, pos
-        )
+        head = b"".join(self._peek(0, HEADER_SIZE))
+        magic, version, ftype, channel, flags, _reserved, length, seq = HEADER.unpack_from(head)
         if magic != MAGIC:
-            raise BadMagicError(f"bad frame magic {magic:#06x} at stream offset {pos}")
+            raise BadMagicError(f"bad frame magic {magic:#06x}")
         if version != VERSION:
             raise UnsupportedVersionError(f"frame version {version}, this build speaks {VERSION}")
         if ftype not in _TYPES:
             raise UnknownFrameTypeError(f"unknown frame type {ftype}")
         if length > self.max_payload:
             raise OversizedFrameError(length, self.max_payload)
-        end = pos + HEADER_SIZE + length
-        if len(buf) < end:
+        if self._size < HEADER_SIZE + length:
             return None
-        with memoryview(buf) as view:
-            digest = xxhash.xxh3_64(view[pos : pos + HEADER.size])
-            digest.update(view[pos + HEADER_SIZE : end])
-            (expected,) = CHECKSUM.unpack_from(buf, pos + HEADER.size)
-            if digest.intdigest() != expected:
-                raise FrameChecksumError(
-                    f"checksum mismatch on {FrameType(ftype).name} frame channel={channel} "
-                    f"seq={seq}"
-                )
-            payload = bytes(view[pos + HEADER_SIZE : end])
-        self._pos = end
+        digest = xxhash.xxh3_64(head[: HEADER.size])
+        (expected,) = CHECKSUM.unpack_from(head, HEADER.size)
+        # verify before consuming, so a bad frame leaves the decoder untouched
+        parts = self._peek(HEADER_SIZE, length) if length else []
+        payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        digest.update(payload)
+        if digest.intdigest() != expected:
+            raise FrameChecksumError(
+                f"checksum mismatch on {FrameType(ftype).name} frame channel={channel} seq={seq}"
+            )
+        self._skip(HEADER_SIZE + length)
         return Frame(FrameType(ftype), channel, seq, payload, flags)
 
     def close(self) -> None:
