@@ -150,6 +150,7 @@ def _serve_one(conn: socket.socket, link: Any) -> bool:
     """Answer one request on ``conn``; True if it asked the link to go down."""
     conn.settimeout(5)
     down = False
+    answer: dict[str, Any]
     with conn:
         try:
             data = b""
