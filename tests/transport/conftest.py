@@ -47,7 +47,7 @@ class Endpoint(asyncio.Protocol):
     """An application protocol that records what it gets. Reading starts paused."""
 
     def __init__(self) -> None:
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.received = bytearray()
         self.eof = False
         loop = asyncio.get_running_loop()
@@ -56,10 +56,9 @@ class Endpoint(asyncio.Protocol):
         self._changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Nothing may be consumed before the TLS upgrade. (uvloop's transports are not
-        # subclasses of asyncio's, hence the cast rather than an isinstance check.)
-        cast(asyncio.ReadTransport, transport).pause_reading()
-        self.transport = transport
+        # uvloop's transports are not subclasses of asyncio's: a cast, not an isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # nothing may be consumed before the TLS upgrade
         self.made.set_result(None)
 
     def data_received(self, data: bytes) -> None:
@@ -121,7 +120,7 @@ async def _tls_link(
 
     server = await loop.create_server(accept, host, 0)
     port = server.sockets[0].getsockname()[1]
-    opened: list[asyncio.BaseTransport] = []
+    opened: list[asyncio.Transport] = []
     try:
         connect_port = port if via is None else await via(port)
         async with asyncio.timeout(handshake_timeout * 2):

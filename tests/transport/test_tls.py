@@ -43,8 +43,9 @@ def _other_ca() -> Issued:
     return make_ca("impostor CA", not_before=now - DAY, not_after=now + DAY)
 
 
-def _replace(pki: PkiPaths, ca: Issued, prefix: str, *, names: tuple[str, ...] = (),
-             expired: bool = False) -> None:
+def _replace(
+    pki: PkiPaths, ca: Issued, prefix: str, *, names: tuple[str, ...] = (), expired: bool = False
+) -> None:
     """Overwrite ``{prefix}-cert.pem``/``-key.pem`` in ``pki`` with one issued by ``ca``."""
     now = utc_now()
     start, end = (now - 10 * DAY, now - DAY) if expired else (now - DAY, now + DAY)
@@ -97,6 +98,7 @@ async def _plain_listener() -> AsyncIterator[PlainListener]:
                 endpoint.transport.abort()
         server.close()
         await server.wait_closed()
+
 
 # -- good certificates ---------------------------------------------------------------------
 
@@ -185,9 +187,7 @@ async def test_server_certificate_from_another_ca(pki: PkiPaths, tls_link: TlsLi
         assert link.server_app.received == b"" and link.client_app.received == b""
 
 
-async def test_expired_server_certificate(
-    pki: PkiPaths, pki_ca: Issued, tls_link: TlsLink
-) -> None:
+async def test_expired_server_certificate(pki: PkiPaths, pki_ca: Issued, tls_link: TlsLink) -> None:
     _replace(pki, pki_ca, "server", names=("localhost",), expired=True)
     async with tls_link(server_context(pki), client_context(pki)) as link:
         assert isinstance(link.client, AuthenticationError), link.client
@@ -195,9 +195,7 @@ async def test_expired_server_certificate(
         assert isinstance(link.server, ConnectionBroken), link.server
 
 
-async def test_expired_client_certificate(
-    pki: PkiPaths, pki_ca: Issued, tls_link: TlsLink
-) -> None:
+async def test_expired_client_certificate(pki: PkiPaths, pki_ca: Issued, tls_link: TlsLink) -> None:
     _replace(pki, pki_ca, "client", expired=True)
     async with tls_link(server_context(pki), client_context(pki)) as link:
         assert isinstance(link.server, AuthenticationError), link.server
@@ -365,28 +363,29 @@ async def test_altered_record_is_an_integrity_error(pki: PkiPaths, tls_link: Tls
 
 def _ssl_error(cls: type[ssl.SSLError], reason: str, text: str) -> ssl.SSLError:
     err = cls(1, f"[SSL: {reason}] {text} (_ssl.c:2580)")
-    err.reason = reason  # type: ignore[misc]  # as OpenSSL would have set it
+    err.reason = reason  # as OpenSSL would have set it
     return err
+
+
+_ALERTS = [  # (OpenSSL reason, text, expected type, needle in the message)
+    ("TLSV1_ALERT_UNKNOWN_CA", "tlsv1 alert unknown ca", AuthenticationError, "unknown ca"),
+    ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "tlsv13 alert certificate required",
+     AuthenticationError, "required"),
+    ("SSLV3_ALERT_BAD_CERTIFICATE", "sslv3 alert bad certificate", AuthenticationError, "bad"),
+    ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "sslv3 alert certificate expired",
+     AuthenticationError, "expired"),
+    ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "decryption failed or bad record mac",
+     IntegrityError, "bad record mac"),
+    ("TLSV1_ALERT_DECRYPT_ERROR", "tlsv1 alert decrypt error", IntegrityError, "decrypt error"),
+    ("WRONG_VERSION_NUMBER", "wrong version number", ConnectionBroken, "wrong version"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("err", "expected", "needle"),
     [
-        (_ssl_error(ssl.SSLError, "TLSV1_ALERT_UNKNOWN_CA", "tlsv1 alert unknown ca"),
-         AuthenticationError, "unknown ca"),
-        (_ssl_error(ssl.SSLError, "TLSV13_ALERT_CERTIFICATE_REQUIRED",
-                    "tlsv13 alert certificate required"), AuthenticationError, "required"),
-        (_ssl_error(ssl.SSLError, "SSLV3_ALERT_BAD_CERTIFICATE", "sslv3 alert bad certificate"),
-         AuthenticationError, "bad certificate"),
-        (_ssl_error(ssl.SSLError, "SSLV3_ALERT_CERTIFICATE_EXPIRED",
-                    "sslv3 alert certificate expired"), AuthenticationError, "expired"),
+        *[(_ssl_error(ssl.SSLError, r, t), e, n) for r, t, e, n in _ALERTS],
         (ssl.SSLError(1, "tlsv1 alert unknown ca"), AuthenticationError, "unknown ca"),
-        (_ssl_error(ssl.SSLError, "DECRYPTION_FAILED_OR_BAD_RECORD_MAC",
-                    "decryption failed or bad record mac"), IntegrityError, "bad record mac"),
-        (_ssl_error(ssl.SSLError, "TLSV1_ALERT_DECRYPT_ERROR", "tlsv1 alert decrypt error"),
-         IntegrityError, "decrypt error"),
-        (_ssl_error(ssl.SSLError, "WRONG_VERSION_NUMBER", "wrong version number"),
-         ConnectionBroken, "wrong version number"),
         (_ssl_error(ssl.SSLEOFError, "UNEXPECTED_EOF_WHILE_READING", "unexpected eof"),
          ConnectionBroken, "unexpected eof"),
         (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
@@ -394,7 +393,7 @@ def _ssl_error(cls: type[ssl.SSLError], reason: str, text: str) -> ssl.SSLError:
         (EOFError(), ConnectionBroken, "EOFError"),
         (TimeoutError(), ConnectionBroken, "timed out"),
     ],
-)
+)  # fmt: skip
 def test_classify_ssl_error(
     err: BaseException, expected: type[TransportError], needle: str
 ) -> None:
@@ -505,8 +504,9 @@ def uvloop_runner() -> Iterator[asyncio.Runner]:
         yield runner
 
 
-def test_under_uvloop(pki: PkiPaths, tmp_path: Path, tls_link: TlsLink,
-                      uvloop_runner: asyncio.Runner) -> None:
+def test_under_uvloop(
+    pki: PkiPaths, tmp_path: Path, tls_link: TlsLink, uvloop_runner: asyncio.Runner
+) -> None:
     """The driver runs on uvloop where installed: same results there."""
 
     async def good() -> tuple[str, str, bytes]:

@@ -218,7 +218,7 @@ def init_pki(
 
     The server certificate's common name is the first of ``server_names`` and all of them are
     its SANs. Without ``force`` no existing file is overwritten: :class:`ConfigError` names
-    the files that are in the way and nothing is written.
+    the first file in the way and nothing is written.
     """
     directory = Path(directory)
     if days < 1:
@@ -227,11 +227,13 @@ def init_pki(
         raise ConfigError("at least one non-empty server name is needed")
     if not client_name.strip():
         raise ConfigError("the client name must not be empty")
+    for name in server_names:
+        _general_name(name)  # a bad name fails before anything is created
     paths = PkiPaths.of(directory)
     existing = [p for p in paths.all_files() if p.exists() or p.is_symlink()]
     if existing and not force:
-        listed = ", ".join(str(p) for p in existing)
-        raise ConfigError(f"refusing to overwrite {listed} (use --force to replace)")
+        more = f" and {len(existing) - 1} more file(s)" if len(existing) > 1 else ""
+        raise ConfigError(f"refusing to overwrite {existing[0]}{more} (use --force to replace)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
