@@ -33,7 +33,7 @@ from xmig.errors import (
 from xmig.transport.certs import PkiPaths, read_certificate
 
 # OpenSSL reason codes (spaces as underscores, upper case), matched as substrings.
-_INTEGRITY_REASONS = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "DECRYPT_ERROR", "BAD_DECRYPT")
+_INTEGRITY_REASONS = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "DECRYPT_ERROR")
 _AUTH_REASONS = (
     "UNKNOWN_CA",
     "CERTIFICATE_REQUIRED",
