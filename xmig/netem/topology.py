@@ -21,6 +21,7 @@ configures; this module imports pyroute2, which the emulator process does not ne
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -65,6 +66,9 @@ def setup_mid_links(a: Addressing, src_fd: int, dst_fd: int) -> None:
     write_sysctl("net.ipv4.ip_forward", "1")
     write_sysctl("net.ipv4.conf.all.rp_filter", "0")
     write_sysctl("net.ipv4.conf.default.rp_filter", "0")
+    if os.path.exists("/proc/sys/net/ipv6"):  # keep IPv6 chatter (MLD, RS) off the TUNs
+        write_sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+        write_sysctl("net.ipv6.conf.all.disable_ipv6", "1")
     try:
         with IPRoute() as ipr:
             ipr.link("set", index=_index(ipr, "lo"), state="up")
