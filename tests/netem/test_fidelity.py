@@ -9,6 +9,8 @@ bytes per 1448 payload bytes). The IP bytes the emulator itself counted are chec
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from tests.netem.helpers import bulk_goodput, median_rtt
@@ -18,7 +20,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("rtt_s", [0.050, 0.200])
-def test_rtt_within_5_percent(rtt_s: float, record_property: pytest.RecordProperty) -> None:
+def test_rtt_within_5_percent(rtt_s: float, record_property: Callable[[str, object], None]) -> None:
     with Wan(LinkSpec.symmetric(rate_bps=1_000_000_000, rtt_s=rtt_s), fallback="tun") as wan:
         measured = median_rtt(wan, count=12)
     record_property("rtt_ms", measured * 1e3)
@@ -27,7 +29,9 @@ def test_rtt_within_5_percent(rtt_s: float, record_property: pytest.RecordProper
 
 
 @pytest.mark.parametrize("rate_bps", [100_000_000, 1_000_000_000])
-def test_rate_within_5_percent(rate_bps: int, record_property: pytest.RecordProperty) -> None:
+def test_rate_within_5_percent(
+    rate_bps: int, record_property: Callable[[str, object], None]
+) -> None:
     with Wan(LinkSpec.symmetric(rate_bps=rate_bps, rtt_s=0.020), fallback="tun") as wan:
         result = bulk_goodput(wan, warmup_s=1.0, window_s=2.0, cc="cubic")
     record_property("wire_estimate_mbit", result.wire_estimate_bps / 1e6)

@@ -7,6 +7,7 @@ import errno
 import select
 import socket
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def wan() -> Wan:
+def wan() -> Iterator[Wan]:
     with Wan(LinkSpec.symmetric(rate_bps=100_000_000, rtt_s=0.020), fallback="tun") as link:
         yield link
 

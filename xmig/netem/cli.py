@@ -174,7 +174,7 @@ def _serve_one(conn: socket.socket, link: Any) -> bool:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from xmig.netem.wan import Wan, tun_available
+    from xmig.netem.link import Wan, tun_available
 
     name = _check_name(args.name)
     spec = _spec_from(args, None)

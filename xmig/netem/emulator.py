@@ -1,6 +1,6 @@
 """The WAN emulator process: two TUN devices in the middle namespace and a packet scheduler.
 
-Started by :class:`xmig.netem.wan.Wan` from a thread inside the middle namespace (so it is
+Started by :class:`xmig.netem.link.Wan` from a thread inside the middle namespace (so it is
 born there)::
 
     python -m xmig.netem.emulator --parent PID --spec JSON [--tun-fwd NAME --tun-rev NAME]
