@@ -39,6 +39,20 @@ def test_auto_falls_back_to_the_relay_without_root(monkeypatch: pytest.MonkeyPat
         Wan(SPEC, fallback="tun")
 
 
+def test_auto_falls_back_when_the_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xmig.netem import tunlink
+
+    def refuse(self: tunlink.TunLink) -> None:
+        raise NetemPermissionError("unshare(CLONE_NEWNET): Operation not permitted")
+
+    monkeypatch.setattr(link_module, "tun_available", lambda: True)
+    monkeypatch.setattr(tunlink.TunLink, "start", refuse)
+    with pytest.warns(UserWarning, match="refused"), Wan(SPEC) as link:
+        assert link.mode == "relay" and link.approximate
+    with pytest.raises(NetemPermissionError):
+        Wan(SPEC, fallback="tun").start()
+
+
 def test_relay_rtt(relay: Wan) -> None:
     assert median_rtt(relay, count=10) == pytest.approx(0.040, rel=0.05)
     relay.set(dataclasses.replace(SPEC, delay_fwd_s=0.050, delay_rev_s=0.030))

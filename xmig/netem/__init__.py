@@ -12,14 +12,15 @@ Operator CLI (:mod:`xmig.netem.cli`)::
     ip netns exec wan1-dst iperf3 -s &  ip netns exec wan1-src iperf3 -c 10.231.2.2
     xmig netem cut --name wan1; xmig netem restore --name wan1; xmig netem stats --name wan1
 
-Modules: :mod:`~xmig.netem.link` (Wan, wan), :mod:`~xmig.netem.spec` (LinkSpec, parsers), :mod:`~xmig.netem.scheduler` (the sans-IO
-packet scheduler), :mod:`~xmig.netem.emulator` (the TUN emulator process),
+Modules: :mod:`~xmig.netem.link` (Wan, wan), :mod:`~xmig.netem.spec` (LinkSpec, parsers),
+:mod:`~xmig.netem.scheduler` (the sans-IO packet scheduler), :mod:`~xmig.netem.emulator` (the
+TUN emulator process),
 :mod:`~xmig.netem.topology` and :mod:`~xmig.netem.nsutil` (namespaces, pyroute2),
 :mod:`~xmig.netem.tunlink` (faithful link), :mod:`~xmig.netem.relay` (no-root fallback).
 """
 
-from xmig.netem.spec import LinkSpec, parse_duration, parse_fraction, parse_rate, parse_size
 from xmig.netem.link import Wan, tun_available, wan
+from xmig.netem.spec import LinkSpec, parse_duration, parse_fraction, parse_rate, parse_size
 
 __all__ = [
     "LinkSpec",

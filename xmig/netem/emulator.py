@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-from xmig.errors import ConfigError, NetemError
+from xmig.errors import ConfigError, NetemError, NetemPermissionError
 from xmig.netem.nsutil import set_pdeathsig
 from xmig.netem.scheduler import Direction, Scheduler
 from xmig.netem.spec import LinkSpec
@@ -107,14 +107,17 @@ def wire_length(frame: bytes) -> int:
 
 def open_tun(name: str) -> int:
     """Create TUN device ``name`` in the calling thread's namespace; return its non-blocking fd."""
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd = -1
     try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         ifreq = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
         fcntl.ioctl(fd, TUNSETIFF, ifreq)
         fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except OSError as err:
-        os.close(fd)
-        raise NetemError(f"cannot open TUN device {name}: {err}") from err
+        if fd >= 0:
+            os.close(fd)
+        cls = NetemPermissionError if err.errno in (errno.EPERM, errno.EACCES) else NetemError
+        raise cls(f"cannot open TUN device {name}: {err}") from err
     return fd
 
 
@@ -309,5 +312,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except NetemError as err:
-        print(json.dumps({"event": "error", "error": str(err)}), flush=True)
+        print(json.dumps({"event": "error", "type": type(err).__name__, "error": str(err)}))
         sys.exit(2)

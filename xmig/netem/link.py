@@ -2,7 +2,7 @@
 
 ::
 
-    from xmig.netem import LinkSpec, Wan
+    from xmig.netem import LinkSpec, Wan, parse_rate
 
     spec = LinkSpec.symmetric(rate_bps=parse_rate("1gbit"), rtt_s=0.1)
     with Wan(spec) as link:                      # or wan(spec, fallback="relay")
@@ -22,11 +22,13 @@ Two implementations behind one face:
 - ``"relay"`` (no root needed): loopback TCP relays, :mod:`xmig.netem.relay`. Rate and delay
   only; ``approximate`` is True and a warning says so.
 
-``fallback="auto"`` picks ``"tun"`` when it can, else ``"relay"``. Setup takes about 0.2 s
-(the emulator process starting), so a sync ``with`` block is fine inside async code too; every
-control call (:meth:`Wan.set`, :meth:`Wan.cut`, :meth:`Wan.restore`) returns only after the
-emulator has acknowledged it. Sockets returned by :meth:`Wan.socket` keep their host's namespace
-alive until they are closed; programs started with :meth:`Wan.popen` are terminated at close.
+``fallback="auto"`` picks ``"tun"`` when it can (root and /dev/net/tun, and building it is
+not refused, as it is without CAP_NET_ADMIN in a container), else ``"relay"``. Setup takes
+about 0.2 s (the emulator process starting), so a sync ``with`` block is fine inside async
+code too; every control call (:meth:`Wan.set`, :meth:`Wan.cut`, :meth:`Wan.restore`) returns
+only after the emulator has acknowledged it. Sockets returned by :meth:`Wan.socket` keep their
+host's namespace alive until they are closed; programs started with :meth:`Wan.popen` are
+terminated at close.
 """
 
 from __future__ import annotations
@@ -87,25 +89,30 @@ class Wan:
             raise NetemPermissionError(
                 "the TUN emulator needs root and /dev/net/tun (use fallback='relay')"
             )
+        if mode == "relay" and name is not None:
+            raise ConfigError("named namespaces exist only in TUN mode")
+        self._auto = fallback == "auto"
         self._link: _Link
+        self.mode: Literal["tun", "relay"]
         if mode == "tun":
             from xmig.netem.tunlink import TunLink
 
             self._link = TunLink(spec, name=name)
+            self.mode = "tun"
         else:
-            if name is not None:
-                raise ConfigError("named namespaces exist only in TUN mode")
-            from xmig.netem.relay import RelayLink
-
-            self._link = RelayLink(spec)
-            reason = "as asked" if fallback == "relay" else "no root or no /dev/net/tun"
-            warnings.warn(
-                f"xmig.netem: using the approximate loopback relay ({reason}): senders see a "
-                "loopback RTT, so slow start and loss recovery are not emulated; loss is ignored",
-                stacklevel=2,
-            )
-        self.mode: Literal["tun", "relay"] = "tun" if mode == "tun" else "relay"
+            self._use_relay(spec, "as asked" if fallback == "relay" else "no root or no TUN")
         self._running = False
+
+    def _use_relay(self, spec: LinkSpec, reason: str) -> None:
+        from xmig.netem.relay import RelayLink
+
+        self._link = RelayLink(spec)
+        self.mode = "relay"
+        warnings.warn(
+            f"xmig.netem: using the approximate loopback relay ({reason}): senders see a "
+            "loopback RTT, so slow start and loss recovery are not emulated; loss is ignored",
+            stacklevel=3,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -113,7 +120,13 @@ class Wan:
         """Build the link (what ``with`` does on entry). Returns self."""
         if self._running:
             raise NetemError("the link is running already")
-        self._link.start()
+        try:
+            self._link.start()
+        except NetemPermissionError as err:
+            if not (self._auto and self.mode == "tun"):
+                raise
+            self._use_relay(self._link.spec, f"the TUN emulator was refused: {err}")
+            self._link.start()
         self._running = True
         return self
 

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from xmig.errors import NetemError
+from xmig.errors import NetemError, NetemPermissionError
 from xmig.netem.nsutil import NetnsThread, remove_named_netns
 from xmig.netem.spec import LinkSpec
 
@@ -76,7 +76,12 @@ class EmulatorProcess:
     def wait_ready(self, timeout: float) -> None:
         message = self.read_message(timeout)
         if message.get("event") != "ready":
-            raise NetemError(f"the emulator failed to start: {message.get('error', message)}")
+            cls = (
+                NetemPermissionError
+                if message.get("type") == "NetemPermissionError"
+                else NetemError
+            )
+            raise cls(f"the emulator failed to start: {message.get('error', message)}")
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and return the emulator's answer once it has acted on it."""
