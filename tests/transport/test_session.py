@@ -99,7 +99,10 @@ def test_memory_and_bulk_share_by_weight() -> None:
 def test_window_bounds_bytes_in_flight() -> None:
     from xmig.transport.channels import ChannelSpec
 
-    spec = (ChannelSpec(Channel.CONTROL, 0, window=4096), ChannelSpec(Channel.MEMORY, 3, window=3000))
+    spec = (
+        ChannelSpec(Channel.CONTROL, 0, window=4096),
+        ChannelSpec(Channel.MEMORY, 3, window=3000),
+    )
     pair = MemoryPair(SessionConfig(channels=spec, max_payload=2048))
     pair.connect(1)
     for _ in range(5):

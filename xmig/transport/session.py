@@ -164,6 +164,12 @@ class Hello:
             raise ProtocolError(f"malformed HELLO: {err}") from err
 
 
+def refusal(code: str, error: str) -> bytes:
+    """A WELCOME frame that refuses a connection (``code``: unknown-session, incompatible)."""
+    body = {"ok": False, "code": code, "error": error}
+    return encode_frame(FrameType.WELCOME, 0, 0, json.dumps(body).encode())
+
+
 @dataclass
 class _Conn:
     id: int
@@ -298,7 +304,8 @@ class Session:
         """Queue a message; returns its sequence number on the channel."""
         self._check_usable()
         if len(data) > self.config.max_payload:
-            raise ValueError(f"message of {len(data)} bytes > max_payload {self.config.max_payload}")
+            limit = self.config.max_payload
+            raise ValueError(f"message of {len(data)} bytes > max_payload {limit}")
         try:
             return self.send_channels[channel].enqueue(data)
         except KeyError:
@@ -377,7 +384,9 @@ class Session:
         except (ValueError, KeyError, TypeError) as err:
             raise ProtocolError(f"malformed WELCOME: {err}") from err
         if not ok:
-            self._fail(SessionExpired(f"peer refused the session: {body.get('error', '?')}"))
+            why = f"peer refused the session: {body.get('error', '?')}"
+            gone = body.get("code") == "unknown-session"
+            self._fail(SessionExpired(why) if gone else ProtocolError(why))
             return
         self._mark_ready(c)
 

@@ -125,7 +125,7 @@ async def start_tls_server(
     protocol: asyncio.BaseProtocol,
     ctx: ssl.SSLContext,
     *,
-    timeout: float,  # noqa: ASYNC109  (also the loop's ssl_handshake_timeout; see _start_tls)
+    timeout: float,
 ) -> asyncio.Transport:
     """Upgrade an accepted TCP connection to TLS as the server; return the TLS transport.
 
@@ -144,7 +144,7 @@ async def start_tls_client(
     ctx: ssl.SSLContext,
     *,
     server_hostname: str,
-    timeout: float,  # noqa: ASYNC109  (also the loop's ssl_handshake_timeout; see _start_tls)
+    timeout: float,
 ) -> asyncio.Transport:
     """Upgrade a connected TCP connection to TLS as the client; return the TLS transport.
 
@@ -192,7 +192,7 @@ async def _start_tls(
     ctx: ssl.SSLContext,
     *,
     server_hostname: str | None,
-    timeout: float,  # noqa: ASYNC109  (also the loop's ssl_handshake_timeout; see _start_tls)
+    timeout: float,
 ) -> asyncio.Transport:
     server_side = server_hostname is None
     peer = peer_address(transport)
