@@ -31,9 +31,8 @@ from typing import Any
 
 from xmig import __version__
 from xmig.netem import LinkSpec, Wan, parse_duration, parse_fraction, parse_rate
-from xmig.transport import certs, tls
+from xmig.transport import certs, connect, listen, tls
 from xmig.transport.channels import Channel
-from xmig.transport.driver import connect, listen
 from xmig.transport.session import SessionConfig
 
 SAMPLE = 0.25

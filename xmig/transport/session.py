@@ -228,6 +228,10 @@ class Session:
                 event=event,
             ) from None
 
+    def fail(self, error: TransportError) -> None:
+        """The driver gives the session up (e.g. the peer refused our certificate)."""
+        self._fail(error)
+
     def _fail(self, error: TransportError) -> None:
         if self.state is not SessionState.ERROR:
             self.state = SessionState.ERROR
