@@ -101,3 +101,9 @@ def test_relay_connect_during_a_cut_reaches_the_server_only_after_restore(relay:
             assert client.recv(10) == b"back"
             client.shutdown(socket.SHUT_WR)
             assert conn.recv(10) == b""  # EOF travels too
+
+
+def test_relay_programs_stop_at_close() -> None:
+    with pytest.warns(UserWarning), wan(SPEC, fallback="relay") as link:
+        sleeper = link.popen("dst", ["sleep", "600"])
+    assert sleeper.poll() is not None

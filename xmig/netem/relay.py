@@ -40,6 +40,20 @@ WIRE_FACTOR = 1500 / 1448
 LOOPBACK = "127.0.0.1"
 
 
+def terminate_children(children: list[subprocess.Popen[bytes]], grace_s: float = 3.0) -> None:
+    """SIGTERM the children still running, SIGKILL those that outlive ``grace_s``; reap all."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    children.clear()
+
+
 class _Lane:
     """One direction: its transmitter clock and counters."""
 
@@ -68,6 +82,7 @@ class RelayLink:
         self._restored: asyncio.Event | None = None
         self._connections = 0
         self._lock = threading.Lock()
+        self._children: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -96,7 +111,8 @@ class RelayLink:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def close(self) -> None:
-        """Close listeners and connections, stop the loop thread."""
+        """Terminate programs started by :meth:`popen`, close listeners and connections."""
+        terminate_children(self._children)
         if self._loop is None:
             return
         if self._loop.is_running():
@@ -134,7 +150,9 @@ class RelayLink:
     def popen(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         if side not in ("src", "dst"):
             raise NetemError(f"side must be 'src' or 'dst', not {side!r}")
-        return subprocess.Popen(argv, **kw)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(argv, **kw)
+        self._children.append(proc)
+        return proc
 
     # -- link control ------------------------------------------------------------------
 

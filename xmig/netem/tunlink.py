@@ -26,8 +26,9 @@ import threading
 import time
 from typing import Any
 
-from xmig.errors import NetemError, NetemPermissionError
+from xmig.errors import ConfigError, NetemError, NetemPermissionError
 from xmig.netem.nsutil import NetnsThread, remove_named_netns
+from xmig.netem.relay import terminate_children
 from xmig.netem.spec import LinkSpec
 
 #: Run argv[3:] with PR_SET_PDEATHSIG = SIGKILL unless the parent (argv[1]) is already gone.
@@ -169,16 +170,7 @@ class TunLink:
 
     def close(self) -> None:
         """Stop children and the emulator, release the namespaces (and their mounts)."""
-        for child in self._children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self._children:
-            try:
-                child.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self._children.clear()
+        terminate_children(self._children)
         if self._emulator is not None:
             self._emulator.stop()
             self._emulator = None
@@ -214,8 +206,9 @@ class TunLink:
 
     def popen(self, side: str, argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
         thread = self._thread(side)
-        if kw.get("shell"):
-            raise NetemError("popen runs an argv list, not a shell command line")
+        for key in ("shell", "executable", "preexec_fn"):
+            if kw.get(key):
+                raise ConfigError(f"popen runs an argv list; {key}= is not supported")
         if shutil.which(argv[0], path=(kw.get("env") or os.environ).get("PATH")) is None:
             raise FileNotFoundError(argv[0])
         full = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
