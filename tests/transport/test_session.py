@@ -230,3 +230,18 @@ def test_rate_cap_holds_bulk_but_not_control() -> None:
     assert pair.client.frame_to_send(1, pair.now) is None
     t2 = pair.client.get_timer()
     assert t2 is not None and t2 - t1 == pytest.approx(0.1, abs=0.001)
+
+
+def test_timer_never_reports_what_it_already_handled() -> None:
+    """An ack due while no connection can carry it must not make the timer spin."""
+    pair = MemoryPair(SessionConfig(ping_interval=10.0, idle_timeout=30.0))
+    pair.connect(1)
+    pair.client.send(Channel.MEMORY, b"x")
+    pair.flush(1)
+    received(pair, Channel.MEMORY)
+    pair.server.consume(Channel.MEMORY, 1, pair.now)
+    pair.server.connection_lost(1, pair.now)  # the ack has nowhere to go
+    pair.now = 1.0
+    pair.server.handle_timer(pair.now)
+    timer = pair.server.get_timer()
+    assert timer is not None and timer > pair.now

@@ -268,7 +268,8 @@ class TransportSession:
             still = []
             for conn_id in active:
                 proto = self._conns.get(conn_id)
-                if proto is None or proto.transport is None or proto.paused:
+                if (proto is None or proto.transport is None or proto.paused
+                        or proto.transport.is_closing()):
                     continue
                 frame = s.frame_to_send(conn_id, now)
                 if frame is None:

@@ -213,6 +213,7 @@ class Session:
         self.connections_lost = 0
         self.wire_bytes_in = 0
         self.wire_bytes_out = 0
+        self._timer_ran = float("-inf")
 
     # -- state machine --------------------------------------------------------------
 
@@ -463,12 +464,18 @@ class Session:
             times.append(self._disconnected_since + self.config.resume_deadline)
         if self.bucket is not None and (ready := self.bucket.next_ready()) is not None:
             times.append(ready)
-        return min(times) if times else None
+        # what fell due at the last run is now the pump's business (an ack waiting for a
+        # writable connection), not the timer's: reporting it again would spin the driver
+        future = [t for t in times if t > self._timer_ran]
+        return min(future) if future else None
 
     def handle_timer(self, now: float) -> None:
         """Run what is due: pings, dead-connection detection, the resume deadline."""
         if self.state in (SessionState.ERROR, SessionState.CLOSED):
             return
+        self._timer_ran = now
+        if self.bucket is not None:
+            self.bucket.allows(now)  # refill, so its next deadline moves forward
         if (
             self._disconnected_since is not None
             and now >= self._disconnected_since + self.config.resume_deadline
