@@ -31,7 +31,8 @@ from xmig.netem.nsutil import NetnsThread, remove_named_netns
 from xmig.netem.relay import terminate_children
 from xmig.netem.spec import LinkSpec
 
-#: Run argv[3:] with PR_SET_PDEATHSIG = SIGKILL unless the parent (argv[1]) is already gone.
+#: ``python -c _LAUNCHER PPID PROG ARGS...``: exec PROG with PR_SET_PDEATHSIG = SIGKILL, unless
+#: the parent PPID is already gone (then exit 137).
 _LAUNCHER = (
     "import ctypes,os,sys\n"
     "ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)\n"
