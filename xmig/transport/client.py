@@ -31,6 +31,7 @@ from xmig.transport.driver import (
     SocketFactory,
     TransportSession,
     check_security,
+    single_errors,
     tune_socket,
 )
 from xmig.transport.session import Session, SessionConfig
@@ -171,19 +172,20 @@ async def connect(
             backoff = min(backoff * 2, 2.0)
 
     t0 = time.monotonic()
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(handle.run_timers())
-        for _ in range(streams):
-            tg.create_task(keeper())
-        try:
-            await handle._ready.wait()
-            handle._raise_if_failed()
-            yield handle
-        finally:
-            if not handle._finished.is_set():
-                handle._finished.set()
-                handle._timer_changed.set()
-                for proto in list(handle._conns.values()):
-                    proto.abort(ConnectionClosed("session left"))
+    with single_errors():
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(handle.run_timers())
+            for _ in range(streams):
+                tg.create_task(keeper())
+            try:
+                await handle._ready.wait()
+                handle._raise_if_failed()
+                yield handle
+            finally:
+                if not handle._finished.is_set():
+                    handle._finished.set()
+                    handle._timer_changed.set()
+                    for proto in list(handle._conns.values()):
+                        proto.abort(ConnectionClosed("session left"))
 
 

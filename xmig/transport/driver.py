@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from xmig.errors import (
@@ -308,6 +308,26 @@ class TransportSession:
         for proto in list(self._conns.values()):
             if proto.transport is not None:
                 proto.transport.close()
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raise a task group's lone error as itself, so callers catch typed errors, not
+    groups. A group of several distinct errors stays a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [group]
+        while stack:
+            exc = stack.pop()
+            if isinstance(exc, BaseExceptionGroup):
+                stack.extend(exc.exceptions)
+            elif exc not in leaves:
+                leaves.append(exc)
+        if len(leaves) == 1:
+            raise leaves[0] from leaves[0].__cause__
+        raise
 
 
 def check_security(tls: ssl.SSLContext | None, insecure_plaintext: bool) -> None:

@@ -27,6 +27,7 @@ from xmig.transport.driver import (
     ConnProtocol,
     TransportSession,
     check_security,
+    single_errors,
     tune_socket,
 )
 from xmig.transport.frames import FrameDecoder
@@ -160,19 +161,20 @@ async def listen(
     """Listen for sessions on ``host:port`` (or on a bound socket ``sock``)."""
     check_security(tls, insecure_plaintext)
     loop = asyncio.get_running_loop()
-    async with asyncio.TaskGroup() as tg:
-        listener = Listener(tls, config or SessionConfig(), tg)
-        if sock is not None:
-            server = await loop.create_server(listener._on_connection, sock=sock)
-        else:
-            server = await loop.create_server(listener._on_connection, host, port)
-        listener.server = server
-        try:
-            yield listener
-        finally:
-            server.close()
-            for handle in list(listener.sessions.values()):
-                handle._finished.set()
-                handle._timer_changed.set()
-                for proto in list(handle._conns.values()):
-                    proto.abort(ConnectionClosed("listener closed"))
+    with single_errors():
+        async with asyncio.TaskGroup() as tg:
+            listener = Listener(tls, config or SessionConfig(), tg)
+            if sock is not None:
+                server = await loop.create_server(listener._on_connection, sock=sock)
+            else:
+                server = await loop.create_server(listener._on_connection, host, port)
+            listener.server = server
+            try:
+                yield listener
+            finally:
+                server.close()
+                for handle in list(listener.sessions.values()):
+                    handle._finished.set()
+                    handle._timer_changed.set()
+                    for proto in list(handle._conns.values()):
+                        proto.abort(ConnectionClosed("listener closed"))
