@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = args.func(args)
     except XmigError as err:
-        Console(stderr=True).print(f"[bold red]xmig: {type(err).__name__}: {err}[/]", highlight=False)
+        console = Console(stderr=True, soft_wrap=True)  # one line, however long
+        console.print(f"[bold red]xmig: {type(err).__name__}: {err}[/]", highlight=False,
+                      markup=True)
         return 2
     except KeyboardInterrupt:
         return 130
