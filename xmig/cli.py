@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.text import Text
 
 from xmig import __version__
 from xmig.errors import XmigError
@@ -34,8 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.func(args)
     except XmigError as err:
         console = Console(stderr=True, soft_wrap=True)  # one line, however long
-        console.print(f"[bold red]xmig: {type(err).__name__}: {err}[/]", highlight=False,
-                      markup=True)
+        console.print(Text(f"xmig: {type(err).__name__}: {err}", style="bold red"))
         return 2
     except KeyboardInterrupt:
         return 130

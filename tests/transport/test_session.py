@@ -245,3 +245,21 @@ def test_timer_never_reports_what_it_already_handled() -> None:
     pair.server.handle_timer(pair.now)
     timer = pair.server.get_timer()
     assert timer is not None and timer > pair.now
+
+
+def test_resume_skips_what_the_peer_already_holds() -> None:
+    """On reconnect each side tells what it holds; only the rest is sent again."""
+    pair = MemoryPair()
+    pair.connect(1)
+    for i in range(6):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    pair.flush(1)  # all six arrive, none consumed (so none acknowledged)
+    assert len(received(pair, Channel.MEMORY)) == 6
+    pair.client.connection_lost(1, pair.now)
+    pair.server.connection_lost(1, pair.now)
+    assert len(pair.client.send_channels[Channel.MEMORY].retransmit) == 6
+    pair.wire.clear()
+    pair.connect(2)
+    assert [f.type for _, f in pair.wire] == [FrameType.WELCOME]  # no DATA sent again
+    assert pair.client.send_channels[Channel.MEMORY].resent_bytes == 0
+    assert pair.client.send_channels[Channel.MEMORY].inflight_bytes == 6  # still unacked

@@ -65,6 +65,8 @@ class SendChannel:
         self.spec = spec
         self.next_seq = 0
         self.acked = 0  #: the peer consumed every message below this sequence number
+        self.peer_has = 0  #: the peer holds every message below this (consumed or not)
+        self.peer_holds: set[int] = set()  #: and these beyond it (its reorder buffer)
         self.pending: deque[Outgoing] = deque()
         self.pending_bytes = 0
         self.unacked: deque[Outgoing] = deque()
@@ -83,8 +85,23 @@ class SendChannel:
         return seq
 
     def _drop_acked_retransmits(self) -> None:
-        while self.retransmit and self.retransmit[0].seq < self.acked:
+        floor = max(self.acked, self.peer_has)
+        while self.retransmit and self.retransmit[0].seq < floor:
             self.retransmit.popleft()
+
+    def on_peer_state(self, received: int, holding: list[int]) -> None:
+        """On resume the peer said it holds every message below ``received`` and those in
+        ``holding``: they need no resending (they stay in flight until it acks them)."""
+        if received > self.next_seq or any(s >= self.next_seq for s in holding):
+            raise ProtocolError(
+                f"peer claims messages on channel {self.spec.channel} beyond the "
+                f"{self.next_seq} sent"
+            )
+        self.peer_has = max(self.peer_has, received)
+        self.peer_holds = {s for s in holding if s >= self.peer_has}
+        self._drop_acked_retransmits()
+        if self.peer_holds:
+            self.retransmit = deque(o for o in self.retransmit if o.seq not in self.peer_holds)
 
     def ready(self) -> bool:
         """A frame may be sent now: a retransmission, or new data the window admits."""
@@ -127,7 +144,11 @@ class SendChannel:
 
     def connection_lost(self, conn: int) -> None:
         """Queue again every unacknowledged frame last sent on ``conn``, in order."""
-        lost = [o for o in self.unacked if o.conn == conn]
+        floor = max(self.acked, self.peer_has)
+        lost = [
+            o for o in self.unacked
+            if o.conn == conn and o.seq >= floor and o.seq not in self.peer_holds
+        ]
         if not lost:
             return
         merged = sorted({o.seq: o for o in (*self.retransmit, *lost)}.items())

@@ -36,8 +36,8 @@ from xmig.transport.tls import classify_ssl_error
 
 SocketFactory = Callable[[], socket.socket]
 
-NOTSENT_LOWAT = 1 << 20  # bytes unsent in the kernel before the socket stops being writable
-WRITE_HIGH_WATER = 1 << 20
+NOTSENT_LOWAT = 256 << 10  # bytes unsent in the kernel before the socket stops being writable
+WRITE_HIGH_WATER = 512 << 10
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -131,6 +131,7 @@ class TransportSession:
         self._ready = asyncio.Event()
         self._peer_closed = False
         self.ready_conns: set[int] = set()  #: connections that completed HELLO/WELCOME
+        self._changed = asyncio.Event()  # a connection came or went
         self.connection_errors: list[TransportError] = []
         self._send_limit = max(2 * session.config.max_payload, 1 << 20)
 
@@ -176,6 +177,14 @@ class TransportSession:
             await self._finished.wait()
         self._raise_if_failed()
 
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; it is checked whenever a connection comes or
+        goes. Use it under ``asyncio.timeout``."""
+        while not predicate():
+            self._raise_if_failed()
+            self._changed.clear()
+            await self._changed.wait()
+
     def stats(self) -> dict[str, Any]:
         st = self.session.stats(time.monotonic())
         st["connection_errors"] = [type(e).__name__ for e in self.connection_errors]
@@ -217,6 +226,7 @@ class TransportSession:
         if self.session.state not in (SessionState.CLOSED, SessionState.CLOSING):
             self.connection_errors.append(error)
         self.session.connection_lost(conn_id, time.monotonic())
+        self._changed.set()
         self._after_io()
 
     # -- the engine -------------------------------------------------------------------
@@ -248,6 +258,7 @@ class TransportSession:
             else:
                 self.ready_conns.add(ev.conn)
                 self._ready.set()
+                self._changed.set()
         st = self.session.state
         if st in (SessionState.ERROR, SessionState.CLOSED):
             self._finished.set()
@@ -255,6 +266,7 @@ class TransportSession:
     def _wake_all(self) -> None:
         for ev in self._readable.values():
             ev.set()
+        self._changed.set()
         self._send_space.set()
         self._ready.set()
 

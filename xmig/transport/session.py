@@ -139,6 +139,8 @@ class Hello:
     stream: int
     new: bool
     max_payload: int
+    received: dict[int, int] = field(default_factory=dict)  #: channel -> messages held
+    holding: dict[int, list[int]] = field(default_factory=dict)  #: and held out of order
 
     def encode(self) -> bytes:
         body = {
@@ -147,6 +149,8 @@ class Hello:
             "stream": self.stream,
             "new": self.new,
             "max_payload": self.max_payload,
+            "received": {str(k): v for k, v in self.received.items()},
+            "holding": {str(k): v for k, v in self.holding.items()},
         }
         return encode_frame(FrameType.HELLO, 0, 0, json.dumps(body).encode())
 
@@ -158,8 +162,10 @@ class Hello:
             body = json.loads(frame.payload)
             if body["protocol"] != PROTOCOL:
                 raise ProtocolError(f"peer speaks {body['protocol']!r}, not {PROTOCOL!r}")
+            received = {int(k): int(v) for k, v in body.get("received", {}).items()}
+            holding = {int(k): [int(x) for x in v] for k, v in body.get("holding", {}).items()}
             return cls(str(body["session"]), int(body["stream"]), bool(body["new"]),
-                       int(body["max_payload"]))
+                       int(body["max_payload"]), received, holding)
         except (ValueError, KeyError, TypeError) as err:
             raise ProtocolError(f"malformed HELLO: {err}") from err
 
@@ -262,7 +268,8 @@ class Session:
         if self._established:
             self.reconnects += 1
         if self.client:
-            hello_out = Hello(self.session_id, conn, not self._established, self.config.max_payload)
+            hello_out = Hello(self.session_id, conn, not self._established,
+                              self.config.max_payload, *self._received_state())
             c.control.append(hello_out.encode())
         else:
             if hello is None:
@@ -271,9 +278,27 @@ class Session:
                 raise ProtocolError(
                     f"peer max_payload {hello.max_payload} != ours {self.config.max_payload}"
                 )
-            welcome = {"ok": True, "session": self.session_id}
+            self._apply_peer_state(hello.received, hello.holding)
+            received, holding = self._received_state()
+            welcome = {"ok": True, "session": self.session_id,
+                       "received": {str(k): v for k, v in received.items()},
+                       "holding": {str(k): v for k, v in holding.items()}}
             c.control.append(encode_frame(FrameType.WELCOME, 0, 0, json.dumps(welcome).encode()))
             self._mark_ready(c)
+
+    def _received_state(self) -> tuple[dict[int, int], dict[int, list[int]]]:
+        """What this side holds per channel: all below N, and these out of order."""
+        rcs = self.recv_channels.items()
+        received = {ch: rc.next_deliver for ch, rc in rcs if rc.next_deliver}
+        holding = {ch: sorted(rc.reorder)[:4096] for ch, rc in rcs if rc.reorder}
+        return received, holding
+
+    def _apply_peer_state(self, received: dict[int, int], holding: dict[int, list[int]]) -> None:
+        for ch in {*received, *holding}:
+            sc = self.send_channels.get(ch)
+            if sc is None:
+                raise ProtocolError(f"peer state names unknown channel {ch}")
+            sc.on_peer_state(received.get(ch, 0), holding.get(ch, []))
 
     def _mark_ready(self, c: _Conn) -> None:
         c.ready = True
@@ -386,13 +411,16 @@ class Session:
         try:
             body = json.loads(frame.payload)
             ok = bool(body["ok"])
-        except (ValueError, KeyError, TypeError) as err:
+            received = {int(k): int(v) for k, v in body.get("received", {}).items()}
+            holding = {int(k): [int(x) for x in v] for k, v in body.get("holding", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ProtocolError(f"malformed WELCOME: {err}") from err
         if not ok:
             why = f"peer refused the session: {body.get('error', '?')}"
             gone = body.get("code") == "unknown-session"
             self._fail(SessionExpired(why) if gone else ProtocolError(why))
             return
+        self._apply_peer_state(received, holding)
         self._mark_ready(c)
 
     def _on_peer_close(self, reason: str) -> None:
