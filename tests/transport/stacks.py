@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -66,7 +67,13 @@ def make_stack(name: str, tmp: Any) -> Iterator[Stack]:
         yield Stack(name, init_pki(tmp / "pki"))
         return
     spec = LinkSpec.symmetric(rate_bps=None, rtt_s=0.004)
-    with Wan(spec, fallback="relay" if name == "tls-relay" else "tun") as wan:
+    relay = name == "tls-relay"
+    with warnings.catch_warnings(record=True) as said, Wan(
+        spec, fallback="relay" if relay else "tun"
+    ) as wan:
+        warnings.simplefilter("always")
+        assert wan.approximate == relay
+        assert relay == any("approximate" in str(w.message) for w in said)
         names = ("127.0.0.1",) if wan.approximate else (wan.dst_addr,)
         yield Stack(name, init_pki(tmp / "pki", server_names=names), wan)
 

@@ -1,0 +1,29 @@
+# xmig: the two commands of the README, and their parts.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint unit clean
+
+$(BIN)/xmig: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,fast]'
+	touch $@
+
+install: $(BIN)/xmig
+
+demo: install
+	$(BIN)/xmig demo
+
+lint: install
+	$(BIN)/ruff check xmig tests bench
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test: lint unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

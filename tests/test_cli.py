@@ -1,0 +1,43 @@
+"""The xmig command end to end: the demo over the emulated WAN, and bad flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xmig.cli import main
+
+
+@pytest.mark.root
+def test_demo_json_moves_data_across_a_cut_and_verifies_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc = main(["demo", "--json", "--size", "48MiB", "--rate", "1gbit", "--rtt", "10ms",
+               "--cut-seconds", "1.5"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    result = lines[-1]
+    assert rc == 0
+    assert result["verified"] is True
+    assert result["bytes"] == 48 << 20
+    assert result["approximate_link"] is False
+    assert result["reconnects"] >= 1  # the cut outlived the idle timeout: it resumed
+    assert any(p.get("event") == "progress" and p["link_cut"] for p in lines[:-1])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--rate", "10furlongs"],
+        ["demo", "--streams", "0"],
+        ["demo", "--size", "12"],
+        ["demo", "--rtt", "soon"],
+    ],
+)
+def test_bad_flags_are_one_red_line_and_exit_2(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xmig: ConfigError:")
+    assert "\n" not in err
