@@ -170,7 +170,8 @@ async def run_xmig(args: argparse.Namespace, wan: Wan | None, host: str, pki: Pa
     cuts: list[float] = []
     async with connect(dst_host, dst_port, tls=ctx, server_hostname=dst_host,
                        insecure_plaintext=ctx is None, streams=args.streams, config=config,
-                       socket_factory=factory, connect_timeout=30) as session:
+                       socket_factory=factory, connect_timeout=30,
+                       congestion=args.congestion) as session:
         t0 = time.monotonic()
         deadline = t0 + args.seconds
 
@@ -210,6 +211,13 @@ async def run_xmig(args: argparse.Namespace, wan: Wan | None, host: str, pki: Pa
     }
 
 
+def _default_cc() -> str:
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     import cryptography
 
@@ -232,6 +240,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             pki = Path(tmp) / "pki"
             certs.init_pki(pki, server_names=("localhost", "127.0.0.1", "10.0.0.0"))
         out: dict[str, Any] = {"tls": pki is not None, "streams": args.streams,
+                               "congestion": args.congestion or _default_cc(),
                                "frame_bytes": args.frame_bytes, "seconds": args.seconds,
                                "loop": args.loop, "versions": versions()}
         if args.loopback:
@@ -286,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cut-seconds", type=float, default=2.0)
     p.add_argument("--idle-timeout", type=float, default=1.0)
     p.add_argument("--plaintext", action="store_true", help="switch TLS off (benchmark only)")
+    p.add_argument("--congestion", default=None,
+                   help="TCP congestion control for xmig's sockets (default: the system's)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     p.add_argument("--seed", type=int, default=1)

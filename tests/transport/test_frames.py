@@ -73,11 +73,13 @@ def test_tampered_byte_raises_typed_error_and_delivers_nothing(
     bad = bytearray(good)
     bad[offset] = value
     dec = FrameDecoder()
-    dec.feed(bytes(bad))
+    dec.feed(good + bytes(bad) + good)
+    first = dec.next_frame()  # the good frame before the bad one is delivered
+    assert first is not None and first.payload == b"payload-bytes"
     with pytest.raises(error):
         dec.next_frame()
-    assert dec.buffered == len(good)  # nothing consumed
-    with pytest.raises(error):  # and it stays refused
+    dec.feed(good)
+    with pytest.raises(error):  # it stays refused: nothing after the bad frame either
         dec.next_frame()
 
 
@@ -92,6 +94,25 @@ def test_oversized_frame_is_refused_from_the_header_alone() -> None:
     with pytest.raises(OversizedFrameError) as info:
         dec.next_frame()
     assert (info.value.length, info.value.limit) == (2048, 1024)
+
+
+def test_buffered_protocol_path_writes_payloads_in_place() -> None:
+    """get_buffer/buffer_updated, as asyncio's BufferedProtocol drives it, in odd sizes."""
+    big = bytes(range(256)) * 1024  # 256 KiB: delivered in the buffer it was read into
+    stream = encode_frame(FrameType.DATA, 3, 1, big) + encode_frame(FrameType.ACK, 3, 2)
+    dec = FrameDecoder()
+    pos = 0
+    sizes = [5, 30, 70_000, 1, 200_000]
+    while pos < len(stream):
+        buf = dec.get_buffer()
+        n = min(len(buf), len(stream) - pos, sizes[pos % len(sizes)])
+        buf[:n] = stream[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+    data, ack = dec.next_frame(), dec.next_frame()
+    assert data is not None and data.payload == big and isinstance(data.payload, bytearray)
+    assert ack is not None and (ack.type, ack.seq) == (FrameType.ACK, 2)
+    assert dec.next_frame() is None and dec.buffered == 0
 
 
 def test_truncated_stream_raises_on_close() -> None:

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from xmig.errors import ProtocolError, SequenceError
-from xmig.transport.frames import FrameType, encode_header
+from xmig.transport.frames import FrameType, Payload, encode_header
 
 MiB = 1024 * 1024
 
@@ -171,14 +171,14 @@ class RecvChannel:
         self.next_deliver = 0
         self.consumed = 0  #: messages consumed by the application (the ack value)
         self.acked_sent = 0  #: last ack value sent to the peer
-        self.reorder: dict[int, bytes] = {}
+        self.reorder: dict[int, Payload] = {}
         self.buffered_bytes = 0
         self.duplicates = 0
         self.received_bytes = 0
         self.ack_due: float | None = None  #: when an ack must go out, if one is owed
         self._unacked_consumed = 0
 
-    def on_data(self, seq: int, payload: bytes) -> list[tuple[int, bytes]]:
+    def on_data(self, seq: int, payload: Payload) -> list[tuple[int, Payload]]:
         """Accept a frame; return the messages now deliverable in order."""
         if seq < self.next_deliver or seq in self.reorder:
             self.duplicates += 1

@@ -40,11 +40,12 @@ from xmig.transport.tls import start_tls_client
 
 async def _open_connection(
     host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None,
+    max_payload: int,
     socket_factory: SocketFactory | None, congestion: str | None, timeout: float,
 ) -> ConnProtocol:
     loop = asyncio.get_running_loop()
     peer = f"{host}:{port}"
-    proto = ConnProtocol(peer)
+    proto = ConnProtocol(peer, max_payload)
     try:
         async with asyncio.timeout(timeout):
             if socket_factory is not None:
@@ -125,7 +126,7 @@ async def connect(
                 proto = await _open_connection(
                     host, port, tls=tls, server_hostname=server_hostname,
                     socket_factory=socket_factory, congestion=congestion,
-                    timeout=connect_timeout,
+                    timeout=connect_timeout, max_payload=config.max_payload,
                 )
             except AuthenticationError as err:  # retrying cannot help
                 handle.connection_errors.append(err)
@@ -144,7 +145,7 @@ async def connect(
                 proto.abort(ConnectionClosed("session finished"))
                 return
             conn_id = next(next_id)
-            session.add_connection(conn_id, time.monotonic())
+            session.add_connection(conn_id, time.monotonic(), decoder=proto.decoder)
             handle.attach(conn_id, proto)
             finished: asyncio.Future[Any] = asyncio.ensure_future(handle._finished.wait())
             closed = cast(asyncio.Future[Any], proto.closed)

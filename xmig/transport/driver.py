@@ -24,6 +24,7 @@ from xmig.errors import (
     ConnectionClosed,
     TransportError,
 )
+from xmig.transport.frames import FrameDecoder, Payload
 from xmig.transport.session import (
     ConnectionDead,
     MessageReceived,
@@ -60,16 +61,17 @@ def _as_transport_error(exc: BaseException | None, peer: str) -> TransportError:
     return ConnectionBroken(f"connection to {peer} failed: {exc!r}")
 
 
-class ConnProtocol(asyncio.Protocol):
-    """Feeds one TCP/TLS connection's bytes to its owner; tracks write pausing."""
+class ConnProtocol(asyncio.BufferedProtocol):
+    """One TCP/TLS connection: received bytes go straight into its frame decoder's buffers
+    (no intermediate copies, also under TLS); ``on_frames`` tells the owner; tracks pausing."""
 
-    def __init__(self, peer: str, *, hold_reading: bool = False) -> None:
+    def __init__(self, peer: str, max_payload: int, *, hold_reading: bool = False) -> None:
         self.peer = peer
         self.hold_reading = hold_reading
+        self.decoder = FrameDecoder(max_payload)
         self.transport: asyncio.Transport | None = None
         self.paused = False
-        self._early: list[bytes] = []
-        self.on_data: Callable[[bytes], None] = self._early.append
+        self.on_frames: Callable[[int], None] = lambda nbytes: None
         self.on_writable: Callable[[], None] = lambda: None
         self.on_made: Callable[[], None] = lambda: None
         self.closed: asyncio.Future[TransportError] = asyncio.get_running_loop().create_future()
@@ -80,16 +82,12 @@ class ConnProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         self.on_made()
 
-    def data_received(self, data: bytes) -> None:
-        self.on_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
 
-    def set_reader(self, reader: Callable[[bytes], None]) -> None:
-        """Route received bytes to ``reader``, first those that came before it was set
-        (TLS may hand over application data in the same read as the handshake's end)."""
-        self.on_data = reader
-        early, self._early = self._early, []
-        for data in early:
-            reader(data)
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+        self.on_frames(nbytes)
 
     def eof_received(self) -> bool:
         return False
@@ -120,7 +118,7 @@ class TransportSession:
         self.peer = peer
         self._conns: dict[int, ConnProtocol] = {}
         self._order: deque[int] = deque()
-        self._inbox: dict[int, deque[bytes]] = {ch: deque() for ch in session.recv_channels}
+        self._inbox: dict[int, deque[Payload]] = {ch: deque() for ch in session.recv_channels}
         self._readable: dict[int, asyncio.Event] = {
             ch: asyncio.Event() for ch in session.recv_channels
         }
@@ -147,8 +145,9 @@ class TransportSession:
         s.send(channel, data)
         self._after_io()
 
-    async def recv(self, channel: int) -> bytes:
-        """The next message on ``channel``, in order, exactly once."""
+    async def recv(self, channel: int) -> Payload:
+        """The next message on ``channel``, in order, exactly once (large messages come as
+        the bytearray they were received into)."""
         inbox = self._inbox[channel]
         while not inbox:
             if self._peer_closed:
@@ -205,14 +204,14 @@ class TransportSession:
     def attach(self, conn_id: int, proto: ConnProtocol) -> None:
         self._conns[conn_id] = proto
         self._order.append(conn_id)
-        proto.set_reader(lambda data: self._on_data(conn_id, data))
+        proto.on_frames = lambda nbytes: self._on_frames(conn_id, nbytes)
         proto.on_writable = self._pump
         proto.closed.add_done_callback(lambda fut: self._on_closed(conn_id, fut.result()))
         self._after_io()
 
-    def _on_data(self, conn_id: int, data: bytes) -> None:
+    def _on_frames(self, conn_id: int, nbytes: int) -> None:
         try:
-            self.session.receive_data(conn_id, data, time.monotonic())
+            self.session.receive_frames(conn_id, nbytes, time.monotonic())
         except TransportError as err:
             proto = self._conns.get(conn_id)
             if proto is not None:

@@ -26,6 +26,7 @@ import xxhash
 from xmig.errors import (
     BadMagicError,
     FrameChecksumError,
+    FrameError,
     OversizedFrameError,
     TruncatedFrameError,
     UnknownFrameTypeError,
@@ -55,6 +56,9 @@ class FrameType(enum.IntEnum):
 _TYPES = frozenset(int(t) for t in FrameType)
 
 
+Payload = bytes | bytearray  # large payloads are delivered in the buffer they were read into
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One decoded frame."""
@@ -62,7 +66,7 @@ class Frame:
     type: FrameType
     channel: int
     seq: int
-    payload: bytes
+    payload: Payload
     flags: int = 0
 
 
@@ -86,57 +90,90 @@ def encode_frame(
 class FrameDecoder:
     """Incremental decoder for one connection's byte stream.
 
-    ``feed`` keeps the received chunks as they are; ``next_frame`` joins exactly the bytes
-    of the next whole frame (one copy) or returns ``None``. A bad frame raises and stays
-    in the buffer: the connection must be dropped.
+    Two ways in: ``feed(data)`` copies bytes in; or, from an ``asyncio.BufferedProtocol``,
+    ``get_buffer()`` / ``buffer_updated(n)`` let the socket (or the TLS layer) write straight
+    into the decoder's buffers, so a payload is written once, into the buffer it is delivered
+    in. ``next_frame`` returns the next whole, verified frame or ``None``.
+
+    A bad frame makes the decoder refuse: ``next_frame`` returns the good frames before it,
+    then raises the :class:`~xmig.errors.FrameError` every time; nothing of the bad frame (or
+    after it) is ever returned. The connection must be dropped.
     """
+
+    SCRATCH = 64 * 1024  # read size while looking for a header; small frames come in bulk
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
         self.max_payload = max_payload
-        self._chunks: deque[memoryview] = deque()  # slices of memoryviews copy nothing
-        self._size = 0
+        self._scratch = bytearray(self.SCRATCH)
+        self._head = bytearray()  # header bytes of the frame being read
+        self._fields: tuple[int, int, int, int, int] | None = None  # type, channel, flags, seq, crc
+        self._payload = bytearray()
+        self._got = 0  # payload bytes filled
+        self._frames: deque[Frame] = deque()
+        self._error: FrameError | None = None
 
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned as frames."""
-        return self._size
+        """Bytes received and not yet returned as frames (whole frames and a partial one)."""
+        queued = sum(HEADER_SIZE + len(f.payload) for f in self._frames)
+        return queued + len(self._head) + self._got
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes go (then call :meth:`buffer_updated`)."""
+        if self._fields is not None and self._error is None:
+            return memoryview(self._payload)[self._got :]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`."""
+        if self._error is not None:
+            return
+        if self._fields is not None:
+            self._got += nbytes
+            if self._got == len(self._payload):
+                self._finish()
+            return
+        self._parse(memoryview(self._scratch)[:nbytes])
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if data:
-            self._chunks.append(memoryview(data).cast("B"))
-            self._size += len(data)
+        """Copy ``data`` in."""
+        view = memoryview(data).cast("B")
+        while view and self._error is None:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
-    def _peek(self, skip: int, n: int) -> list[memoryview]:
-        """The ``n`` bytes after the first ``skip``, as slices of the chunks; consumes nothing."""
-        parts = []
-        for chunk in self._chunks:
-            if skip >= len(chunk):
-                skip -= len(chunk)
+    def _parse(self, view: memoryview) -> None:
+        while view and self._error is None:
+            if self._fields is not None:  # the start of a payload came with its header
+                n = min(len(view), len(self._payload) - self._got)
+                self._payload[self._got : self._got + n] = view[:n]
+                self._got += n
+                view = view[n:]
+                if self._got == len(self._payload):
+                    self._finish()
                 continue
-            part = chunk[skip : skip + n]
-            skip = 0
-            parts.append(part)
-            n -= len(part)
-            if not n:
-                break
-        return parts
-
-    def _skip(self, n: int) -> None:
-        chunks = self._chunks
-        self._size -= n
-        while n:
-            first = chunks[0]
-            if len(first) > n:
-                chunks[0] = first[n:]
+            need = HEADER_SIZE - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) < HEADER_SIZE:
                 return
-            chunks.popleft()
-            n -= len(first)
+            try:
+                length = self._check_header()
+            except FrameError as err:
+                self._error = err
+                return
+            self._payload = bytearray(length)
+            self._got = 0
+            if not length:
+                self._finish()
 
-    def next_frame(self) -> Frame | None:
-        if self._size < HEADER_SIZE:
-            return None
-        head = b"".join(self._peek(0, HEADER_SIZE))
-        magic, version, ftype, channel, flags, _reserved, length, seq = HEADER.unpack_from(head)
+    def _check_header(self) -> int:
+        magic, version, ftype, channel, flags, _reserved, length, seq = HEADER.unpack_from(
+            self._head
+        )
         if magic != MAGIC:
             raise BadMagicError(f"bad frame magic {magic:#06x}")
         if version != VERSION:
@@ -145,22 +182,37 @@ class FrameDecoder:
             raise UnknownFrameTypeError(f"unknown frame type {ftype}")
         if length > self.max_payload:
             raise OversizedFrameError(length, self.max_payload)
-        if self._size < HEADER_SIZE + length:
-            return None
-        digest = xxhash.xxh3_64(head[: HEADER.size])
-        (expected,) = CHECKSUM.unpack_from(head, HEADER.size)
-        # verify before consuming, so a bad frame leaves the decoder untouched
-        parts = self._peek(HEADER_SIZE, length) if length else []
-        payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-        digest.update(payload)
-        if digest.intdigest() != expected:
-            raise FrameChecksumError(
+        (crc,) = CHECKSUM.unpack_from(self._head, HEADER.size)
+        self._fields = (ftype, channel, flags, seq, crc)
+        return int(length)
+
+    def _finish(self) -> None:
+        assert self._fields is not None
+        ftype, channel, flags, seq, crc = self._fields
+        digest = xxhash.xxh3_64(memoryview(self._head)[: HEADER.size])
+        digest.update(self._payload)
+        if digest.intdigest() != crc:
+            self._error = FrameChecksumError(
                 f"checksum mismatch on {FrameType(ftype).name} frame channel={channel} seq={seq}"
             )
-        self._skip(HEADER_SIZE + length)
-        return Frame(FrameType(ftype), channel, seq, payload, flags)
+            return
+        payload = self._payload if len(self._payload) > self.SCRATCH else bytes(self._payload)
+        self._frames.append(Frame(FrameType(ftype), channel, seq, payload, flags))
+        self._head = bytearray()
+        self._fields = None
+        self._payload = bytearray()
+        self._got = 0
+
+    def next_frame(self) -> Frame | None:
+        if self._frames:
+            return self._frames.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
 
     def close(self) -> None:
         """The stream ended: raise if it ended inside a frame."""
-        if self.buffered:
-            raise TruncatedFrameError(f"stream ended {self.buffered} bytes into a frame")
+        if self._error is None and (self._head or self._got):
+            raise TruncatedFrameError(
+                f"stream ended {len(self._head) + self._got} bytes into a frame"
+            )

@@ -30,7 +30,6 @@ from xmig.transport.driver import (
     single_errors,
     tune_socket,
 )
-from xmig.transport.frames import FrameDecoder
 from xmig.transport.session import Hello, Session, SessionConfig, refusal
 from xmig.transport.tls import start_tls_server
 
@@ -59,7 +58,7 @@ class Listener:
         return await self._accepted.get()
 
     def _on_connection(self) -> ConnProtocol:
-        proto = ConnProtocol("client", hold_reading=True)
+        proto = ConnProtocol("client", self.config.max_payload, hold_reading=True)
         def admit() -> None:
             self._tg.create_task(self._admit(proto))
 
@@ -85,11 +84,12 @@ class Listener:
             proto.transport = await start_tls_server(
                 transport, proto, self.tls, timeout=HANDSHAKE_TIMEOUT
             )
-        decoder = FrameDecoder(self.config.max_payload)
+        decoder = proto.decoder
         got_hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
+        wire_bytes = [0]
 
-        def on_data(data: bytes) -> None:
-            decoder.feed(data)
+        def on_frames(nbytes: int) -> None:
+            wire_bytes[0] += nbytes
             if got_hello.done():
                 return
             try:
@@ -99,7 +99,8 @@ class Listener:
             except TransportError as err:
                 got_hello.set_exception(err)
 
-        proto.set_reader(on_data)
+        proto.on_frames = on_frames
+        on_frames(0)  # TLS may have handed over HELLO with the handshake's last read
         if self.tls is None:
             transport.resume_reading()
         try:
@@ -130,10 +131,8 @@ class Listener:
             self._accepted.put_nowait(handle)
         conn_id = id(proto)
         handle.session.add_connection(conn_id, time.monotonic(), hello=hello, decoder=decoder)
-        proto.set_reader(lambda data: None)  # anything after HELLO already sits in decoder
         handle.attach(conn_id, proto)
-        if decoder.buffered:
-            handle._on_data(conn_id, b"")
+        handle._on_frames(conn_id, wire_bytes[0])  # whatever came after HELLO
 
     @staticmethod
     def _refuse(proto: ConnProtocol, code: str, error: str) -> None:

@@ -47,6 +47,7 @@ from xmig.transport.frames import (
     Frame,
     FrameDecoder,
     FrameType,
+    Payload,
     encode_frame,
 )
 from xmig.transport.rate import DeliveryRate, RttEstimator, TokenBucket
@@ -102,7 +103,7 @@ TRANSITIONS: dict[tuple[SessionState, str], SessionState] = {
 class MessageReceived:
     channel: int
     seq: int
-    data: bytes
+    data: Payload
 
 
 @dataclass(frozen=True)
@@ -368,9 +369,17 @@ class Session:
         c = self._conns.get(conn)
         if c is None:
             return
-        c.last_rx = now
-        self.wire_bytes_in += len(data)
         c.decoder.feed(data)
+        self.receive_frames(conn, len(data), now)
+
+    def receive_frames(self, conn: int, nbytes: int, now: float) -> None:
+        """``nbytes`` arrived on ``conn`` straight into its decoder's buffers (the driver's
+        BufferedProtocol path); handle the frames now complete. Raises as ``receive_data``."""
+        c = self._conns.get(conn)
+        if c is None:
+            return
+        c.last_rx = now
+        self.wire_bytes_in += nbytes
         while (frame := c.decoder.next_frame()) is not None:
             self._handle_frame(c, frame, now)
 
