@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rtt", default="50ms", help="round-trip time (default 50ms)")
     demo.add_argument("--loss", default="0", help="random loss, e.g. 0.1%% (default 0)")
     demo.add_argument("--size", default="512MiB", help="bytes to send (default 512MiB)")
-    demo.add_argument("--streams", type=int, default=4, help="parallel TCP connections")
+    demo.add_argument("--streams", type=int, default=2, help="parallel TCP connections")
     demo.add_argument("--cut-seconds", type=float, default=2.0,
                       help="length of the link cut at half way (0: no cut)")
     out = demo.add_mutually_exclusive_group()

@@ -42,7 +42,7 @@ async def run_transport_demo(
     spec: LinkSpec,
     *,
     total_bytes: int,
-    streams: int = 4,
+    streams: int = 2,
     cut_seconds: float = 2.0,
     seed: int = 1,
     on_progress: Callable[[DemoProgress], None] = lambda p: None,

@@ -1,6 +1,6 @@
 """The source side: open a session to a listening agent, keep its connections up.
 
-    async with connect("dst.example", 7800, tls=client_ctx, streams=4) as session:
+    async with connect("dst.example", 7800, tls=client_ctx, streams=2) as session:
         await session.send(Channel.MEMORY, data)
 
 One keeper task per stream connects, and reconnects with backoff when its connection
@@ -36,6 +36,9 @@ from xmig.transport.driver import (
 )
 from xmig.transport.session import Session, SessionConfig
 from xmig.transport.tls import start_tls_client
+
+DEFAULT_STREAMS = 2
+DEFAULT_CONGESTION = "bbr"
 
 
 async def _open_connection(
@@ -88,10 +91,10 @@ async def connect(
     tls: ssl.SSLContext | None,
     server_hostname: str | None = None,
     insecure_plaintext: bool = False,
-    streams: int = 4,
+    streams: int = DEFAULT_STREAMS,
     config: SessionConfig | None = None,
     socket_factory: SocketFactory | None = None,
-    congestion: str | None = None,
+    congestion: str | None = DEFAULT_CONGESTION,
     connect_timeout: float = 10.0,
 ) -> AsyncIterator[TransportSession]:
     """Open a session to a listening agent with ``streams`` parallel connections.
@@ -99,6 +102,13 @@ async def connect(
     Yields once the first connection completed its handshake. Broken connections are
     re-established with backoff; the session fails with :class:`SessionExpired` when no
     connection could be kept for ``config.resume_deadline`` seconds.
+
+    ``congestion`` is the TCP congestion control of the session's sockets (ignored where the
+    kernel lacks it; ``None``: the system's). Defaults chosen by measurement
+    (``bench/transport.py``): BBR keeps 0.93 of a 100 Mbit/s x 100 ms link with 0.1 % loss,
+    where CUBIC falls to 0.24; on a clean 1 Gbit/s x 200 ms link CUBIC reaches 0.964 (the TCP
+    ceiling), BBR 0.93. Two streams: one BBR stream 0.91, two 0.93, four 0.74-0.87 (BBR
+    flows overrun a one-BDP queue together).
     """
     check_security(tls, insecure_plaintext)
     if streams < 1:

@@ -37,8 +37,8 @@ from xmig.transport.tls import classify_ssl_error
 
 SocketFactory = Callable[[], socket.socket]
 
-NOTSENT_LOWAT = 256 << 10  # bytes unsent in the kernel before the socket stops being writable
-WRITE_HIGH_WATER = 512 << 10
+NOTSENT_LOWAT = 1 << 20  # unsent bytes the kernel holds before the socket stops being writable
+WRITE_HIGH_WATER = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 
 
