@@ -25,8 +25,20 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      │    ├── ConnectionBroken       it broke (reset, timeout, EOF mid-frame)
      │    ├── PeerUnreachable        no connection could be made before the deadline
      │    └── SessionExpired         the peer stayed away past the resume deadline
-     └── NetemError                  the WAN emulator could not be built or driven
-          └── NetemPermissionError   it needs root (network namespaces, TUN)
+     ├── NetemError                  the WAN emulator could not be built or driven
+     │    └── NetemPermissionError   it needs root (network namespaces, TUN)
+     ├── GuestError                  a guest backend failed or refused
+     │    ├── GuestNotFound          no such guest (socket, process, file)
+     │    └── GuestStateError        the guest cannot do that now (not paused, already gone)
+     ├── StorageError
+     │    ├── DiskNotFound           the disk image is missing
+     │    ├── DiskTooSmall           the destination image cannot hold the source disk
+     │    ├── DiskFull               ENOSPC writing the destination
+     │    ├── StaleEpochError        a write from an older migration epoch (fencing, I3)
+     │    └── NbdProtocolError       an NBD peer broke the protocol
+     └── MigrationError
+          ├── NotConverging          the dirty set will not fit the downtime budget in time
+          └── MigrationAborted       aborted before GO; the source guest runs
 """
 
 from __future__ import annotations
@@ -130,3 +142,57 @@ class NetemError(XmigError):
 
 class NetemPermissionError(NetemError):
     """The WAN emulator needs root (network namespaces, TUN devices)."""
+
+
+class GuestError(XmigError):
+    """A guest backend failed or refused."""
+
+
+class GuestNotFound(GuestError):
+    """No such guest: its control socket, process or memory file is missing."""
+
+
+class GuestStateError(GuestError):
+    """The guest cannot do that in its current state."""
+
+
+class StorageError(XmigError):
+    """Disk copy, mirroring or applying failed."""
+
+
+class DiskNotFound(StorageError):
+    """The disk image does not exist or cannot be opened."""
+
+
+class DiskTooSmall(StorageError):
+    """The destination image is smaller than the source disk."""
+
+
+class DiskFull(StorageError):
+    """The destination ran out of space (ENOSPC)."""
+
+
+class StaleEpochError(StorageError):
+    """A write carrying an older migration epoch than the destination's: refused (I3)."""
+
+    def __init__(self, message: str, *, epoch: int, current: int) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        self.current = current
+
+
+class NbdProtocolError(StorageError):
+    """An NBD peer sent something the protocol does not allow."""
+
+
+class MigrationError(XmigError):
+    """The migration could not complete."""
+
+
+class NotConverging(MigrationError):
+    """The guest dirties memory faster than the link drains it, and the timeout passed
+    (with SDPS off, or even at its maximum throttle). The source guest keeps running."""
+
+
+class MigrationAborted(MigrationError):
+    """The migration was aborted before GO; the source guest runs as before."""
