@@ -38,6 +38,7 @@ from xmig.transport.session import Session, SessionConfig
 from xmig.transport.tls import start_tls_client
 
 DEFAULT_STREAMS = 2
+MAX_BACKOFF = 1.0  # seconds between reconnection attempts, at most
 DEFAULT_CONGESTION = "bbr"
 
 
@@ -129,6 +130,15 @@ async def connect(
             async with asyncio.timeout(seconds):
                 await handle._finished.wait()
 
+    def attempt_timeout() -> float:
+        # once established, a SYN lost in an outage is not waited for through the kernel's
+        # exponential SYN retries: attempts are retried, so the session is back soon after
+        # the link
+        if not session._established:
+            return connect_timeout
+        srtt = session.rtt.srtt or 0.0
+        return min(connect_timeout, max(1.0, 3 * srtt))
+
     async def keeper() -> None:
         backoff = 0.05
         while not handle._finished.is_set():
@@ -136,7 +146,7 @@ async def connect(
                 proto = await _open_connection(
                     host, port, tls=tls, server_hostname=server_hostname,
                     socket_factory=socket_factory, congestion=congestion,
-                    timeout=connect_timeout, max_payload=config.max_payload,
+                    timeout=attempt_timeout(), max_payload=config.max_payload,
                 )
             except AuthenticationError as err:  # retrying cannot help
                 handle.connection_errors.append(err)
@@ -149,7 +159,7 @@ async def connect(
                     give_up(err)
                     return
                 await pause(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             if handle._finished.is_set():
                 proto.abort(ConnectionClosed("session finished"))
@@ -180,7 +190,7 @@ async def connect(
                 give_up(why)
                 return
             await pause(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     t0 = time.monotonic()
     with single_errors():
