@@ -263,3 +263,22 @@ def test_resume_skips_what_the_peer_already_holds() -> None:
     assert [f.type for _, f in pair.wire] == [FrameType.WELCOME]  # no DATA sent again
     assert pair.client.send_channels[Channel.MEMORY].resent_bytes == 0
     assert pair.client.send_channels[Channel.MEMORY].inflight_bytes == 6  # still unacked
+
+
+def test_lost_frames_wait_for_a_connection_heard_from_lately() -> None:
+    """After an outage the surviving connection may be cut off too: do not pile the lost
+    frames onto it (they would be lost again) until it proves alive."""
+    pair = MemoryPair(SessionConfig(idle_timeout=2.0, ping_interval=10.0))
+    pair.connect(1)
+    pair.connect(2)
+    for i in range(4):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    pair.flush(1, drop=True)  # everything went out on conn 1 and vanished
+    pair.now = 1.5  # conn 2 silent for 1.5 s > idle_timeout / 2
+    pair.client.connection_lost(1, pair.now)
+    pair.server.connection_lost(1, pair.now)
+    assert pair.client.frame_to_send(2, pair.now) is None  # held back
+    pair.client.receive_data(2, encode_frame(FrameType.PING, 0, 99), pair.now)  # alive
+    pair.wire.clear()
+    pair.flush(2)
+    assert received(pair, Channel.MEMORY) == [b"0", b"1", b"2", b"3"]

@@ -103,19 +103,21 @@ class SendChannel:
         if self.peer_holds:
             self.retransmit = deque(o for o in self.retransmit if o.seq not in self.peer_holds)
 
-    def ready(self) -> bool:
-        """A frame may be sent now: a retransmission, or new data the window admits."""
+    def ready(self, *, retransmit: bool = True) -> bool:
+        """A frame may be sent now: a retransmission (if ``retransmit``), or new data the
+        window admits."""
         self._drop_acked_retransmits()
-        if self.retransmit:
+        if retransmit and self.retransmit:
             return True
         if not self.pending:
             return False
         size = len(self.pending[0].payload)
         return self.inflight_bytes == 0 or self.inflight_bytes + size <= self.spec.window
 
-    def take(self, conn: int) -> Outgoing:
-        """Pop the next frame to send on ``conn``; call only when :meth:`ready`."""
-        if self.retransmit:
+    def take(self, conn: int, *, retransmit: bool = True) -> Outgoing:
+        """Pop the next frame to send on ``conn``; call only when :meth:`ready` (with the
+        same ``retransmit``)."""
+        if retransmit and self.retransmit:
             out = self.retransmit.popleft()
             self.resent_bytes += len(out.payload)
         else:
@@ -236,13 +238,14 @@ class Scheduler:
             self._classes.append([c for c in channels.values() if c.spec.priority == prio])
         self._vtime: dict[int, float] = {c.spec.channel: 0.0 for c in channels.values()}
 
-    def pick(self, *, allow_bulk: bool = True) -> SendChannel | None:
+    def pick(self, *, allow_bulk: bool = True, retransmit: bool = True) -> SendChannel | None:
         """The channel whose frame goes next, or ``None``. Without ``allow_bulk`` only the
-        first priority class (control) may send (the rate cap does not apply to it)."""
+        first priority class (control) may send (the rate cap does not apply to it);
+        without ``retransmit`` only new data is considered."""
         for i, group in enumerate(self._classes):
             if i > 0 and not allow_bulk:
                 return None
-            ready = [c for c in group if c.ready()]
+            ready = [c for c in group if c.ready(retransmit=retransmit)]
             if not ready:
                 continue
             if len(ready) == 1:

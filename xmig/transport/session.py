@@ -473,10 +473,13 @@ class Session:
         if self.state is SessionState.CLOSED:
             return None
         capped = self.bucket is not None and not self.bucket.allows(now)
-        chan = self._scheduler.pick(allow_bulk=not capped)
+        # frames lost with a dead connection go again only on a connection heard from
+        # lately: one silent as long is likely cut off by the same outage
+        fresh = now - c.last_rx <= max(self.config.idle_timeout / 2, 2 * (self.rtt.srtt or 0))
+        chan = self._scheduler.pick(allow_bulk=not capped, retransmit=fresh)
         if chan is None:
             return None
-        out = chan.take(conn)
+        out = chan.take(conn, retransmit=fresh)
         self._scheduler.charge(chan, len(out.payload))
         if self.bucket is not None and chan.spec.priority > 0:
             self.bucket.spend(len(out.header) + len(out.payload), now)
