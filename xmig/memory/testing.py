@@ -78,7 +78,8 @@ class ContentMix:
 
     def probabilities(self) -> npt.NDArray[np.float64]:
         p = np.array([self.zero, self.text, self.random, self.pattern, self.sparse])
-        return p / p.sum()
+        out: npt.NDArray[np.float64] = p / p.sum()
+        return out
 
 
 def make_pages(rng: np.random.Generator, n: int, mix: ContentMix) -> npt.NDArray[np.uint8]:
@@ -236,17 +237,23 @@ class Writer:
             words[np.arange(len(edit))[:, None], cols] = rng.integers(
                 0, 1 << 63, size=cols.shape, dtype=np.int64).astype(np.uint64)
             rows[edit] = words.view(np.uint8)
-        for kind, make in ((1, lambda k: text_pages(rng, k)),
-                           (2, lambda k: np.frombuffer(rng.bytes(k * PAGE_SIZE),
-                                                       np.uint8).reshape(k, PAGE_SIZE)),
-                           (3, lambda k: np.zeros((k, PAGE_SIZE), np.uint8)),
-                           (4, lambda k: pattern_pages(rng.integers(0, 8, size=k)))):
+        for kind in range(1, 5):
             at = np.flatnonzero(kinds == kind)
             if len(at):
-                rows[at] = make(len(at))
+                rows[at] = self._content(kind, len(at))
         mem.guest_write(idx, rows)
         self.writes += len(idx)
         return idx
+
+    def _content(self, kind: int, k: int) -> npt.NDArray[np.uint8]:
+        rng = self.rng
+        if kind == 1:
+            return text_pages(rng, k)
+        if kind == 2:
+            return np.frombuffer(rng.bytes(k * PAGE_SIZE), np.uint8).reshape(k, PAGE_SIZE)
+        if kind == 3:
+            return np.zeros((k, PAGE_SIZE), np.uint8)
+        return pattern_pages(rng.integers(0, 8, size=k))
 
     # -- threaded mode ----------------------------------------------------------------
 
