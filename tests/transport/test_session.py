@@ -34,7 +34,14 @@ def consume_all(pair: MemoryPair, msgs: list[bytes], channel: int) -> None:
 def test_handshake_exact_frames() -> None:
     pair = MemoryPair()
     pair.connect(1)
-    assert [(d, f.type) for d, f in pair.wire] == [("s->c", FrameType.WELCOME)]
+    # WELCOME, then each side probes the RTT at once, before any data can queue
+    assert [(d, f.type) for d, f in pair.wire] == [
+        ("s->c", FrameType.WELCOME),
+        ("s->c", FrameType.PING),
+        ("c->s", FrameType.PING),
+        ("c->s", FrameType.PONG),
+        ("s->c", FrameType.PONG),
+    ]
     assert pair.client.state is SessionState.OPEN
     assert pair.server.state is SessionState.OPEN
     assert MemoryPair.events(pair.client) == [ConnectionReady(1)]
@@ -190,7 +197,8 @@ def test_pings_measure_rtt() -> None:
     pong = pair.server.frame_to_send(1, pair.now)
     assert pong is not None
     pair.client.receive_data(1, pong[0], pair.now)
-    assert pair.client.rtt.min_rtt == pytest.approx(0.05)
+    assert pair.client.rtt.latest == pytest.approx(0.05)
+    assert pair.client.rtt.min_rtt == 0.0  # the probe at connection time (no time passed)
 
 
 def test_orderly_close() -> None:
@@ -260,7 +268,7 @@ def test_resume_skips_what_the_peer_already_holds() -> None:
     assert len(pair.client.send_channels[Channel.MEMORY].retransmit) == 6
     pair.wire.clear()
     pair.connect(2)
-    assert [f.type for _, f in pair.wire] == [FrameType.WELCOME]  # no DATA sent again
+    assert FrameType.DATA not in [f.type for _, f in pair.wire]  # no DATA sent again
     assert pair.client.send_channels[Channel.MEMORY].resent_bytes == 0
     assert pair.client.send_channels[Channel.MEMORY].inflight_bytes == 6  # still unacked
 

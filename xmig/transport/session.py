@@ -285,7 +285,7 @@ class Session:
                        "received": {str(k): v for k, v in received.items()},
                        "holding": {str(k): v for k, v in holding.items()}}
             c.control.append(encode_frame(FrameType.WELCOME, 0, 0, json.dumps(welcome).encode()))
-            self._mark_ready(c)
+            self._mark_ready(c, now)
 
     def _received_state(self) -> tuple[dict[int, int], dict[int, list[int]]]:
         """What this side holds per channel: all below N, and these out of order."""
@@ -301,7 +301,7 @@ class Session:
                 raise ProtocolError(f"peer state names unknown channel {ch}")
             sc.on_peer_state(received.get(ch, 0), holding.get(ch, []))
 
-    def _mark_ready(self, c: _Conn) -> None:
+    def _mark_ready(self, c: _Conn, now: float) -> None:
         c.ready = True
         self._established = True
         self._disconnected_since = None
@@ -310,6 +310,9 @@ class Session:
         for rc in self.recv_channels.values():
             if rc.consumed:
                 rc.ack_due = 0.0
+        # probe at once, ahead of any data: the only sample of the path's RTT without the
+        # queueing that bulk data adds (min_rtt)
+        self._ping(c, now)
         self._events.append(ConnectionReady(c.id))
 
     def connection_lost(self, conn: int, now: float) -> None:
@@ -388,7 +391,7 @@ class Session:
         if t is FrameType.WELCOME:
             if not self.client or c.ready:
                 raise ProtocolError("unexpected WELCOME")
-            self._on_welcome(c, frame)
+            self._on_welcome(c, frame, now)
             return
         if t is FrameType.HELLO:
             raise ProtocolError("unexpected HELLO on an established connection")
@@ -416,7 +419,7 @@ class Session:
         elif t is FrameType.CLOSE:
             self._on_peer_close(frame.payload.decode("utf-8", "replace"))
 
-    def _on_welcome(self, c: _Conn, frame: Frame) -> None:
+    def _on_welcome(self, c: _Conn, frame: Frame, now: float) -> None:
         try:
             body = json.loads(frame.payload)
             ok = bool(body["ok"])
@@ -430,7 +433,7 @@ class Session:
             self._fail(SessionExpired(why) if gone else ProtocolError(why))
             return
         self._apply_peer_state(received, holding)
-        self._mark_ready(c)
+        self._mark_ready(c, now)
 
     def _on_peer_close(self, reason: str) -> None:
         if self.state is SessionState.CLOSED:
@@ -535,12 +538,15 @@ class Session:
                 self.connection_lost(c.id, now)
                 self._events.append(ConnectionDead(c.id, err))
             elif c.ready and now >= c.next_ping:
-                self._ping_id += 1
-                c.pings[self._ping_id] = now
-                c.control.append(encode_frame(FrameType.PING, 0, self._ping_id))
-                c.next_ping = now + self.config.ping_interval
-                if len(c.pings) > 64:
-                    c.pings.pop(next(iter(c.pings)))
+                self._ping(c, now)
+
+    def _ping(self, c: _Conn, now: float) -> None:
+        self._ping_id += 1
+        c.pings[self._ping_id] = now
+        c.control.append(encode_frame(FrameType.PING, 0, self._ping_id))
+        c.next_ping = now + self.config.ping_interval
+        if len(c.pings) > 64:
+            c.pings.pop(next(iter(c.pings)))
 
     # -- events and figures ----------------------------------------------------------
 
