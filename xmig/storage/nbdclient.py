@@ -9,8 +9,8 @@ One request at a time over a unix socket: fixed newstyle handshake, ``NBD_OPT_GO
 replies. Errors: :class:`~xmig.errors.DiskNotFound` (no server at the path),
 :class:`~xmig.errors.NbdProtocolError` (the server broke the protocol or went away),
 :class:`NbdRequestError` (the server refused a request; ENOSPC is
-:class:`~xmig.errors.DiskFull`), ``ValueError`` for a range outside the export (checked
-before anything is sent). Not thread-safe: one client per thread.
+:class:`~xmig.errors.DiskFull`; a range outside the export is refused with EINVAL before
+anything is sent). Not thread-safe: one client per thread.
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ class NbdClient:
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range {offset}+{length} outside the export of {self.size} bytes")
+            raise NbdRequestError(
+                f"range {offset}+{length} outside the export of {self.size} bytes",
+                errno=p.EINVAL)
 
     def _request(self, cmd: int, offset: int, length: int,
                  data: bytes | bytearray | memoryview, want: int, flags: int = 0) -> bytes:
