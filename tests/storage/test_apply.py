@@ -24,6 +24,7 @@ from xmig.storage.wire import (
     Failed,
     Hello,
     MirrorBatch,
+    Message,
     MirrorRecord,
     Ready,
     decode,
@@ -125,7 +126,7 @@ def test_data_runs_match_brute_force(blocks: list[int], tail: int, block: int) -
 
 
 def test_wire_round_trip_and_garbage() -> None:
-    msgs = [
+    msgs: list[Message] = [
         Hello(3, 10 * MiB), Ready(3, 11 * MiB), BulkDone(3, 10 * MiB), Applied(3, 17, 4 * MiB),
         BulkExtent(3, 0, 2 * MiB, ((K, b"x" * K), (3 * K, b"y" * 10))),
         MirrorBatch(3, (MirrorRecord(1, 0, 5, b"hello"), MirrorRecord(2, K, K, None))),
