@@ -7,11 +7,11 @@ import math
 import pytest
 
 from xmig.memory.precopy import (
+    BusyRate,
     Decision,
     Figures,
     PlannerConfig,
     PrecopyPlanner,
-    RateFilter,
     predict_downtime,
 )
 
@@ -98,12 +98,17 @@ def test_config_is_checked() -> None:
         PlannerConfig(shrink=1.5)
 
 
-def test_rate_filter_keeps_the_busy_maximum_and_holds_it_while_idle() -> None:
-    f = RateFilter(window=3.0)
-    assert f.update(now=0, rate=50, busy=True) == 50
-    assert f.update(now=1, rate=80, busy=True) == 80
-    assert f.update(now=2, rate=60, busy=True) == 80
-    assert f.update(now=3, rate=5, busy=False) == 80  # app-limited: ignored
-    assert f.update(now=4.5, rate=70, busy=True) == 70  # the 80 sample aged out
-    assert f.update(now=20, rate=0, busy=False) == 70  # held, not decayed
-    assert f.update(now=21, rate=90, busy=False) == 90  # more than known: evidence
+def test_busy_rate_counts_only_time_with_a_backlog() -> None:
+    r = BusyRate(window=2.0, min_busy=0.0)
+    assert r.update(now=0, delivered=0, busy=True) is None
+    assert r.update(now=1, delivered=50, busy=True) == 50
+    assert r.update(now=2, delivered=150, busy=False) == 50  # drained during it: not counted
+    assert r.update(now=9, delivered=160, busy=True) == 50  # idle time: not counted
+    assert r.update(now=10, delivered=240, busy=True) == pytest.approx(130 / 2)
+    assert r.update(now=10.5, delivered=300, busy=True) == pytest.approx(190 / 2.5)
+    # one more busy second: the oldest span leaves the 2-second window
+    assert r.update(now=11.5, delivered=400, busy=True) == pytest.approx(240 / 2.5)
+    warming = BusyRate(min_busy=0.5)
+    warming.update(now=0, delivered=0, busy=True)
+    assert warming.update(now=0.4, delivered=40, busy=True) is None
+    assert warming.update(now=0.5, delivered=45, busy=True) == pytest.approx(90)

@@ -236,7 +236,8 @@ class PageEncoder:
         self._budget = self.config.max_message - HEADER.size - TRAILER.size - 64
 
     def encode(self, indices: PageIndices, data: bytes | bytearray | memoryview) -> list[bytes]:
-        """Messages for pages ``indices`` (strictly ascending) whose contents are ``data``."""
+        """Messages for pages ``indices`` (strictly ascending) whose contents are ``data``
+        (copied first unless it is ``bytes``)."""
         idx = np.asarray(indices, dtype=np.int64)
         n = len(idx)
         if len(data) != n * PAGE_SIZE:
@@ -245,10 +246,14 @@ class PageEncoder:
             return []
         if np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= self.page_count:
             raise ValueError("page indices must be strictly ascending and within the guest")
-        mv = memoryview(data).cast("B")
-        pages = np.frombuffer(mv, np.uint8).reshape(n, PAGE_SIZE)
-        nonzero = pages.view(np.uint64).any(axis=1) if mv.c_contiguous else (
-            np.frombuffer(bytes(mv), np.uint64).reshape(n, WORDS).any(axis=1))
+        # a snapshot: the guest may write while we encode, and what is hashed, compared and
+        # cached must be exactly what is sent
+        flat = np.frombuffer(data, np.uint8)
+        if not isinstance(data, bytes):
+            flat = flat.copy()
+        pages = flat.reshape(n, PAGE_SIZE)
+        mv = flat.data
+        nonzero = pages.view(np.uint64).any(axis=1)
         zero_idx = idx[~nonzero]
         send_zero = np.zeros(n, bool)
         send_zero[~nonzero] = ~self._zero[zero_idx]

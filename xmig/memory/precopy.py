@@ -137,27 +137,40 @@ class PrecopyPlanner:
         return Verdict(Decision.CONTINUE, predicted, self.round)
 
 
-class RateFilter:
-    """The rate the link gives: a windowed maximum of delivery-rate samples taken while the
-    sender had data queued (an idle sender's rate says nothing about the link); held, not
-    decayed, while idle."""
+class BusyRate:
+    """The rate the link gives memory: bytes delivered ÷ time, counting only intervals in
+    which the sender kept a backlog (an idle sender's rate says nothing about the link),
+    over the last ``window`` seconds of such time. ``None`` until ``min_busy`` seconds
+    were seen (the first burst — socket buffers, a token bucket — overstates the link)."""
 
-    def __init__(self, window: float = 3.0) -> None:
+    def __init__(self, window: float = 2.0, min_busy: float = 0.5) -> None:
         self.window = window
-        self._samples: deque[tuple[float, float]] = deque()  # decreasing rates
-        self._held = 0.0
+        self.min_busy = min_busy
+        self._seen = 0.0
+        self._spans: deque[tuple[float, int]] = deque()  # (seconds, bytes) while busy
+        self._time = 0.0
+        self._bytes = 0
+        self._last: tuple[float, int, bool] | None = None
 
-    def update(self, *, now: float, rate: float, busy: bool) -> float:
-        if busy or rate > self.value:
-            samples = self._samples
-            while samples and samples[-1][1] <= rate:
-                samples.pop()
-            samples.append((now, rate))
-            while samples[0][0] < now - self.window and len(samples) > 1:
-                samples.popleft()
-            self._held = samples[0][1]
-        return self._held
+    def update(self, *, now: float, delivered: int, busy: bool) -> float | None:
+        """``delivered``: bytes delivered so far (a running total); ``busy``: whether the
+        sender has a backlog now."""
+        last = self._last
+        if last is not None and last[2] and busy and now > last[0]:
+            span = (now - last[0], delivered - last[1])
+            self._spans.append(span)
+            self._time += span[0]
+            self._bytes += span[1]
+            self._seen += span[0]
+            while len(self._spans) > 1 and self._time - self._spans[0][0] >= self.window:
+                dt, db = self._spans.popleft()
+                self._time -= dt
+                self._bytes -= db
+        self._last = (now, delivered, busy)
+        return self.rate
 
     @property
-    def value(self) -> float:
-        return self._held
+    def rate(self) -> float | None:
+        if self._seen < self.min_busy or self._time <= 0:
+            return None
+        return self._bytes / self._time
