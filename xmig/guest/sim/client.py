@@ -1,0 +1,217 @@
+"""Clients of the guest's UDP service (:mod:`xmig.guest.sim.protocol`).
+
+:class:`SimClient` PUTs, GETs and PINGs, retrying until a deadline (a datagram sent while
+the guest is paused or moving gets no answer; the retry reaches the destination).
+:class:`DowntimeProbe` sends a request every few milliseconds from a thread and reports the
+longest gap between answers: the client-observed downtime. In PUT mode it also keeps every
+key the guest acknowledged, to read them all back after a migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from xmig.errors import GuestError
+from xmig.guest.sim.protocol import (
+    BAD_REQUEST,
+    OK,
+    OP_GET,
+    OP_PING,
+    OP_PUT,
+    TABLE_FULL,
+    ProtocolViolation,
+    Reply,
+    Request,
+)
+
+
+def _socket_for(addr: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock
+
+
+def _receive(sock: socket.socket) -> Reply | None:
+    try:
+        data, _ = sock.recvfrom(2048)
+        return Reply.decode(data)
+    except (BlockingIOError, ProtocolViolation):
+        return None
+    except OSError:  # an ICMP error surfaced on the socket: no answer
+        return None
+
+
+class SimClient:
+    """Blocking requests to one guest's service. Every call retries (each attempt waits
+    ``attempt_s``) until ``deadline_s``, then raises GuestError."""
+
+    def __init__(self, addr: tuple[str, int], *, attempt_s: float = 0.05) -> None:
+        self.addr = addr
+        self.attempt_s = attempt_s
+        self._sock = _socket_for(addr)
+        self._rid = (os.getpid() << 16) & 0xFFFFFFFF
+
+    def _call(self, request: Request, deadline_s: float) -> Reply:
+        data = request.encode()
+        deadline = time.monotonic() + deadline_s
+        while True:
+            with contextlib.suppress(OSError):
+                self._sock.sendto(data, self.addr)
+            attempt_end = min(deadline, time.monotonic() + self.attempt_s)
+            while (left := attempt_end - time.monotonic()) > 0:
+                if not select.select([self._sock], [], [], left)[0]:
+                    break
+                reply = _receive(self._sock)
+                if reply is not None and reply.rid == request.rid:
+                    return reply
+            if time.monotonic() >= deadline:
+                raise GuestError(f"no answer from the guest at {self.addr} in {deadline_s} s")
+
+    def _next_rid(self) -> int:
+        self._rid = (self._rid + 1) & 0xFFFFFFFF
+        return self._rid
+
+    def ping(self, *, deadline_s: float = 5.0) -> int:
+        """The guest's progress counter."""
+        return self._call(Request(OP_PING, self._next_rid()), deadline_s).progress
+
+    def put(self, key: bytes, value: bytes, *, deadline_s: float = 5.0) -> None:
+        reply = self._call(Request(OP_PUT, self._next_rid(), key, value), deadline_s)
+        if reply.status == BAD_REQUEST:
+            raise ValueError(f"key of {len(key)} or value of {len(value)} bytes refused")
+        if reply.status == TABLE_FULL:
+            raise GuestError("the guest's table is full")
+
+    def get(self, key: bytes, *, deadline_s: float = 5.0) -> bytes | None:
+        reply = self._call(Request(OP_GET, self._next_rid(), key), deadline_s)
+        return reply.payload if reply.status == OK else None
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> SimClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class ProbeReport:
+    """What a :class:`DowntimeProbe` saw."""
+
+    sent: int = 0
+    answered: int = 0
+    max_gap_s: float = 0.0
+    """Longest time without an answer (client-observed downtime), counting the tail up to
+    :meth:`DowntimeProbe.stop`."""
+    gap_start_mono: float = 0.0
+    gap_end_mono: float = 0.0
+    duration_s: float = 0.0
+    acknowledged: dict[bytes, bytes] = field(default_factory=dict)
+    """PUT mode: every key the guest acknowledged, with its value."""
+
+    def missing(self, client: SimClient, *, deadline_s: float = 5.0) -> list[bytes]:
+        """Acknowledged keys whose value the guest (now) does not return."""
+        return [k for k, v in self.acknowledged.items()
+                if client.get(k, deadline_s=deadline_s) != v]
+
+
+class DowntimeProbe:
+    """Sends a PING (or, with ``put_keys``, a PUT of a fresh key) every ``interval_s`` from a
+    thread, and measures the longest gap between answers."""
+
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        *,
+        interval_s: float = 0.002,
+        put_keys: bool = False,
+        key_prefix: bytes = b"probe-",
+    ) -> None:
+        self.addr = addr
+        self.interval_s = interval_s
+        self.put_keys = put_keys
+        self.key_prefix = key_prefix
+        self.report = ProbeReport()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: dict[int, tuple[bytes, bytes]] = {}
+
+    def start(self) -> DowntimeProbe:
+        self._thread = threading.Thread(target=self._run, name="xmig-downtime-probe", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> ProbeReport:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.report
+
+    def _run(self) -> None:
+        report = self.report
+        sock = _socket_for(self.addr)
+        start = time.monotonic()
+        last_answer = start
+        next_send = start
+        rid = 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_send:
+                    rid = (rid + 1) & 0xFFFFFFFF
+                    if self.put_keys:
+                        key, value = b"%s%d" % (self.key_prefix, rid), b"value-%d" % rid
+                        request = Request(OP_PUT, rid, key, value)
+                        self._pending[rid] = (key, value)
+                    else:
+                        request = Request(OP_PING, rid)
+                    with contextlib.suppress(OSError):
+                        sock.sendto(request.encode(), self.addr)
+                    report.sent += 1
+                    next_send = max(next_send + self.interval_s, now)
+                    continue
+                if not select.select([sock], [], [], next_send - now)[0]:
+                    continue
+                while (reply := _receive(sock)) is not None:
+                    now = time.monotonic()
+                    report.answered += 1
+                    if now - last_answer > report.max_gap_s:
+                        report.max_gap_s = now - last_answer
+                        report.gap_start_mono, report.gap_end_mono = last_answer, now
+                    last_answer = now
+                    kv = self._pending.pop(reply.rid, None)
+                    if kv is not None and reply.status == OK:
+                        report.acknowledged[kv[0]] = kv[1]
+        finally:
+            sock.close()
+            end = time.monotonic()
+            report.duration_s = end - start
+            if end - last_answer > report.max_gap_s:
+                report.max_gap_s = end - last_answer
+                report.gap_start_mono, report.gap_end_mono = last_answer, end
+
+    def __enter__(self) -> DowntimeProbe:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
