@@ -35,7 +35,7 @@ from .conftest import GuestFactory, MiB, small_config
         {"disk_url": "nbd+unix:///export"},
         {"udp_addr": ("127.0.0.1", 70000)},
         {"seed": -1},
-        {"oltp_keys": 1 << 20},
+        {"workload": "oltp", "oltp_keys": 1 << 20},
     ],
 )
 def test_bad_config_is_refused(fields: dict[str, Any]) -> None:

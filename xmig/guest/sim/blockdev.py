@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from xmig.errors import ConfigError, GuestError, GuestNotFound
+from xmig.errors import ConfigError, DiskNotFound, GuestError, GuestNotFound, StorageError
 from xmig.guest.sim.config import DiskUrl
 
 
@@ -107,7 +107,12 @@ class NbdBlockDevice:
             module: Any = importlib.import_module("xmig.storage.nbdclient")
         except ImportError as err:
             raise GuestError("xmig.storage.nbdclient is not available in this build") from err
-        self._client: _NbdClient = module.NbdClient.connect(str(self.socket_path))
+        try:
+            self._client: _NbdClient = module.NbdClient.connect(str(self.socket_path))
+        except DiskNotFound as err:
+            raise GuestNotFound(f"no NBD server at {self.socket_path}: {err}") from err
+        except (StorageError, OSError) as err:
+            raise GuestError(f"cannot open NBD disk at {self.socket_path}: {err}") from err
 
     @property
     def size(self) -> int:

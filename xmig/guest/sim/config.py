@@ -126,9 +126,8 @@ class SimConfig:
             value = getattr(self, name)
             need(isinstance(value, int | float) and not math.isnan(value), f"{name} is NaN")
             need(value >= 0, f"{name} must be >= 0, not {value}")
-        need(self.table_bytes % TABLE_SLOT_BYTES == 0 and self.table_bytes >= PAGE_SIZE,
+        need(self.table_bytes % PAGE_SIZE == 0 and self.table_bytes >= PAGE_SIZE,
              f"table_bytes must be a positive multiple of {PAGE_SIZE}")
-        need(self.table_bytes % PAGE_SIZE == 0, f"table_bytes must be a multiple of {PAGE_SIZE}")
         need(self.table_bytes <= self.ram_bytes // 2, "table_bytes must be at most half the RAM")
         need(self.hotset_bytes > 0 and self.hotset_bytes % PAGE_SIZE == 0,
              f"hotset_bytes must be a positive multiple of {PAGE_SIZE}")
@@ -141,8 +140,9 @@ class SimConfig:
         need(self.write_size in {1 << k for k in range(3, 13)},
              "write_size must be a power of two from 8 to 4096")
         need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
-        need(0 < self.oltp_keys <= self.table_bytes // TABLE_SLOT_BYTES // 2,
-             "oltp_keys must be positive and fill at most half the table")
+        if self.workload == "oltp":
+            need(0 < self.oltp_keys <= self.table_bytes // TABLE_SLOT_BYTES // 2,
+                 "oltp_keys must be positive and fill at most half the table")
         need(self.disk_bytes >= 0 and self.disk_bytes % PAGE_SIZE == 0,
              f"disk_bytes must be a non-negative multiple of {PAGE_SIZE}")
         disk = self.disk  # parses (ConfigError on a bad URL)
