@@ -86,16 +86,16 @@ class TextSource:
                 yield letters[self._rng.integers(0, letters.size, 1 << 20)].tobytes()
             cycle += 1
 
-    def take(self, nbytes: int) -> npt.NDArray[np.uint8]:
-        parts = [self._pending]
-        have = self._pending.size
-        while have < nbytes:
-            chunk = np.frombuffer(next(self._chunks), np.uint8)
-            parts.append(chunk)
-            have += chunk.size
-        joined = np.concatenate(parts)
-        self._pending = joined[nbytes:]
-        return joined[:nbytes]
+    def copy_into(self, out: npt.NDArray[np.uint8]) -> None:
+        """Fill the flat array ``out`` with the next bytes of the stream."""
+        at = 0
+        while at < out.size:
+            if not self._pending.size:
+                self._pending = np.frombuffer(next(self._chunks), np.uint8)
+            n = min(out.size - at, self._pending.size)
+            out[at : at + n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            at += n
 
 
 def _runs(quota: int, rng: np.random.Generator) -> list[int]:
@@ -136,7 +136,7 @@ def fill_ram(
     for i in order:
         kind, n = kinds[i]
         if kind == TEXT and text is not None:
-            ram[page : page + n] = text.take(n * PAGE_SIZE).reshape(n, PAGE_SIZE)
+            text.copy_into(ram[page : page + n].reshape(-1))
         elif kind == RANDOM:
             raw = random_bits.random_raw(n * PAGE_SIZE // 8)
             ram[page : page + n] = raw.view(np.uint8).reshape(n, PAGE_SIZE)

@@ -139,7 +139,10 @@ class SimGuest:
         name: str | None = None,
         timeout: float = START_TIMEOUT_S,
     ) -> SimGuest:
-        """A fresh guest: RAM filled from the seed, workload running (or ``paused``)."""
+        """A fresh guest: RAM filled from the seed, workload running (or ``paused``).
+
+        ``name`` names its log and ledger in ``workdir``; its shared files in
+        ``config.shm_dir`` get a unique name (``paths``) built from it."""
         return cls._spawn(config, workdir, "fresh", name, None, paused, timeout)
 
     @classmethod
@@ -175,8 +178,10 @@ class SimGuest:
         shm_dir = Path(config.shm_dir)
         if not shm_dir.is_dir():
             raise ConfigError(f"shm_dir {shm_dir} is not a directory")
-        name = name or f"xmig-sim-{os.getpid()}-{secrets.token_hex(4)}"
-        paths = SharedPaths.for_guest(shm_dir, name)
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        name = name or f"xmig-sim-{token}"
+        # shared files are unique even when two runs choose the same name
+        paths = SharedPaths.for_guest(shm_dir, f"xmig-sim-{name}-{token}")
         if ram_path is not None:
             try:
                 size = ram_path.stat().st_size

@@ -79,6 +79,7 @@ class GuestProcess:
         self.udp_port: int | None = None
         self.disk: BlockDevice | None = None
         self.disk_size = 0
+        self.flushed_writes = 0
         self.ledger: WriteLedger | None = None
         self.table: KvTable | None = None
         self.workload: Workload | None = None
@@ -208,6 +209,13 @@ class GuestProcess:
         if self.orphaned:  # nobody will clean up after us
             keep = set() if self.owns_ram else {self.paths.ram}
             shm.remove_files(*(p for p in self.created if p not in keep))
+
+    def _flush_disk(self) -> None:
+        """Make the acknowledged writes durable (skipped when there were none since)."""
+        writes = self.workload.disk_writes if self.workload is not None else 0
+        if self.disk is not None and writes != self.flushed_writes:
+            self.disk.flush()
+            self.flushed_writes = writes
 
     def _close_disk(self) -> None:
         if self.ledger is not None:
@@ -373,8 +381,7 @@ class GuestProcess:
             now, wall = time.monotonic(), time.time()
             if self.ledger is not None:
                 self.ledger.flush()
-            if self.disk is not None:
-                self.disk.flush()
+            self._flush_disk()
             self._close_udp()
             self.state = shm.STATE_PAUSED
             assert self.ctl is not None
