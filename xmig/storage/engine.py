@@ -143,6 +143,7 @@ class DiskSender:
         self._work = asyncio.Event()
         self._changed = asyncio.Event()
         self._tasks = _Tasks(self._fail)
+        self._canceller: asyncio.Task[None] | None = None
         self._started = False
 
     # -- WriteHook --------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class DiskSender:
             log.warning("disk sender failed: %s", self.error)
         self._release(self.mirror.stop(time.monotonic()))
         self._changed.set()
-        asyncio.get_running_loop().create_task(self._tasks.cancel())
+        self._canceller = asyncio.get_running_loop().create_task(self._tasks.cancel())
 
     async def _bulk_loop(self) -> None:
         backend, planner, extent_of = self.backend, self.planner, getattr(

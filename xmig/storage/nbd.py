@@ -123,9 +123,10 @@ class NbdStats:
     errors_replied: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conn:
     peer: str
+    writer: asyncio.StreamWriter
     no_zeroes: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -146,6 +147,7 @@ class NbdServer:
         self.stats = NbdStats()
         self._servers: list[asyncio.Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
+        self._conns: set[_Conn] = set()
         self._unix_paths: list[Path] = []
 
     # -- listeners ----------------------------------------------------------------------
@@ -168,11 +170,12 @@ class NbdServer:
         """Stop listening and close every connection."""
         for server in self._servers:
             server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        for task in list(self._handlers):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for conn in list(self._conns):  # the handler sees EOF and ends by itself
+            conn.writer.close()
+            for task in list(conn.tasks):  # requests waiting on the hook are abandoned
+                task.cancel()
+        if self._handlers:
+            await asyncio.gather(*self._handlers, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
@@ -197,7 +200,8 @@ class NbdServer:
         assert task is not None
         self._handlers.add(task)
         peer = str(writer.get_extra_info("peername") or "unix")
-        conn = _Conn(peer)
+        conn = _Conn(peer, writer)
+        self._conns.add(conn)
         self.stats.connections += 1
         try:
             if await self._handshake(conn, reader, writer):
@@ -207,12 +211,15 @@ class NbdServer:
             self.errors.append(err)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away; in-flight work still completes below
+        except Exception:  # a bug: close this connection, keep serving the others
+            log.exception("NBD connection from %s failed", peer)
         finally:
             if conn.tasks:
                 await asyncio.gather(*conn.tasks, return_exceptions=True)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            self._conns.discard(conn)
             self._handlers.discard(task)
 
     async def _handshake(self, conn: _Conn, reader: asyncio.StreamReader,
