@@ -12,6 +12,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pytest
+
 from xmig.guest.sim import SimGuest
 
 from .conftest import GuestFactory, small_config
@@ -70,25 +72,36 @@ def test_guest_outlives_the_thread_that_started_it(guests: GuestFactory, tmp_pat
 
 HOST = textwrap.dedent(
     """
-    import json, sys
+    import json, subprocess, sys
     from pathlib import Path
     from xmig.guest.sim import SimConfig, SimGuest
     config = SimConfig(ram_bytes=16 << 20, table_bytes=1 << 20, hotset_bytes=1 << 20,
                        workload="uniform", rate_Bps=5e6)
     guest = SimGuest.start(config, workdir=Path(sys.argv[1]))
-    print(json.dumps({"pid": guest.pid, "files": [str(p) for p in
-          (guest.paths.ram, guest.paths.dirty, guest.paths.control)]}), flush=True)
+    holder = None
+    if sys.argv[2] == "hold-channel":  # keep the control channel open past our death
+        fd = guest._sock.fileno()
+        holder = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"],
+                                  stdin=subprocess.DEVNULL, pass_fds=[fd])
+    print(json.dumps({"pid": guest.pid, "holder": holder.pid if holder else 0, "files":
+          [str(p) for p in (guest.paths.ram, guest.paths.dirty, guest.paths.control)]}),
+          flush=True)
     sys.stdin.read()
     """
 )
 
 
-def test_guest_dies_with_its_host(tmp_path: Path) -> None:
-    host = subprocess.Popen([sys.executable, "-c", HOST, str(tmp_path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE)
+@pytest.mark.parametrize("how", ["close-channel", "hold-channel"])
+def test_guest_dies_with_its_host(how: str, tmp_path: Path) -> None:
+    """SIGKILL the host: the guest sees end of file on its control channel and, even when
+    another process holds that channel open, gets its parent-death signal."""
+    host = subprocess.Popen([sys.executable, "-c", HOST, str(tmp_path), how],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = 0
     try:
         assert host.stdout is not None
         started = json.loads(host.stdout.readline())
+        holder = started["holder"]
         files = [Path(f) for f in started["files"]]
         assert all(f.exists() for f in files)
         host.send_signal(signal.SIGKILL)
@@ -99,3 +112,5 @@ def test_guest_dies_with_its_host(tmp_path: Path) -> None:
         if host.poll() is None:
             host.kill()
             host.wait()
+        if holder:
+            os.kill(holder, signal.SIGKILL)

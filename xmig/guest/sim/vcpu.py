@@ -206,7 +206,7 @@ class GuestProcess:
             shm.unmap(self.dirty_mm)
         if self.ctl is not None:
             self.ctl.close()
-        if self.orphaned:  # nobody will clean up after us
+        if self.orphaned and self.created:  # nobody will clean up after us
             keep = set() if self.owns_ram else {self.paths.ram}
             shm.remove_files(*(p for p in self.created if p not in keep))
 
