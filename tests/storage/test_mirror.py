@@ -258,3 +258,14 @@ def test_queue_never_exceeds_the_bound(sizes: list[int], bound: int) -> None:
                 m.on_applied(m.last_seq, float(i))
                 alone = (len(m._untaken) + len(m._inflight)) == 1
                 assert m.queued_bytes <= bound or alone
+
+
+def test_merging_never_changes_the_callers_buffer() -> None:
+    m = q(1 << 20)
+    mine = bytearray(b"a" * K)
+    m.submit(0, mine, 0.0)
+    m.submit(K, b"b" * K, 0.0)
+    m.submit(0, b"c" * 10, 0.0)
+    assert mine == b"a" * K
+    (w,) = m.take(1 << 20)
+    assert bytes(w.data) == b"c" * 10 + b"a" * (K - 10) + b"b" * K

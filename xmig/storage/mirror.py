@@ -85,6 +85,7 @@ class MirrorStats:
 class _Entry:
     offset: int
     data: Data
+    owned: bool = False  #: data is a bytearray of ours (merges may change it in place)
 
     @property
     def end(self) -> int:
@@ -284,15 +285,16 @@ class MirrorQueue:
         if (tail is not None and tail.offset <= offset <= tail.end
                 and max(end, tail.end) - tail.offset <= self.merge_limit):
             old_len = len(tail.data)
-            buf = tail.data if isinstance(tail.data, bytearray) else bytearray(tail.data)
+            assert self._tail is not None
+            self._unmap(self._tail, tail)  # before buf, which may be tail.data, changes
+            buf = tail.data if tail.owned else bytearray(tail.data)
+            assert isinstance(buf, bytearray)
             if offset == tail.end:
                 buf += data
             else:
                 rel = offset - tail.offset
                 buf[rel:rel + n] = data  # may grow past the tail's end
-            assert self._tail is not None
-            self._unmap(self._tail, tail)
-            tail.data = buf
+            tail.data, tail.owned = buf, True
             self.queued_bytes += len(buf) - old_len
             st.writes_merged += 1
             st.bytes_saved += n - (len(buf) - old_len)
