@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from xmig.errors import GuestStateError
@@ -110,3 +111,23 @@ def test_state_rules(guests: GuestFactory) -> None:
     with pytest.raises(GuestStateError):
         source.pause()
     assert source.state == "exited"
+
+
+def test_probe_notices_keys_a_migration_lost(guests: GuestFactory) -> None:
+    """The check has teeth: a destination whose table pages were not transferred is caught."""
+    config = small_config(workload="idle", udp_addr=("127.0.0.1", 0))
+    source = guests(config)
+    destination = guests(config, incoming=True)
+    assert source.udp_address is not None
+    probe = DowntimeProbe(source.udp_address, put_keys=True, key_space=64).start()
+    source.wait_until(lambda p: p.udp_requests >= 100, timeout=10)
+    source.pause()
+    report = probe.stop()
+    copy_ram(source, destination)
+    table = np.arange(config.data_pages, config.page_count, dtype=np.int64)
+    destination.memory.zero_pages(table)
+    destination.load_device_state(source.device_state())
+    destination.resume()
+    with SimClient(source.udp_address) as client:
+        assert len(report.acknowledged) == 64
+        assert sorted(report.missing(client)) == sorted(report.acknowledged)

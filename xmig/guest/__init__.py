@@ -1,1 +1,6 @@
-"""xmig.guest (see DESIGN.md; filled in by its issue)."""
+"""xmig.guest: hypervisor backends (see DESIGN.md).
+
+- :mod:`xmig.guest.sim` — the reference guest: a process with shared-memory RAM, a dirty
+  log, workloads, a throttle, a virtual disk through a block device, a UDP service, and
+  pause / device state / resume into a new process.
+"""

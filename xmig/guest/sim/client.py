@@ -4,7 +4,9 @@
 the guest is paused or moving gets no answer; the retry reaches the destination).
 :class:`DowntimeProbe` sends a request every few milliseconds from a thread and reports the
 longest gap between answers: the client-observed downtime. In PUT mode it also keeps every
-key the guest acknowledged, to read them all back after a migration.
+key the guest acknowledged, to read them all back after a migration (keys cycle through
+``key_space`` names so a long run does not fill the guest's table; each value is the request
+number, so a later PUT of the same key may legitimately have overwritten an acknowledged one).
 """
 
 from __future__ import annotations
@@ -121,18 +123,24 @@ class ProbeReport:
     gap_start_mono: float = 0.0
     gap_end_mono: float = 0.0
     duration_s: float = 0.0
-    acknowledged: dict[bytes, bytes] = field(default_factory=dict)
-    """PUT mode: every key the guest acknowledged, with its value."""
+    acknowledged: dict[bytes, int] = field(default_factory=dict)
+    """PUT mode: every key the guest acknowledged, with the newest request number (its value)
+    acknowledged for it."""
 
     def missing(self, client: SimClient, *, deadline_s: float = 5.0) -> list[bytes]:
-        """Acknowledged keys whose value the guest (now) does not return."""
-        return [k for k, v in self.acknowledged.items()
-                if client.get(k, deadline_s=deadline_s) != v]
+        """Acknowledged keys for which the guest (now) returns no value, or one older than
+        the newest it acknowledged: lost acknowledged writes."""
+        lost = []
+        for key, newest in self.acknowledged.items():
+            value = client.get(key, deadline_s=deadline_s)
+            if value is None or not value.isdigit() or int(value) < newest:
+                lost.append(key)
+        return lost
 
 
 class DowntimeProbe:
-    """Sends a PING (or, with ``put_keys``, a PUT of a fresh key) every ``interval_s`` from a
-    thread, and measures the longest gap between answers."""
+    """Sends a PING (or, with ``put_keys``, a PUT) every ``interval_s`` from a thread, and
+    measures the longest gap between answers."""
 
     def __init__(
         self,
@@ -141,15 +149,17 @@ class DowntimeProbe:
         interval_s: float = 0.002,
         put_keys: bool = False,
         key_prefix: bytes = b"probe-",
+        key_space: int = 1024,
     ) -> None:
         self.addr = addr
         self.interval_s = interval_s
         self.put_keys = put_keys
         self.key_prefix = key_prefix
+        self.key_space = key_space
         self.report = ProbeReport()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending: dict[int, tuple[bytes, bytes]] = {}
+        self._pending: dict[int, bytes] = {}
 
     def start(self) -> DowntimeProbe:
         self._thread = threading.Thread(target=self._run, name="xmig-downtime-probe", daemon=True)
@@ -175,9 +185,9 @@ class DowntimeProbe:
                 if now >= next_send:
                     rid = (rid + 1) & 0xFFFFFFFF
                     if self.put_keys:
-                        key, value = b"%s%d" % (self.key_prefix, rid), b"value-%d" % rid
-                        request = Request(OP_PUT, rid, key, value)
-                        self._pending[rid] = (key, value)
+                        key = b"%s%d" % (self.key_prefix, rid % self.key_space)
+                        request = Request(OP_PUT, rid, key, b"%d" % rid)
+                        self._pending[rid] = key
                     else:
                         request = Request(OP_PING, rid)
                     with contextlib.suppress(OSError):
@@ -194,9 +204,10 @@ class DowntimeProbe:
                         report.max_gap_s = now - last_answer
                         report.gap_start_mono, report.gap_end_mono = last_answer, now
                     last_answer = now
-                    kv = self._pending.pop(reply.rid, None)
-                    if kv is not None and reply.status == OK:
-                        report.acknowledged[kv[0]] = kv[1]
+                    put = self._pending.pop(reply.rid, None)
+                    if put is not None and reply.status == OK:
+                        report.acknowledged[put] = max(reply.rid,
+                                                       report.acknowledged.get(put, 0))
         finally:
             sock.close()
             end = time.monotonic()
