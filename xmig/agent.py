@@ -1,0 +1,164 @@
+"""The destination agent: receives one migration on a session and runs the guest on GO.
+
+    NEGOTIATE -> create an empty disk image (DiskReceiver) and a paused incoming guest whose
+                 disk is served from that image; answer PREPARED (or REFUSED: typed)
+    RECEIVING -> apply pages (MemoryReceiver) and disk writes until FINAL + device state
+    READY     -> fsync, journal READY, send READY with the digests; the guest stays paused
+    RUNNING   -> on GO: journal, load the device state, resume; send RESUMED
+    DISCARDED -> on ABORT (or failure before GO): quit the guest, delete the image
+
+The destination resumes only on GO (I1); it applies no write of an older epoch (I3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from xmig import control
+from xmig.errors import MigrationError, ProtocolError, XmigError
+from xmig.guest.sim import SimConfig, SimGuest
+from xmig.journal import Journal
+from xmig.memory.engine import MemoryReceiver
+from xmig.storage.engine import DiskReceiver
+from xmig.storage.nbd import NbdServer
+from xmig.storage.raw import RawFileBackend
+from xmig.switchover import DestMachine, DestPhase
+from xmig.transport import Channel, TransportSession
+
+
+@dataclass
+class DestResult:
+    migration: str = ""
+    epoch: int = 0
+    status: str = "running"
+    error: str | None = None
+    guest: SimGuest | None = None
+    image: RawFileBackend | None = None
+    nbd: NbdServer | None = None
+    digests: dict[str, str] = field(default_factory=dict)
+    resumed_at: float = 0.0
+
+
+async def receive_migration(
+    session: TransportSession,
+    *,
+    workdir: Path,
+    journal: Journal,
+    reply_timeout_s: float = 300.0,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+) -> DestResult:
+    """Serve one migration arriving on ``session``. On success the guest runs here and the
+    result holds it (with its image and NBD server: the caller owns them from then on)."""
+    result = DestResult()
+    msg = control.decode(await session.recv(Channel.CONTROL))
+    if not isinstance(msg, control.Negotiate):
+        raise ProtocolError(f"expected negotiate, got {msg.type}")
+    result.migration, result.epoch = msg.migration, msg.epoch
+    machine = DestMachine(msg.epoch)
+    receiver: DiskReceiver | None = None
+    try:
+        if msg.guest.get("backend") != "sim":
+            raise MigrationError(f"unsupported guest backend {msg.guest.get('backend')!r}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        image = RawFileBackend.create(workdir / f"{msg.migration}.raw", msg.disk_bytes)
+        result.image = image
+        receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
+        await receiver.start()
+        nbd = NbdServer(image)
+        sock = workdir / f"{msg.migration}.nbd"
+        await nbd.start_unix(sock)
+        result.nbd = nbd
+        config = replace(SimConfig.from_json(msg.guest["config"]),
+                         disk_url=f"nbd+unix:///?socket={sock}",
+                         ledger_path=str(workdir / f"{msg.migration}.ledger"))
+        result.guest = await asyncio.to_thread(
+            SimGuest.start_incoming, config, workdir=workdir, name=f"dst-{msg.migration}")
+        await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
+        machine.prepared()
+        on_event({"event": "phase", "phase": machine.phase.value})
+
+        memory = MemoryReceiver(session, result.guest.memory)
+        applied = asyncio.create_task(memory.run())
+        final = await _recv(session, reply_timeout_s)
+        if isinstance(final, control.Abort):
+            raise MigrationError(f"source aborted: {final.reason}")
+        if not isinstance(final, control.Final):
+            raise ProtocolError(f"expected final, got {final.type}")
+        report = await applied
+        state = await session.recv(Channel.DEVICE_STATE)
+        if len(state) != final.device_state_bytes:
+            raise ProtocolError("device state length differs from FINAL's")
+        await receiver.wait_bulk()
+        await receiver.flush()
+        result.digests = {
+            "memory": report.digest.hex() if report.digest else "",
+            "device": xxhash.xxh3_64_hexdigest(bytes(state)),
+        }
+        if msg.guest.get("verify_disk"):
+            result.digests["disk"] = await asyncio.to_thread(receiver.digest)
+        machine.final_applied()
+        journal.append("READY", msg.migration, msg.epoch)
+        await session.send(Channel.CONTROL, control.Ready(
+            msg.migration, msg.epoch, result.digests).encode())
+        on_event({"event": "phase", "phase": machine.phase.value})
+
+        decision = await _recv(session, reply_timeout_s)
+        if isinstance(decision, control.Abort):
+            raise MigrationError(f"source aborted: {decision.reason}")
+        if not isinstance(decision, control.Go):
+            raise ProtocolError(f"expected go, got {decision.type}")
+        machine.go(decision.epoch)
+    except (XmigError, OSError, TimeoutError) as err:
+        result.status, result.error = "discarded", f"{type(err).__name__}: {err}"
+        if machine.phase is not DestPhase.RUNNING:
+            with contextlib.suppress(XmigError):
+                machine.abort(str(err))
+            journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
+            await _discard(result, receiver)
+        raise
+    # -- GO: journaled before the guest runs here -----------------------------------------
+    journal.append("RUNNING", msg.migration, msg.epoch)
+    assert result.guest is not None
+    await receiver.stop()
+    await asyncio.to_thread(result.guest.load_device_state, bytes(state))
+    if result.guest.paused:
+        await asyncio.to_thread(result.guest.resume)
+    result.resumed_at = time.monotonic()
+    with contextlib.suppress(XmigError):
+        await session.send(Channel.CONTROL, control.Resumed(
+            msg.migration, msg.epoch, result.resumed_at).encode())
+    result.status = "running"
+    on_event({"event": "phase", "phase": machine.phase.value})
+    return result
+
+
+async def _recv(session: TransportSession, timeout: float) -> control.Message:
+    async with asyncio.timeout(timeout):
+        return control.decode(await session.recv(Channel.CONTROL))
+
+
+async def _discard(result: DestResult, receiver: DiskReceiver | None) -> None:
+    """Throw away what was received: the guest process, the NBD server, the image."""
+    if receiver is not None:
+        with contextlib.suppress(XmigError):
+            await receiver.stop()
+    if result.guest is not None:
+        await asyncio.to_thread(result.guest.quit)
+        result.guest = None
+    if result.nbd is not None:
+        await result.nbd.close()
+        result.nbd = None
+    if result.image is not None:
+        path = result.image.path
+        result.image.close()
+        result.image = None
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -1,0 +1,192 @@
+"""A whole migration on one machine: reference guest, two agents, an emulated WAN between
+them. What ``xmig demo`` runs, and what the end-to-end tests and ``bench/longhaul.py`` use.
+
+The source agent's sockets live in the emulator's source namespace and the destination
+agent's in its destination namespace, so every migration byte crosses the emulated link.
+The guests run as processes of this machine; their UDP service is reached through a small
+relay standing for the network, which moves to the destination when it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from xmig.agent import DestResult, receive_migration
+from xmig.errors import MigrationAborted
+from xmig.guest.sim import (
+    SimConfig,
+    SimGuest,
+    downtime_s,
+    make_disk_image,
+    read_ledger,
+    verify_ledger,
+)
+from xmig.journal import Journal
+from xmig.migration import MigrationOptions, SourceResult, migrate
+from xmig.netem import LinkSpec, Wan
+from xmig.storage.nbd import NbdServer
+from xmig.storage.raw import RawFileBackend
+from xmig.transport import SessionConfig, connect, listen
+from xmig.transport.certs import init_pki
+from xmig.transport.tls import client_context, server_context
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """One local migration: the guest, the link and the operator's options."""
+
+    guest: SimConfig
+    link: LinkSpec
+    options: MigrationOptions = field(default_factory=MigrationOptions)
+    disk_bytes: int = 64 * MiB
+    warmup_s: float = 1.0  #: guest runs this long before the migration starts
+    streams: int = 2
+
+
+async def run_local(run: LocalRun, *, workdir: Path | None = None,
+                    on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+                    ) -> dict[str, Any]:
+    """Migrate a fresh reference guest across an emulated link; return the report."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="xmig-")))
+        src_dir, dst_dir = workdir / "src", workdir / "dst"
+        src_dir.mkdir(parents=True, exist_ok=True)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        wan = stack.enter_context(Wan(run.link))
+        pki = init_pki(workdir / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
+        disk_path = make_disk_image(src_dir / "disk.raw", run.disk_bytes)
+        disk = stack.enter_context(RawFileBackend(disk_path))
+        return await _migrate(run, wan, pki, disk, src_dir, dst_dir, on_event)
+    raise AssertionError("unreachable")
+
+
+async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_dir: Path,
+                   dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
+                   ) -> dict[str, Any]:
+    nbd = NbdServer(disk)
+    sock = src_dir / "disk.nbd"
+    await nbd.start_unix(sock)
+    config = replace(run.guest, disk_url=f"nbd+unix:///?socket={sock}",
+                     disk_bytes=run.disk_bytes)
+    guest = await asyncio.to_thread(SimGuest.start, config, workdir=src_dir, name="src")
+    dest: DestResult | None = None
+    report: dict[str, Any] = {}
+    try:
+        before = await _rate_over(guest, run.warmup_s)
+        kw: dict[str, Any] = {}
+        if not wan.approximate:
+            lsock = wan.socket("dst")
+            lsock.bind(("0.0.0.0", 0))
+            lsock.listen(16)
+            lsock.setblocking(False)
+            kw["sock"] = lsock
+        scfg = SessionConfig(idle_timeout=5.0, resume_deadline=30.0)
+        async with listen(tls=server_context(pki), config=scfg, **kw) as lst:
+            host, port = wan.dst_endpoint(lst.port)
+            factory = None if wan.approximate else (lambda: wan.socket("src"))
+            t0 = time.monotonic()
+            async with connect(host, port, tls=client_context(pki), server_hostname=host,
+                               streams=run.streams, config=scfg,
+                               socket_factory=factory) as session:
+                dst_session = await lst.accept()
+                dst_task = asyncio.create_task(receive_migration(
+                    dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal")))
+                src_progress_before = guest.progress()
+                try:
+                    result = await migrate(session, guest, disk, nbd, migration="m1",
+                                           journal=Journal(src_dir / "journal"),
+                                           options=run.options, on_progress=on_event)
+                except MigrationAborted as err:
+                    with contextlib.suppress(BaseException):
+                        await dst_task
+                    cause = err.__cause__ or err
+                    return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
+                            "source_running": guest.running and not guest.paused}
+                dest = await dst_task
+                total = time.monotonic() - t0
+                src_prog = guest.progress()
+                assert dest.guest is not None
+                dst_prog = await _first_progress(dest.guest)
+                wire = session.stats()
+                await asyncio.to_thread(guest.quit, keep_files=False)
+                report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
+                                 before, total, wire, disk, guest.ledger_path)
+    finally:
+        await asyncio.to_thread(guest.quit)
+        await nbd.close()
+        if dest is not None:
+            if dest.guest is not None:
+                await asyncio.to_thread(dest.guest.quit)
+            if dest.nbd is not None:
+                await dest.nbd.close()
+            if dest.image is not None:
+                dest.image.close()
+    return report
+
+
+async def _rate_over(guest: SimGuest, seconds: float) -> float:
+    """Progress units per second over ``seconds`` (the workload's rate before migration)."""
+    a = guest.progress()
+    await asyncio.sleep(seconds)  # a measurement window
+    b = guest.progress()
+    return (b.counter - a.counter) / max(seconds, 1e-9)
+
+
+async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = guest.progress()
+        if p.first_progress_after_resume_mono > 0 or time.monotonic() > deadline:
+            return p
+        await asyncio.sleep(0.005)  # polling the guest's shared control block
+
+
+def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any,
+            src_prog: Any, dst_prog: Any, rate_before: float, total: float,
+            wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
+    # every write acknowledged to the source guest is on the source disk at pause, whose
+    # digest equals the destination's at READY (verify_disk): together, I2
+    check = verify_ledger(read_ledger(ledger), disk.pread)
+    migrating_s = max(src.paused_at - src.started, 1e-9)
+    rate_during = (src_prog.counter - before_prog.counter) / max(src.paused_at - src.started,
+                                                                  1e-9)
+    wire_bytes = int(wire["wire_bytes_out"]) + int(wire["wire_bytes_in"])
+    guest_bytes = run.guest.ram_bytes + run.disk_bytes
+    link = run.link.rate_bps or 0
+    digests_equal = (
+        bool(src.memory_digest)
+        and src.ready_digests.get("memory") == src.memory_digest
+        and src.ready_digests.get("device") == src.device_digest
+        and (not run.options.verify_disk or src.ready_digests.get("disk") == src.disk_digest)
+    )
+    return {
+        "status": src.status,
+        "downtime_ms": round(downtime_s(src_prog, dst_prog) * 1000, 1),
+        "client_downtime_ms": None,
+        "total_s": round(total, 3),
+        "workload_penalty": round(1 - rate_during / rate_before, 4) if rate_before else None,
+        "wire_bytes": wire_bytes,
+        "guest_bytes": guest_bytes,
+        "wire_ratio": round(wire_bytes / guest_bytes, 4),
+        "link_utilization": round(wire_bytes * 8 / (link * migrating_s), 4) if link else None,
+        "sdps_max_throttle": round(src.sdps_max_throttle, 3),
+        "rounds": src.rounds,
+        "verified": digests_equal,
+        "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
+                               "disk": src.disk_digest}, "destination": src.ready_digests},
+        "acknowledged_writes": check.acknowledged,
+        "lost_acknowledged_writes": len(check.lost),
+        "link": run.link.to_dict(),
+        "options": dict(run.options.__dict__),
+        "timeline": src.timeline,
+    }

@@ -1,0 +1,271 @@
+"""The source agent's orchestrator: one migration of a reference guest, phase by phase.
+
+    NEGOTIATE  -> the destination prepares a paused guest and an empty disk image
+    BROWNOUT   -> bulk disk copy + mirror (DiskSender) and pre-copy rounds (MemorySender)
+    BLACKOUT   -> pause; last pages; mirror drained; device state; FINAL
+    PREPARE    -> wait for READY; journal GO; send GO; wait for RESUMED
+
+The phases and the commit rules live in :mod:`xmig.switchover` (sans-IO); this module does
+the I/O. Before GO, any failure aborts: the throttle is released, mirroring stops, the
+source guest is resumed if it was paused, ABORT is journaled and sent, and
+:class:`~xmig.errors.MigrationAborted` is raised with the cause. After GO the source never
+resumes its guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import xxhash
+
+from xmig import control
+from xmig.errors import (
+    DiskFull,
+    DiskNotFound,
+    DiskTooSmall,
+    GuestError,
+    MigrationAborted,
+    MigrationError,
+    ProtocolError,
+    StaleEpochError,
+    StorageError,
+    TransportError,
+    XmigError,
+)
+from xmig.guest.sim import SimGuest
+from xmig.journal import Journal
+from xmig.memory.engine import MemorySender, Progress, SenderConfig
+from xmig.memory.precopy import PlannerConfig
+from xmig.memory.sdps import AutoConverge
+from xmig.storage.apply import image_digest
+from xmig.storage.engine import DiskSender
+from xmig.storage.nbd import NbdServer
+from xmig.storage.raw import RawFileBackend
+from xmig.switchover import SourceMachine, SourcePhase
+from xmig.transport import Channel, TransportSession
+
+MiB = 1 << 20
+
+_REFUSALS: dict[str, type[XmigError]] = {
+    c.__name__: c for c in (DiskTooSmall, DiskFull, DiskNotFound, StaleEpochError, GuestError,
+                            StorageError, ProtocolError)
+}
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """What an operator can set (``xmig migrate`` flags)."""
+
+    max_downtime_s: float = 0.3
+    timeout_s: float = 300.0  #: pre-copy that has not converged by then is abandoned
+    sdps: str = "on"  #: "on" (xmig's SDPS), "off", or "autoconverge" (QEMU's, for comparison)
+    mirror_bound: int = 32 * MiB  #: bytes of guest writes queued before acks are delayed
+    reply_timeout_s: float = 60.0  #: for each answer of the destination
+    verify_disk: bool = True  #: both sides digest the disk in the blackout (adds to downtime)
+
+
+@dataclass
+class SourceResult:
+    """What the source saw; :mod:`xmig.report` turns it into the final report."""
+
+    migration: str
+    epoch: int
+    status: str = "running"
+    error: str | None = None
+    started: float = 0.0
+    paused_at: float = 0.0
+    committed_at: float = 0.0
+    rounds: int = 0
+    sdps_max_throttle: float = 0.0
+    memory_digest: str = ""
+    device_digest: str = ""
+    disk_digest: str = ""
+    ready_digests: dict[str, str] = field(default_factory=dict)
+    resumed_at: float = 0.0
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    memory_progress: Progress | None = None
+
+
+def _refusal(msg: control.Refused) -> XmigError:
+    return _REFUSALS.get(msg.error, MigrationError)(f"destination refused: {msg.reason}")
+
+
+async def _recv_control(session: TransportSession, timeout: float) -> control.Message:
+    async with asyncio.timeout(timeout):
+        return control.decode(await session.recv(Channel.CONTROL))
+
+
+async def migrate(
+    session: TransportSession,
+    guest: SimGuest,
+    disk: RawFileBackend,
+    nbd: NbdServer,
+    *,
+    migration: str,
+    journal: Journal,
+    options: MigrationOptions,
+    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
+) -> SourceResult:
+    """Move ``guest`` (its RAM, and its disk served to it by ``nbd`` from ``disk``) to the
+    destination agent at the other end of ``session``."""
+    epoch = journal.next_epoch()
+    machine = SourceMachine(epoch)
+    result = SourceResult(migration, epoch, started=time.monotonic())
+    journal.append("START", migration, epoch)
+    sender: DiskSender | None = None
+    memory: MemorySender | None = None
+
+    def emit(kind: str, **fields: Any) -> None:
+        event = {"event": kind, "phase": machine.phase.value,
+                 "t": round(time.monotonic() - result.started, 4), **fields}
+        result.timeline.append(event)
+        on_progress(event)
+
+    try:
+        await session.send(Channel.CONTROL, control.Negotiate(
+            migration, epoch, {"backend": "sim", "config": guest.config.to_json(),
+                               "verify_disk": options.verify_disk},
+            disk.size, guest.config.ram_bytes).encode())
+        reply = await _recv_control(session, options.reply_timeout_s)
+        if isinstance(reply, control.Refused):
+            raise _refusal(reply)
+        if not isinstance(reply, control.Prepared):
+            raise ProtocolError(f"expected prepared, got {reply.type}")
+        machine.negotiated()
+        emit("phase")
+
+        sender = DiskSender(session, disk, epoch=epoch, bound=options.mirror_bound)
+        nbd.hook = sender  # from now on every guest write is mirrored
+        await sender.start()
+        controller: AutoConverge | bool = (
+            AutoConverge() if options.sdps == "autoconverge" else options.sdps == "on")
+        planner = PlannerConfig(downtime_budget=options.max_downtime_s,
+                                timeout=options.timeout_s, sdps=options.sdps != "off")
+
+        def memory_progress(p: Progress) -> None:
+            result.memory_progress = p
+            result.sdps_max_throttle = max(result.sdps_max_throttle, p.throttle)
+            d = asdict(sender.progress()) if sender else None
+            emit("progress", round=p.round, pages_left=p.pages_left,
+                 predicted_downtime_ms=round(p.predicted_downtime * 1000, 1),
+                 decision=p.decision.value, throttle=round(p.throttle, 3),
+                 dirty_rate_Bps=p.dirty_rate, memory_rate_Bps=p.delivery_rate,
+                 wire_ratio=round(p.wire_ratio, 4),
+                 disk=d, session=session.stats())
+
+        memory = MemorySender(session, guest.memory, sdps=controller,
+                              config=SenderConfig(planner=planner), on_progress=memory_progress)
+        feeder = asyncio.create_task(_feed_mirror_figures(memory, sender, options))
+        try:
+            await memory.precopy()
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+
+        # -- blackout: from here every step counts towards the downtime -----------------
+        machine.pause()
+        memory.release()
+        # guest control blocks until the vCPU reaches a safe point, which may wait on a disk
+        # write our own NBD server must answer: never call it on the event loop
+        await asyncio.to_thread(guest.pause)
+        result.paused_at = time.monotonic()
+        emit("phase", note="guest paused")
+        final = await memory.final_round(digest=True)
+        result.rounds = final.rounds
+        result.memory_digest = final.digest.hex() if final.digest else ""
+        drained = await sender.drain()
+        if options.verify_disk:
+            result.disk_digest = await asyncio.to_thread(image_digest, disk)
+        state = await asyncio.to_thread(guest.device_state)
+        result.device_digest = xxhash.xxh3_64_hexdigest(state)
+        await session.send(Channel.DEVICE_STATE, state)
+        await session.send(Channel.CONTROL, control.Final(
+            migration, epoch, disk_seq=drained.applied_seq,
+            device_state_bytes=len(state)).encode())
+        machine.final_sent()
+        emit("phase", note="final state sent")
+
+        reply = await _recv_control(session, options.reply_timeout_s)
+        if isinstance(reply, control.Abort):
+            raise MigrationError(f"destination aborted: {reply.reason}")
+        if not isinstance(reply, control.Ready):
+            raise ProtocolError(f"expected ready, got {reply.type}")
+        result.ready_digests = dict(reply.digests)
+        if reply.digests.get("memory") not in (None, result.memory_digest):
+            raise MigrationError("destination memory digest differs from the source's")
+        if reply.digests.get("device") not in (None, result.device_digest):
+            raise MigrationError("destination device-state digest differs")
+        if options.verify_disk and reply.digests.get("disk") != result.disk_digest:
+            raise MigrationError("destination disk digest differs from the source's")
+        machine.ready(reply.epoch)
+        journal.append("GO", migration, epoch)
+        # GO is durable: the source guest never runs again, whatever happens next
+        await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
+        result.committed_at = time.monotonic()
+        emit("phase", note="GO sent")
+    except (XmigError, OSError) as err:
+        if not machine.may_resume_source:
+            machine.fail(str(err))
+            result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
+            raise
+        await _abort(machine, session, guest, memory, sender, nbd, journal, migration,
+                     epoch, err)
+        result.status, result.error = "aborted", f"{type(err).__name__}: {err}"
+        emit("phase", note=f"aborted: {result.error}")
+        raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+
+    # -- after GO: wait for the destination to run; the source is discarded ---------------
+    nbd.hook = None
+    await sender.stop()
+    try:
+        reply = await _recv_control(session, options.reply_timeout_s)
+        if isinstance(reply, control.Resumed):
+            result.resumed_at = reply.at
+            machine.resumed()
+    except (TransportError, TimeoutError, ProtocolError) as err:
+        # GO was journaled: the destination resumes on GO; it is its job now (I1)
+        result.error = f"no RESUMED after GO: {err}"
+    result.status = "done"
+    emit("phase", note="destination running")
+    return result
+
+
+async def _feed_mirror_figures(memory: MemorySender, sender: DiskSender,
+                               options: MigrationOptions) -> None:
+    """Keep the memory planner told of the mirror queue, and shrink the mirror's bound as
+    switchover nears so draining it fits the downtime budget."""
+    while True:
+        memory.mirror_queue_bytes = sender.progress().pending_bytes
+        snap = memory.snapshot()
+        if snap.round >= 1 and snap.delivery_rate > 0:
+            fit = int(snap.delivery_rate * options.max_downtime_s / 2)
+            sender.set_bound(max(MiB, min(options.mirror_bound, fit)))
+        await asyncio.sleep(0.1)  # a sampling period, not a wait for a condition
+
+
+async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGuest,
+                 memory: MemorySender | None, sender: DiskSender | None, nbd: NbdServer,
+                 journal: Journal, migration: str, epoch: int, err: BaseException) -> None:
+    """Before GO: release everything; the source guest runs as if nothing happened."""
+    was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
+    if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
+        machine.abort(str(err))
+    journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
+    if memory is not None:
+        memory.release()
+    nbd.hook = None
+    if sender is not None:
+        with contextlib.suppress(XmigError):
+            await sender.stop()
+    if was_paused or guest.paused:
+        await asyncio.to_thread(guest.resume)
+    with contextlib.suppress(XmigError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            await session.send(Channel.CONTROL, control.Abort(
+                migration, epoch, f"{type(err).__name__}: {err}").encode())
