@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.transport.stacks import Stack, make_stack, session_pair
-from xmig.errors import NotConverging
-from xmig.memory.codec import CodecConfig
+from xmig.errors import NotConverging, ProtocolError
+from xmig.memory.codec import CodecConfig, PageEncoder
 from xmig.memory.engine import (
     MemoryReceiver,
     MemorySender,
@@ -21,8 +21,9 @@ from xmig.memory.engine import (
     memory_digest,
 )
 from xmig.memory.precopy import Decision, PlannerConfig
+from xmig.memory.sdps import ThrottleController
 from xmig.memory.testing import ArrayMemory, ContentMix, Workload, Writer
-from xmig.transport import SessionConfig
+from xmig.transport import Channel, SessionConfig
 
 MiB = 1 << 20
 
@@ -128,3 +129,57 @@ def test_memory_digest_matches_the_array_digest() -> None:
     mem = ArrayMemory(1000)
     mem.fill(seed=5)
     assert memory_digest(mem, chunk_pages=333) == mem.digest()
+
+
+class Fixed(ThrottleController):
+    """A controller that asks for 50 % from the first round on."""
+
+    name = "fixed"
+
+    def update(self, *, now: float, delivery_rate: float, dirty_rate: float,
+               memory_share: float = 1.0, wire_ratio: float = 1.0) -> float:
+        return self._set(0.5)
+
+    def on_round(self, *, now: float, dirty_bytes: int, sent_bytes: int) -> float:
+        return self._set(0.5)
+
+
+async def test_cancelled_precopy_releases_the_throttle(stack: Stack) -> None:
+    n = 16 * MiB // 4096
+    src = ArrayMemory(n)
+    src.fill(seed=51)
+    third_round = asyncio.Event()
+
+    def seen(p: Progress) -> None:
+        if p.round >= 2:
+            third_round.set()
+
+    hot = Workload(rate=40e6, hot_pages=4096, edit=0, text=0, random=1, zero=0, pattern=0)
+    config = SenderConfig(planner=PlannerConfig(timeout=30, downtime_budget=1e-6))
+    async with session_pair(stack, config=SessionConfig(rate_cap_bps=160e6)) as (client, server):
+        sender = MemorySender(client, src, config=config, sdps=Fixed(), on_progress=seen)
+        receiver = asyncio.create_task(MemoryReceiver(server, ArrayMemory(n)).run())
+        with Writer(src, hot, seed=52):
+            task = asyncio.create_task(sender.precopy())
+            await third_round.wait()
+            assert src.throttle == 0.5
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        receiver.cancel()
+        await asyncio.gather(receiver, return_exceptions=True)
+    assert src.throttle == 0.0 and src.throttle_log[-1] == 0.0
+
+
+async def test_receiver_refuses_a_corrupt_message_and_applies_nothing(stack: Stack) -> None:
+    src, dst = ArrayMemory(64), ArrayMemory(64)
+    src.fill(seed=61)
+    enc = PageEncoder(64)
+    idx = np.arange(64, dtype=np.int64)
+    msg = bytearray(enc.encode(idx, src.read_pages(idx))[0])
+    msg[len(msg) // 2] ^= 0x40
+    async with session_pair(stack) as (client, server):
+        await client.send(Channel.MEMORY, bytes(msg))
+        with pytest.raises(ProtocolError, match="checksum"):
+            await MemoryReceiver(server, dst).run()
+    assert not dst.pages.any()

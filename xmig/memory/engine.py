@@ -302,8 +302,13 @@ class MemorySender:
         self._tick()
 
     def _tick(self) -> None:
-        """Between sends: the throttle update when due, a progress report when due."""
+        """Between sends: the timeout, the throttle update and progress report when due."""
         now = self._clock()
+        assert self.planner is not None
+        if now - self.planner.start >= self.planner.config.timeout:
+            raise NotConverging(
+                f"pre-copy ran past its timeout of {self.planner.config.timeout:.0f} s in "
+                f"round {self.planner.round}")
         if self._engaged and self.controller is not None and now >= self._next_sdps:
             self._next_sdps = now + self.config.sdps_interval
             rate, _, _ = self._link()
