@@ -9,6 +9,7 @@ destination and decides when the guest's write is acknowledged.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
 
@@ -33,3 +34,12 @@ class WriteHook(Protocol):
     under its bound, later above it: the congestion control of DESIGN.md)."""
 
     async def on_write(self, offset: int, data: bytes) -> None: ...
+
+
+class NowaitWriteHook(WriteHook, Protocol):
+    """A :class:`WriteHook` with a synchronous fast path, which the NBD server prefers: it
+    does ``on_write``'s bookkeeping at once and returns ``None`` when the guest may be
+    acknowledged now, else an awaitable that completes when it may (saves a task per
+    write)."""
+
+    def write_nowait(self, offset: int, data: bytes) -> Awaitable[None] | None: ...

@@ -151,14 +151,21 @@ class DiskSender:
     async def on_write(self, offset: int, data: bytes) -> None:
         """Queue the part of a guest write below the cursor; return when the guest may be
         acknowledged. The bookkeeping happens before the first await (write order)."""
+        fut = self.write_nowait(offset, data)
+        if fut is not None:
+            await fut
+
+    def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
+        """:meth:`on_write` without a coroutine: None if acknowledged at once, else a
+        future done when the guest may be acknowledged."""
         ticket = self.mirror.submit(offset, data, time.monotonic())
         if ticket.length:
             self._work.set()
         if ticket.acked:
-            return
+            return None
         fut = asyncio.get_running_loop().create_future()
         self._waiting[ticket.id] = fut
-        await fut
+        return fut
 
     # -- control ----------------------------------------------------------------------------
 

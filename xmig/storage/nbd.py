@@ -366,7 +366,12 @@ class NbdServer:
                     send_reply(ENOSPC, handle)
                     continue
                 try:
-                    spawn(self._write(cmd, offset, length, payload, flags), handle)
+                    work = self._write(cmd, offset, length, payload, flags)
+                    if work is None:
+                        slots.release()
+                        send_reply(0, handle)
+                    else:
+                        spawn(work, handle)
                 except StorageError as e:  # the local write failed: nothing to mirror
                     slots.release()
                     log.warning("NBD write failed: %s", e)
@@ -378,9 +383,9 @@ class NbdServer:
                 send_reply(EINVAL, handle)
 
     def _write(self, cmd: int, offset: int, length: int, data: bytes,
-               flags: int) -> Awaitable[int]:
-        """Write locally now (raises StorageError), start the hook now; the awaitable
-        completes when the guest may be acknowledged."""
+               flags: int) -> Awaitable[int] | None:
+        """Write locally now (raises StorageError), give the write to the hook now; the
+        awaitable completes when the guest may be acknowledged (None: at once)."""
         if cmd == CMD_WRITE:
             if length:
                 self.backend.pwrite(offset, data)
@@ -394,14 +399,22 @@ class NbdServer:
             pieces = zero_chunks(offset, length)
         self.stats.writes += 1
         self.stats.bytes_written += length
-        hooks = ([asyncio.ensure_future(self.hook.on_write(off, chunk)) for off, chunk in pieces]
-                 if self.hook is not None else [])
-        fua = bool(flags & CMD_FLAG_FUA)
+        waits: list[Awaitable[None]] = []
+        if self.hook is not None:
+            nowait = getattr(self.hook, "write_nowait", None)
+            for off, chunk in pieces:
+                if nowait is not None:  # bookkeeping now; often nothing to wait for
+                    if (w := nowait(off, chunk)) is not None:
+                        waits.append(w)
+                else:  # tasks start in creation order, so the hook sees write order
+                    waits.append(asyncio.ensure_future(self.hook.on_write(off, chunk)))
+        if not waits and not flags & CMD_FLAG_FUA:
+            return None
 
         async def complete() -> int:
-            if hooks:
-                await asyncio.gather(*hooks)
-            if fua:
+            for w in waits:
+                await w
+            if flags & CMD_FLAG_FUA:
                 await asyncio.to_thread(self.backend.flush)
             return 0
 
