@@ -13,8 +13,8 @@ from xmig.cli import main
 def test_demo_json_moves_data_across_a_cut_and_verifies_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    rc = main(["demo", "--json", "--size", "48MiB", "--rate", "1gbit", "--rtt", "10ms",
-               "--cut-seconds", "1.5"])
+    rc = main(["demo", "--transport", "--json", "--size", "48MiB", "--rate", "1gbit",
+               "--rtt", "10ms", "--cut-seconds", "1.5"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     result = lines[-1]
     assert rc == 0
@@ -25,12 +25,25 @@ def test_demo_json_moves_data_across_a_cut_and_verifies_it(
     assert any(p.get("event") == "progress" and p["link_cut"] for p in lines[:-1])
 
 
+@pytest.mark.root
+def test_demo_migrates_the_reference_guest(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["demo", "--json", "--ram", "64MiB", "--disk", "32MiB", "--rate", "1gbit",
+               "--rtt", "10ms", "--dirty-rate", "10MB", "--disk-rate", "2MB"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    report = lines[-1]
+    assert rc == 0
+    assert report["status"] == "done" and report["verified"] is True
+    assert report["lost_acknowledged_writes"] == 0 and report["acknowledged_writes"] > 0
+    assert any(e.get("event") == "progress" for e in lines[:-1])
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["demo", "--rate", "10furlongs"],
         ["demo", "--streams", "0"],
-        ["demo", "--size", "12"],
+        ["demo", "--transport", "--size", "12"],
+        ["demo", "--ram", "lots"],
         ["demo", "--rtt", "soon"],
     ],
 )

@@ -1,0 +1,179 @@
+"""``xmig demo``: a whole migration of the reference guest over an emulated WAN link on this
+machine (or, with ``--transport``, only the transport with a link cut)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from xmig.errors import ConfigError
+
+MiB = 1 << 20
+
+
+def add_parsers(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo", help="migrate a running reference guest over an emulated WAN on this machine",
+        description="Start a reference guest (RAM, disk, workload), two agents and an emulated "
+        "WAN link between network namespaces (root; otherwise an approximate loopback relay), "
+        "and migrate the guest: pre-copy with SDPS, disk bulk copy with asynchronous "
+        "mirroring, atomic switchover. Prints progress, then the report.",
+    )
+    demo.add_argument("--rate", default="200mbit", help="link rate (default 200mbit)")
+    demo.add_argument("--rtt", default="50ms", help="round-trip time (default 50ms)")
+    demo.add_argument("--loss", default="0", help="random loss, e.g. 0.1%% (default 0)")
+    demo.add_argument("--ram", default="256MiB", help="guest RAM (default 256MiB)")
+    demo.add_argument("--disk", default="256MiB", help="guest disk (default 256MiB)")
+    demo.add_argument("--workload", default="oltp",
+                      choices=["idle", "uniform", "hotset", "scan", "oltp"])
+    demo.add_argument("--dirty-rate", default="60MB", help="page-write rate (default 60MB/s)")
+    demo.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
+    demo.add_argument("--max-downtime", default="300ms")
+    demo.add_argument("--timeout", default="120s", help="give up pre-copy after this")
+    demo.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
+    demo.add_argument("--streams", type=int, default=2, help="parallel TCP connections")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--transport", action="store_true",
+                      help="only the transport: send --size bytes, cut the link at half way")
+    demo.add_argument("--size", default="512MiB", help="with --transport: bytes to send")
+    demo.add_argument("--cut-seconds", type=float, default=2.0,
+                      help="with --transport: length of the link cut (0: none)")
+    out = demo.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON lines: progress, then the report")
+    out.add_argument("--quiet", action="store_true", help="only the final report")
+    demo.set_defaults(func=run_demo)
+
+
+def _link(args: argparse.Namespace) -> Any:
+    from xmig.netem import LinkSpec, parse_duration, parse_fraction, parse_rate
+
+    if args.streams < 1:
+        raise ConfigError(f"--streams must be at least 1, not {args.streams}")
+    return LinkSpec.symmetric(rate_bps=parse_rate(args.rate), rtt_s=parse_duration(args.rtt),
+                              loss=parse_fraction(args.loss))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    spec = _link(args)
+    if args.transport:
+        return _run_transport(args, spec)
+    from xmig.guest.sim import SimConfig
+    from xmig.localrun import LocalRun, run_local
+    from xmig.migration import MigrationOptions
+    from xmig.netem import parse_duration, parse_size
+
+    rate = float(parse_size(args.dirty_rate))
+    run = LocalRun(
+        guest=SimConfig(ram_bytes=parse_size(args.ram), workload=args.workload, rate_Bps=rate,
+                        disk_rate_Bps=float(parse_size(args.disk_rate))
+                        if args.workload == "oltp" else 0.0,
+                        hotset_bytes=min(64 * MiB, parse_size(args.ram) // 4), seed=args.seed,
+                        disk_url="nbd+unix:///?socket=/set-by-run_local"),
+        link=spec, disk_bytes=parse_size(args.disk), streams=args.streams,
+        options=MigrationOptions(max_downtime_s=parse_duration(args.max_downtime),
+                                 timeout_s=parse_duration(args.timeout), sdps=args.sdps),
+    )
+    console = Console()
+    if args.json:
+        report = asyncio.run(run_local(run, on_event=lambda e: print(json.dumps(e), flush=True)))
+        print(json.dumps(report), flush=True)
+        return 0 if report.get("verified") else 1
+    state: dict[str, Any] = {}
+
+    def table() -> Table:
+        t = Table(title=f"xmig demo: {args.workload} guest over {spec.describe()}")
+        for col in ("phase", "round", "predicted downtime", "throttle", "dirty MB/s",
+                    "memory MB/s", "disk bulk", "mirror queue"):
+            t.add_column(col)
+        d = state.get("disk") or {}
+        size = d.get("size") or 1
+        t.add_row(str(state.get("phase", "negotiate")), str(state.get("round", "-")),
+                  f"{state.get('predicted_downtime_ms', '-')} ms",
+                  f"{state.get('throttle', 0):.0%}",
+                  f"{state.get('dirty_rate_Bps', 0) / 1e6:.1f}",
+                  f"{state.get('memory_rate_Bps', 0) / 1e6:.1f}",
+                  f"{d.get('bulk_applied', 0) / size:.0%}",
+                  f"{d.get('mirror_queued_bytes', 0) / MiB:.1f} MiB")
+        return t
+
+    with Live(table(), console=console, refresh_per_second=4,
+              transient=False) if not args.quiet else _Null() as live:
+        def show(event: dict[str, Any]) -> None:
+            state.update({k: v for k, v in event.items() if v is not None})
+            if live is not None:
+                live.update(table())
+
+        report = asyncio.run(run_local(run, on_event=show))
+    report.pop("timeline", None)
+    if report.get("status") == "done":
+        ok = "[green]verified[/]" if report["verified"] else "[red]NOT VERIFIED[/]"
+        console.print(f"migrated in {report['total_s']:.1f} s, downtime "
+                      f"{report['downtime_ms']:.0f} ms, SDPS max throttle "
+                      f"{report['sdps_max_throttle']:.0%}, {report['rounds']} rounds, "
+                      f"{report['acknowledged_writes']} acknowledged disk writes, "
+                      f"{report['lost_acknowledged_writes']} lost: {ok}")
+    else:
+        console.print(f"[yellow]{report.get('status')}: {report.get('error')}[/]")
+    console.print_json(json.dumps(report))
+    return 0 if report.get("verified") else 1
+
+
+def _run_transport(args: argparse.Namespace, spec: Any) -> int:
+    from xmig.demo import DemoProgress, progress_dict, run_transport_demo
+    from xmig.netem import parse_size
+
+    if args.cut_seconds < 0:
+        raise ConfigError("--cut-seconds cannot be negative")
+    total = parse_size(args.size)
+    if total < (1 << 20):
+        raise ConfigError("--size must be at least 1MiB")
+    console = Console()
+    if args.json:
+        def show(p: DemoProgress) -> None:
+            print(json.dumps(progress_dict(p)), flush=True)
+
+        result = asyncio.run(run_transport_demo(spec, total_bytes=total, streams=args.streams,
+                                                cut_seconds=args.cut_seconds, on_progress=show))
+        print(json.dumps(result), flush=True)
+        return 0 if result["verified"] else 1
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                   TextColumn("{task.fields[info]}"), console=console,
+                   disable=args.quiet)
+    with bar:
+        task = bar.add_task("transfer", total=total, info="")
+
+        def render(p: DemoProgress) -> None:
+            rtt = f"{p.min_rtt_ms:.0f} ms" if p.min_rtt_ms else "-"
+            state = "[red]LINK CUT[/]" if p.link_cut else f"{p.connections} conns"
+            bar.update(task, completed=p.acked_bytes, info=(
+                f"{p.delivery_rate_Bps * 8 / 1e6:7.1f} Mbit/s  rtt {rtt}  {state}  "
+                f"reconnects {p.reconnects}"))
+
+        result = asyncio.run(run_transport_demo(spec, total_bytes=total, streams=args.streams,
+                                                cut_seconds=args.cut_seconds, on_progress=render))
+    ok = "[green]verified[/]" if result["verified"] else "[red]DIGEST MISMATCH[/]"
+    console.print(
+        f"{result['bytes'] / 2**20:.0f} MiB in {result['total_s']:.1f} s "
+        f"({result['goodput_bps'] / 1e6:.0f} Mbit/s) over {spec.describe()}, "
+        f"link cut {args.cut_seconds:g} s, reconnects {result['reconnects']}, "
+        f"resent {result['resent_bytes'] / 2**20:.1f} MiB: {ok}"
+        + (" [yellow](approximate link: no root)[/]" if result["approximate_link"] else "")
+    )
+    console.print_json(json.dumps(result))
+    return 0 if result["verified"] else 1
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
