@@ -228,6 +228,8 @@ class DiskSender:
     # -- internals --------------------------------------------------------------------------
 
     async def _wait(self, done: Callable[[], bool]) -> None:
+        if not self._started:
+            raise StorageError("the disk sender was not started")
         while True:
             if self.error is not None:
                 raise self.error
