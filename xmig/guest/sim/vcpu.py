@@ -206,9 +206,8 @@ class GuestProcess:
             shm.unmap(self.dirty_mm)
         if self.ctl is not None:
             self.ctl.close()
-        if self.orphaned and self.created:  # nobody will clean up after us
-            keep = set() if self.owns_ram else {self.paths.ram}
-            shm.remove_files(*(p for p in self.created if p not in keep))
+        if self.orphaned:  # nobody will clean up after us (a RAM file given is not ours)
+            shm.remove_files(*self.created)
 
     def _flush_disk(self) -> None:
         """Make the acknowledged writes durable (skipped when there were none since)."""
