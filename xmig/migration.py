@@ -162,7 +162,14 @@ async def migrate(
                               config=SenderConfig(planner=planner), on_progress=memory_progress)
         feeder = asyncio.create_task(_feed_mirror_figures(memory, sender, options))
         try:
-            await memory.precopy()
+            while True:
+                await memory.precopy()
+                if sender.progress().bulk_done:
+                    break
+                # the memory would fit, the disk copy is not done: draining it is not for
+                # the blackout. Wait for it, then more rounds for what was dirtied meanwhile
+                emit("progress_note", note="memory fits; waiting for the disk bulk copy")
+                await sender.wait_bulk()
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,11 +184,15 @@ async def migrate(
         result.paused_at = time.monotonic()
         emit("phase", note="guest paused")
         final = await memory.final_round(digest=True)
+        emit("blackout", step="final pages queued", pages=final.final_pages)
         result.rounds = final.rounds
         result.memory_digest = final.digest.hex() if final.digest else ""
         drained = await sender.drain()
-        if options.verify_disk:
-            result.disk_digest = await asyncio.to_thread(image_digest, disk)
+        emit("blackout", step="mirror drained")
+        # the source's disk digest is read while the destination applies (it is compared
+        # only when READY comes, before GO), not in front of FINAL
+        digesting = (asyncio.ensure_future(asyncio.to_thread(image_digest, disk))
+                     if options.verify_disk else None)
         state = await asyncio.to_thread(guest.device_state)
         result.device_digest = xxhash.xxh3_64_hexdigest(state)
         await session.send(Channel.DEVICE_STATE, state)
@@ -197,6 +208,9 @@ async def migrate(
         if not isinstance(reply, control.Ready):
             raise ProtocolError(f"expected ready, got {reply.type}")
         result.ready_digests = dict(reply.digests)
+        emit("blackout", step="ready received")
+        if digesting is not None:
+            result.disk_digest = await digesting
         if reply.digests.get("memory") not in (None, result.memory_digest):
             raise MigrationError("destination memory digest differs from the source's")
         if reply.digests.get("device") not in (None, result.device_digest):
