@@ -42,6 +42,10 @@ async def test_workload_migrates_verified_with_no_lost_write(
     assert report["status"] == "done"
     assert report["verified"] is True  # memory, device state and disk digests equal (I5, I2)
     assert report["lost_acknowledged_writes"] == 0
+    # a client PUT keys over UDP throughout; every acknowledged one reads back afterwards
+    assert report["client_puts_acknowledged"] > 0
+    assert report["client_puts_lost"] == 0
+    assert report["client_downtime_ms"] > 0
     if workload == "oltp":
         assert report["acknowledged_writes"] > 0
     assert report["rounds"] >= 2
@@ -62,3 +66,4 @@ async def test_guest_outrunning_the_link_without_sdps_aborts_and_keeps_running(
     assert report["status"] == "aborted"
     assert "NotConverging" in report["error"]
     assert report["source_running"] is True
+    assert report["client_puts_lost"] == 0

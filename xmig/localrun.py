@@ -21,6 +21,8 @@ from typing import Any
 from xmig.agent import DestResult, receive_migration
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
+    DowntimeProbe,
+    SimClient,
     SimConfig,
     SimGuest,
     downtime_s,
@@ -76,10 +78,15 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     nbd = NbdServer(disk)
     sock = src_dir / "disk.nbd"
     await nbd.start_unix(sock)
+    # the UDP service: the destination guest binds the source's port when it resumes (the
+    # source's socket closes at pause), so one client address follows the guest across
     config = replace(run.guest, disk_url=f"nbd+unix:///?socket={sock}",
-                     disk_bytes=run.disk_bytes)
+                     disk_bytes=run.disk_bytes, udp_addr=("127.0.0.1", 0))
     guest = await asyncio.to_thread(SimGuest.start, config, workdir=src_dir, name="src")
     dest: DestResult | None = None
+    addr = guest.udp_address
+    assert addr is not None
+    probe = DowntimeProbe(addr, put_keys=True).start()  # a client PUTting keys throughout
     report: dict[str, Any] = {}
     try:
         before = await _rate_over(guest, run.warmup_s)
@@ -110,18 +117,31 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
                     with contextlib.suppress(BaseException):
                         await dst_task
                     cause = err.__cause__ or err
+                    seen = probe.stop()
+                    lost = await asyncio.to_thread(seen.missing, SimClient(addr))
                     return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
-                            "source_running": guest.running and not guest.paused}
+                            "source_running": guest.running and not guest.paused,
+                            "client_puts_acknowledged": len(seen.acknowledged),
+                            "client_puts_lost": len(lost)}
                 dest = await dst_task
                 total = time.monotonic() - t0
                 src_prog = guest.progress()
                 assert dest.guest is not None
                 dst_prog = await _first_progress(dest.guest)
                 wire = session.stats()
+                seen = probe.stop()
+                # every PUT the guest acknowledged, on either side, reads back from the
+                # destination (its table migrated with the memory)
+                lost_puts = await asyncio.to_thread(seen.missing, SimClient(addr))
                 await asyncio.to_thread(guest.quit, keep_files=False)
                 report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
                                  before, total, wire, disk, guest.ledger_path)
+                report["client_downtime_ms"] = round(seen.max_gap_s * 1000, 1)
+                report["client_puts_acknowledged"] = len(seen.acknowledged)
+                report["client_puts_lost"] = len(lost_puts)
     finally:
+        if not probe.report.duration_s:
+            probe.stop()
         await asyncio.to_thread(guest.quit)
         await nbd.close()
         if dest is not None:
