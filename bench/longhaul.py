@@ -1,0 +1,261 @@
+"""Long-haul benchmark: XvMotion's evaluation (memory + disk over a long, thin link), on the
+WAN emulator.
+
+    python bench/longhaul.py --json --plot out/          # full: 1 GiB guest, 2 GiB disk
+    python bench/longhaul.py --json --quick --plot out/  # 256 MiB / 256 MiB, fewer points
+
+Each point migrates a fresh reference guest (``xmig.localrun``) and records the measures of
+DESIGN.md ("Measures") as the final report gives them, with the targets of issue 3 §6:
+downtime ≤ 1.5 × RTT + 100 ms, workload penalty ≤ 0.10, link utilization ≥ 0.9. Two more
+points run a guest dirtying memory at 2× the link's rate, with SDPS on (must converge) and
+off with a timeout (must abort, source still running). ``--plot DIR`` writes one timeline
+PNG per point (``xmig.plot``). Inputs are seeded (``--seed``); versions are recorded.
+The printed JSON leaves out each point's ``timeline`` (the plot shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import ssl
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmig import __version__
+from xmig.guest.sim import SimConfig
+from xmig.localrun import LocalRun, run_local
+from xmig.migration import MigrationOptions
+from xmig.netem import LinkSpec
+
+MiB = 1 << 20
+GiB = 1 << 30
+MBIT = 1_000_000
+GBIT = 1_000_000_000
+SOCKET = "nbd+unix:///?socket=/set-by-run_local"  # run_local replaces it
+
+#: the measures copied from each report into the printed point
+MEASURES = ("status", "downtime_ms", "client_downtime_ms", "total_s", "workload_penalty",
+            "wire_ratio", "link_utilization", "sdps_max_throttle", "rounds", "verified",
+            "wire_bytes", "guest_bytes", "acknowledged_writes", "lost_acknowledged_writes",
+            "client_puts_acknowledged", "client_puts_lost", "error", "source_running")
+
+PENALTY_TARGET = 0.10
+UTILIZATION_TARGET = 0.9
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured migration."""
+
+    name: str
+    rate_bps: int
+    rtt_s: float
+    workload: str
+    rate_Bps: float
+    disk_rate_Bps: float = 0.0
+    sdps: str = "on"
+    timeout_s: float = 600.0
+    expect: str = "done"  #: "done", or "aborted" for the SDPS-off run
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def points(quick: bool, oltp_rate: float, disk_rate: float) -> list[Point]:
+    """The points of the benchmark: oltp across the XvMotion links, then the outrunner."""
+    if quick:
+        links = [(GBIT, 0.001), (GBIT, 0.1), (100 * MBIT, 0.1)]
+    else:
+        links = [(GBIT, 0.001), (GBIT, 0.05), (GBIT, 0.1), (GBIT, 0.2), (100 * MBIT, 0.1)]
+    out = [Point(name=f"oltp-{rate // MBIT}mbit-{rtt * 1000:g}ms", rate_bps=rate, rtt_s=rtt,
+                 workload="oltp", rate_Bps=oltp_rate, disk_rate_Bps=disk_rate)
+           for rate, rtt in links]
+    # a guest rewriting whole random pages at 2x what the link drains: SDPS on and off
+    link, rtt = 100 * MBIT, 0.05
+    dirty = 2 * link / 8
+    off_timeout = 20.0 if quick else 60.0
+    out.append(Point(name="outrun-2x-sdps-on", rate_bps=link, rtt_s=rtt, workload="uniform",
+                     rate_Bps=dirty, sdps="on", extra={"write_size": 4096}))
+    out.append(Point(name="outrun-2x-sdps-off", rate_bps=link, rtt_s=rtt, workload="uniform",
+                     rate_Bps=dirty, sdps="off", timeout_s=off_timeout, expect="aborted",
+                     extra={"write_size": 4096}))
+    return out
+
+
+def targets(point: Point, report: dict[str, Any]) -> dict[str, Any]:
+    """Each target with its limit, the measured value and pass/fail (None: not applicable)."""
+    out: dict[str, Any] = {}
+    if point.expect == "aborted":
+        ok = report.get("status") == "aborted" and bool(report.get("source_running"))
+        out["aborts_source_running"] = {"pass": ok}
+        out["no_lost_put"] = {"pass": report.get("client_puts_lost") == 0}
+        out["pass"] = all(v["pass"] for v in out.values())
+        return out
+    limit_ms = 1.5 * point.rtt_s * 1000 + 100
+
+    def check(name: str, value: Any, limit: float, le: bool) -> None:
+        ok = None if value is None else (value <= limit if le else value >= limit)
+        out[name] = {"limit": round(limit, 3), "value": value, "pass": ok}
+
+    check("downtime_ms", report.get("downtime_ms"), limit_ms, True)
+    check("workload_penalty", report.get("workload_penalty"), PENALTY_TARGET, True)
+    check("link_utilization", report.get("link_utilization"), UTILIZATION_TARGET, False)
+    out["completed_verified"] = {"pass": report.get("status") == "done"
+                                 and report.get("verified") is True
+                                 and report.get("lost_acknowledged_writes") == 0
+                                 and report.get("client_puts_lost") == 0}
+    out["pass"] = all(v["pass"] is True for v in out.values())
+    return out
+
+
+def versions() -> dict[str, str]:
+    out = {"xmig": __version__, "python": platform.python_version(),
+           "openssl": ssl.OPENSSL_VERSION, "kernel": platform.release(),
+           "machine": platform.machine(), "cpus": str(os.cpu_count())}
+    try:
+        import matplotlib
+
+        out["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    return out
+
+
+async def run_point(point: Point, args: argparse.Namespace, seed: int, workdir: Path
+                    ) -> dict[str, Any]:
+    guest = SimConfig(ram_bytes=args.ram, workload=point.workload, rate_Bps=point.rate_Bps,
+                      disk_rate_Bps=point.disk_rate_Bps, seed=seed, disk_url=SOCKET,
+                      hotset_bytes=min(64 * MiB, args.ram // 4), **point.extra)
+    link = LinkSpec.symmetric(rate_bps=point.rate_bps, rtt_s=point.rtt_s, seed=seed)
+    options = MigrationOptions(max_downtime_s=args.max_downtime, timeout_s=point.timeout_s,
+                               sdps=point.sdps)
+    run = LocalRun(guest=guest, link=link, options=options,
+                   disk_bytes=args.disk if point.workload == "oltp" else min(args.disk, 64 * MiB),
+                   warmup_s=args.warmup, streams=args.streams)
+    t0 = time.monotonic()
+    try:
+        report = await run_local(run, workdir=workdir)
+    except Exception as err:  # one failed point must not lose the others
+        report = {"status": "error", "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc(limit=8)}
+    report["wall_s"] = round(time.monotonic() - t0, 1)
+    return report
+
+
+def summarize(point: Point, report: dict[str, Any], seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": point.name,
+                           "link": {"rate_bps": point.rate_bps, "rtt_ms": point.rtt_s * 1000},
+                           "workload": point.workload, "rate_Bps": point.rate_Bps,
+                           "disk_rate_Bps": point.disk_rate_Bps, "sdps": point.sdps,
+                           "timeout_s": point.timeout_s, "expect": point.expect, "seed": seed}
+    out.update({k: report[k] for k in MEASURES if k in report})
+    out["wall_s"] = report.get("wall_s")
+    if "traceback" in report:
+        out["traceback"] = report["traceback"]
+    out["targets"] = targets(point, report)
+    return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """A plain-text summary table of the points."""
+    cols = ("name", "status", "downtime_ms", "client_downtime_ms", "total_s",
+            "workload_penalty", "wire_ratio", "link_utilization", "sdps_max_throttle",
+            "rounds", "verified", "pass")
+    heads = ("point", "status", "down ms", "client ms", "total s", "penalty", "wire",
+             "util", "throttle", "rounds", "verified", "targets")
+    rows: list[tuple[str, ...]] = [heads]
+    for p in result["points"]:
+        row = []
+        for c in cols:
+            v = p["targets"]["pass"] if c == "pass" else p.get(c)
+            if c == "pass" and not v:
+                failed = [k for k, t in p["targets"].items() if k != "pass"
+                          and t.get("pass") is not True]
+                v = "FAIL " + ",".join(failed)
+            row.append("-" if v is None else str(v))
+        rows.append(tuple(row))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    pts = points(args.quick, args.oltp_rate, args.disk_rate)
+    if args.only:
+        pts = [p for p in pts if any(s in p.name for s in args.only)]
+    result: dict[str, Any] = {
+        "benchmark": "longhaul", "quick": args.quick, "seed": args.seed,
+        "guest": {"ram_bytes": args.ram, "disk_bytes": args.disk,
+                  "oltp_rate_Bps": args.oltp_rate, "oltp_disk_rate_Bps": args.disk_rate},
+        "max_downtime_s": args.max_downtime, "streams": args.streams, "warmup_s": args.warmup,
+        "targets": {"downtime_ms": "<= 1.5 * rtt_ms + 100", "workload_penalty":
+                    f"<= {PENALTY_TARGET}", "link_utilization": f">= {UTILIZATION_TARGET}"},
+        "versions": versions(), "points": []}
+    if args.plot:
+        args.plot.mkdir(parents=True, exist_ok=True)
+    for i, point in enumerate(pts):
+        seed = args.seed + i
+        print(f"[longhaul] {point.name} …", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="xmig-longhaul-") as tmp:
+            report = await run_point(point, args, seed, Path(tmp))
+        summary = summarize(point, report, seed)
+        if args.plot and report.get("timeline") is not None:
+            from xmig.plot import plot_timeline
+
+            png = args.plot / f"{point.name}.png"
+            plot_timeline(report, png)
+            summary["plot"] = str(png)
+        result["points"].append(summary)
+        print(f"[longhaul] {point.name}: {report.get('status')} "
+              f"downtime {report.get('downtime_ms')} ms, total {report.get('total_s')} s, "
+              f"wall {report.get('wall_s')} s, targets "
+              f"{'pass' if summary['targets']['pass'] else 'FAIL'}",
+              file=sys.stderr, flush=True)
+    result["all_pass"] = all(p["targets"]["pass"] for p in result["points"])
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from xmig.netem import parse_duration, parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                    help="write one timeline PNG per point into DIR")
+    ap.add_argument("--quick", action="store_true",
+                    help="256 MiB guest and disk, three links plus the SDPS pair")
+    ap.add_argument("--ram", default=None, help="guest RAM (default 1GiB, quick 256MiB)")
+    ap.add_argument("--disk", default=None, help="guest disk (default 2GiB, quick 256MiB)")
+    ap.add_argument("--oltp-rate", default="20MB", help="oltp page-write rate (default 20MB/s)")
+    ap.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
+    ap.add_argument("--max-downtime", default="300ms", help="downtime budget (default 300ms)")
+    ap.add_argument("--warmup", type=float, default=1.0,
+                    help="seconds the guest runs before migrating (its rate before)")
+    ap.add_argument("--streams", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
+                    help="run only the points whose name contains SUBSTR (repeatable)")
+    args = ap.parse_args(argv)
+    args.ram = parse_size(args.ram or ("256MiB" if args.quick else "1GiB"))
+    args.disk = parse_size(args.disk or ("256MiB" if args.quick else "2GiB"))
+    args.oltp_rate = float(parse_size(args.oltp_rate))
+    args.disk_rate = float(parse_size(args.disk_rate))
+    args.max_downtime = parse_duration(args.max_downtime)
+    return args
+
+
+if __name__ == "__main__":
+    ns = parse_args()
+    res = asyncio.run(main(ns))
+    if ns.json:
+        print(json.dumps(res, indent=1))
+        print(table(res), file=sys.stderr)
+    else:
+        print(table(res))
+    sys.exit(0 if res["all_pass"] else 1)
