@@ -85,7 +85,8 @@ async def receive_migration(
         machine.prepared()
         on_event({"event": "phase", "phase": machine.phase.value})
 
-        memory = MemoryReceiver(session, result.guest.memory)
+        verify = bool(msg.guest.get("verify"))
+        memory = MemoryReceiver(session, result.guest.memory, digest=verify)
         applied = asyncio.create_task(memory.run())
         final = await _recv(session, reply_timeout_s)
         if isinstance(final, control.Abort):
@@ -102,8 +103,10 @@ async def receive_migration(
             "memory": report.digest.hex() if report.digest else "",
             "device": xxhash.xxh3_64_hexdigest(bytes(state)),
         }
-        if msg.guest.get("verify_disk"):
+        if verify:
             result.digests["disk"] = await asyncio.to_thread(receiver.digest)
+        # the paused guest takes its device state now, so GO only has to resume it
+        await asyncio.to_thread(result.guest.load_device_state, bytes(state))
         machine.final_applied()
         journal.append("READY", msg.migration, msg.epoch)
         await session.send(Channel.CONTROL, control.Ready(
@@ -127,11 +130,9 @@ async def receive_migration(
     # -- GO: journaled before the guest runs here -----------------------------------------
     journal.append("RUNNING", msg.migration, msg.epoch)
     assert result.guest is not None
-    await receiver.stop()
-    await asyncio.to_thread(result.guest.load_device_state, bytes(state))
-    if result.guest.paused:
-        await asyncio.to_thread(result.guest.resume)
+    await asyncio.to_thread(result.guest.resume)
     result.resumed_at = time.monotonic()
+    await receiver.stop()
     with contextlib.suppress(XmigError):
         await session.send(Channel.CONTROL, control.Resumed(
             msg.migration, msg.epoch, result.resumed_at).encode())

@@ -175,7 +175,7 @@ def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any
             src_prog: Any, dst_prog: Any, rate_before: float, total: float,
             wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
     # every write acknowledged to the source guest is on the source disk at pause, whose
-    # digest equals the destination's at READY (verify_disk): together, I2
+    # digest equals the destination's at READY (verify): together, I2
     check = verify_ledger(read_ledger(ledger), disk.pread)
     migrating_s = max(src.paused_at - src.started, 1e-9)
     rate_during = (src_prog.counter - before_prog.counter) / max(src.paused_at - src.started,
@@ -183,12 +183,12 @@ def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any
     wire_bytes = int(wire["wire_bytes_out"]) + int(wire["wire_bytes_in"])
     guest_bytes = run.guest.ram_bytes + run.disk_bytes
     link = run.link.rate_bps or 0
-    digests_equal = (
+    digests_equal: bool | None = (
         bool(src.memory_digest)
         and src.ready_digests.get("memory") == src.memory_digest
         and src.ready_digests.get("device") == src.device_digest
-        and (not run.options.verify_disk or src.ready_digests.get("disk") == src.disk_digest)
-    )
+        and src.ready_digests.get("disk") == src.disk_digest
+    ) if run.options.verify else None
     return {
         "status": src.status,
         "downtime_ms": round(downtime_s(src_prog, dst_prog) * 1000, 1),

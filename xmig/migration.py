@@ -66,7 +66,10 @@ class MigrationOptions:
     sdps: str = "on"  #: "on" (xmig's SDPS), "off", or "autoconverge" (QEMU's, for comparison)
     mirror_bound: int = 32 * MiB  #: bytes of guest writes queued before acks are delayed
     reply_timeout_s: float = 60.0  #: for each answer of the destination
-    verify_disk: bool = True  #: both sides digest the disk in the blackout (adds to downtime)
+    verify: bool = True
+    """Both sides digest memory and disk in the blackout and GO is refused on a mismatch.
+    Safe, and part of the downtime (~200 ms for 256 MiB + 256 MiB here); off, only the
+    device state is compared."""
 
 
 @dataclass
@@ -129,7 +132,7 @@ async def migrate(
     try:
         await session.send(Channel.CONTROL, control.Negotiate(
             migration, epoch, {"backend": "sim", "config": guest.config.to_json(),
-                               "verify_disk": options.verify_disk},
+                               "verify": options.verify},
             disk.size, guest.config.ram_bytes).encode())
         reply = await _recv_control(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
@@ -183,7 +186,7 @@ async def migrate(
         await asyncio.to_thread(guest.pause)
         result.paused_at = time.monotonic()
         emit("phase", note="guest paused")
-        final = await memory.final_round(digest=True)
+        final = await memory.final_round(digest=options.verify)
         emit("blackout", step="final pages queued", pages=final.final_pages)
         result.rounds = final.rounds
         result.memory_digest = final.digest.hex() if final.digest else ""
@@ -192,7 +195,7 @@ async def migrate(
         # the source's disk digest is read while the destination applies (it is compared
         # only when READY comes, before GO), not in front of FINAL
         digesting = (asyncio.ensure_future(asyncio.to_thread(image_digest, disk))
-                     if options.verify_disk else None)
+                     if options.verify else None)
         state = await asyncio.to_thread(guest.device_state)
         result.device_digest = xxhash.xxh3_64_hexdigest(state)
         await session.send(Channel.DEVICE_STATE, state)
@@ -211,11 +214,11 @@ async def migrate(
         emit("blackout", step="ready received")
         if digesting is not None:
             result.disk_digest = await digesting
-        if reply.digests.get("memory") not in (None, result.memory_digest):
+        if options.verify and reply.digests.get("memory") != result.memory_digest:
             raise MigrationError("destination memory digest differs from the source's")
         if reply.digests.get("device") not in (None, result.device_digest):
             raise MigrationError("destination device-state digest differs")
-        if options.verify_disk and reply.digests.get("disk") != result.disk_digest:
+        if options.verify and reply.digests.get("disk") != result.disk_digest:
             raise MigrationError("destination disk digest differs from the source's")
         machine.ready(reply.epoch)
         journal.append("GO", migration, epoch)
