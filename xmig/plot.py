@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MB = 1e6
+PREDICTED_CAP_MS = 100_000.0
 
 #: phases after which the guest runs on neither side until ``done``
 _BLACKOUT_START = "blackout"
@@ -142,7 +143,11 @@ def plot_timeline(report: dict[str, Any], path: Path) -> None:
 
         if "predicted_downtime_ms" in series:
             xs, ys = series["predicted_downtime_ms"]
-            ax_pd.plot(xs, ys, ".-", color="tab:orange", label="predicted downtime")
+            # before the first estimate the predictor says "never" (a huge number)
+            clipped = any(y > PREDICTED_CAP_MS for y in ys)
+            ax_pd.plot(xs, [min(y, PREDICTED_CAP_MS) for y in ys], ".-", color="tab:orange",
+                       label="predicted downtime"
+                       + (f" (shown ≤ {PREDICTED_CAP_MS / 1000:g} s)" if clipped else ""))
             ax_pd.set_yscale("log")
         budget = _num((report.get("options") or {}).get("max_downtime_s"))
         if budget is not None:
