@@ -63,7 +63,7 @@ class Point:
     rate_Bps: float
     disk_rate_Bps: float = 0.0
     sdps: str = "on"
-    timeout_s: float = 600.0
+    timeout_s: float = 300.0
     expect: str = "done"  #: "done", or "aborted" for the SDPS-off run
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -141,13 +141,23 @@ async def run_point(point: Point, args: argparse.Namespace, seed: int, workdir: 
                    disk_bytes=args.disk if point.workload == "oltp" else min(args.disk, 64 * MiB),
                    warmup_s=args.warmup, streams=args.streams)
     t0 = time.monotonic()
+    events: list[dict[str, Any]] = []  # what it was doing if it fails or hangs
     try:
-        report = await run_local(run, workdir=workdir)
+        async with asyncio.timeout(args.point_timeout):
+            report = await run_local(run, workdir=workdir, on_event=events.append)
+    except TimeoutError:
+        report = {"status": "error", "error": f"no result within {time.monotonic() - t0:.0f} s"
+                  " (--point-timeout)", "last_events": _brief(events[-4:])}
     except Exception as err:  # one failed point must not lose the others
         report = {"status": "error", "error": f"{type(err).__name__}: {err}",
-                  "traceback": traceback.format_exc(limit=8)}
+                  "traceback": traceback.format_exc(limit=8), "last_events": _brief(events[-4:])}
     report["wall_s"] = round(time.monotonic() - t0, 1)
     return report
+
+
+def _brief(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Events without their bulky nested counters."""
+    return [{k: v for k, v in e.items() if not isinstance(v, dict | list)} for e in events]
 
 
 def summarize(point: Point, report: dict[str, Any], seed: int, verify: bool
@@ -159,8 +169,9 @@ def summarize(point: Point, report: dict[str, Any], seed: int, verify: bool
                            "timeout_s": point.timeout_s, "expect": point.expect, "seed": seed}
     out.update({k: report[k] for k in MEASURES if k in report})
     out["wall_s"] = report.get("wall_s")
-    if "traceback" in report:
-        out["traceback"] = report["traceback"]
+    for key in ("traceback", "last_events"):
+        if key in report:
+            out[key] = report[key]
     out["targets"] = targets(point, report, verify)
     return out
 
@@ -221,6 +232,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
               f"wall {report.get('wall_s')} s, targets "
               f"{'pass' if summary['targets']['pass'] else 'FAIL'}",
               file=sys.stderr, flush=True)
+        print(json.dumps(summary), file=sys.stderr, flush=True)  # kept if a later point hangs
     result["all_pass"] = all(p["targets"]["pass"] for p in result["points"])
     return result
 
@@ -244,6 +256,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-verify", dest="verify", action="store_false",
                     help="skip the memory and disk digests in the blackout (they add to the "
                          "downtime); only the device state is then compared")
+    ap.add_argument("--point-timeout", type=float, default=900.0,
+                    help="wall seconds after which a point counts as hung and the next one "
+                         "runs (default 900; keep it above the migration timeouts)")
     ap.add_argument("--streams", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
