@@ -200,9 +200,11 @@ def table(result: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    pts = points(args.quick, args.oltp_rate, args.disk_rate)
+    # seeds by position in the whole list, so --only reruns a point identically
+    pts = [(args.seed + i, p) for i, p in enumerate(points(args.quick, args.oltp_rate,
+                                                           args.disk_rate))]
     if args.only:
-        pts = [p for p in pts if any(s in p.name for s in args.only)]
+        pts = [(seed, p) for seed, p in pts if any(s in p.name for s in args.only)]
     result: dict[str, Any] = {
         "benchmark": "longhaul", "quick": args.quick, "seed": args.seed,
         "guest": {"ram_bytes": args.ram, "disk_bytes": args.disk,
@@ -214,8 +216,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "versions": versions(), "points": []}
     if args.plot:
         args.plot.mkdir(parents=True, exist_ok=True)
-    for i, point in enumerate(pts):
-        seed = args.seed + i
+    for seed, point in pts:
         print(f"[longhaul] {point.name} …", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="xmig-longhaul-") as tmp:
             report = await run_point(point, args, seed, Path(tmp))
