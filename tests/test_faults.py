@@ -59,6 +59,7 @@ LINK = LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.02)
 SESSION = SessionConfig(idle_timeout=1.0, resume_deadline=2.0)
 DEST_REPLY_TIMEOUT_S = 8.0  #: the destination's wait for FINAL (the whole pre-copy) and GO
 SOURCE_REPLY_TIMEOUT_S = 5.0
+PRECOPY_TIMEOUT_S = 10.0  #: the whole migration takes ~3 s here
 RUN_TIMEOUT_S = 40.0
 
 
@@ -168,7 +169,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault) 
                         dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
                         reply_timeout_s=DEST_REPLY_TIMEOUT_S, on_event=watch("dst")))
                     options = MigrationOptions(reply_timeout_s=SOURCE_REPLY_TIMEOUT_S,
-                                               timeout_s=20.0)
+                                               timeout_s=PRECOPY_TIMEOUT_S)
                     rig.src_task = asyncio.create_task(migrate(
                         session, guest, disk, nbd, migration="m1",
                         journal=Journal(src_dir / "journal"), options=options,
@@ -244,6 +245,11 @@ def at_switchover_decision(e: dict[str, Any]) -> bool:
     disk = e.get("disk")
     return bool(e["event"] == "progress" and e["decision"] == "switchover"
                 and disk is not None and disk["bulk_done"])
+
+
+def in_mirror_drain(e: dict[str, Any]) -> bool:
+    """The source guest is paused, its last pages queued; the mirror drains next."""
+    return bool(e["event"] == "blackout" and e.get("step") == "final pages queued")
 
 
 def in_blackout(e: dict[str, Any]) -> bool:
@@ -322,11 +328,23 @@ def assert_destination_has_the_guest(out: Outcome) -> None:
     assert out.puts_lost == 0
 
 
-PHASES_BEFORE_GO = [
-    pytest.param("dst", negotiated, id="negotiate"),
+BROWNOUT = [
     pytest.param("src", during_bulk_copy, id="bulk"),
     pytest.param("src", during_precopy_rounds, id="precopy"),
-    pytest.param("src", in_blackout, id="blackout"),
+]
+DEAD_SESSION_IGNORED_IN_PRECOPY = (
+    "bug (timing-dependent, so not strict): a session that failed during pre-copy is "
+    "noticed only at the pre-copy timeout (NotConverging), not when it expires: "
+    "MemorySender._wait_backlog() polls the channel's unacked bytes, which never drop on a "
+    "dead session, without checking the session's state, and migrate() does not react to "
+    "the DiskSender's failure (it is only logged) while pre-copy runs")
+BLACKOUT = pytest.param("src", in_blackout, id="blackout")
+PHASES_BEFORE_GO = [
+    pytest.param("dst", negotiated, id="negotiate"),
+    *BROWNOUT,
+    pytest.param("src", in_mirror_drain, id="mirror-drain"),
+    BLACKOUT,
+    pytest.param("src", in_prepare, id="prepare"),
 ]
 
 CANCEL_NOT_HANDLED = (
@@ -336,20 +354,24 @@ CANCEL_NOT_HANDLED = (
     "is journaled")
 
 
-@pytest.mark.parametrize(("on", "trigger"),
-                         [*PHASES_BEFORE_GO, pytest.param("src", in_prepare, id="prepare")])
+@pytest.mark.parametrize(("on", "trigger"), PHASES_BEFORE_GO)
 async def test_link_cut_before_go_aborts_to_the_source(
     on: str, trigger: Trigger, tmp_path: Path
 ) -> None:
     out = await run_with_fault(tmp_path, on=on, trigger=trigger, fault=cut_link)
     assert isinstance(out.src, MigrationAborted), out.src
-    assert type(out.src.__cause__).__name__ == "SessionExpired", repr(out.src.__cause__)
     assert out.src_journal[-1] == "ABORT", out.src_journal
     assert_source_runs_the_guest(out)
     assert_destination_discarded(out)
+    # ... and the cut is noticed when the session expires (resume_deadline), not later
+    cause = type(out.src.__cause__).__name__
+    if trigger is during_precopy_rounds and cause == "NotConverging":
+        pytest.xfail(DEAD_SESSION_IGNORED_IN_PRECOPY)
+    assert cause == "SessionExpired", repr(out.src.__cause__)
 
 
-@pytest.mark.parametrize(("on", "trigger"), PHASES_BEFORE_GO)
+@pytest.mark.parametrize(("on", "trigger"), [PHASES_BEFORE_GO[0], *BROWNOUT, BLACKOUT,
+                                             PHASES_BEFORE_GO[-1]])
 async def test_destination_killed_before_go_aborts_to_the_source(
     on: str, trigger: Trigger, tmp_path: Path
 ) -> None:
@@ -363,7 +385,7 @@ async def test_destination_killed_before_go_aborts_to_the_source(
 
 
 @pytest.mark.xfail(strict=True, reason=CANCEL_NOT_HANDLED)
-@pytest.mark.parametrize(("on", "trigger"), PHASES_BEFORE_GO[1:])
+@pytest.mark.parametrize(("on", "trigger"), [*BROWNOUT, BLACKOUT])
 async def test_source_killed_before_go_leaves_the_source_running(
     on: str, trigger: Trigger, tmp_path: Path
 ) -> None:
