@@ -415,6 +415,11 @@ async def test_link_cut_after_go_reached_the_destination(tmp_path: Path) -> None
     assert isinstance(out.src, SourceResult) and out.src.status == "done", out.src
     assert isinstance(out.dst, DestResult) and out.dst.status == "running", out.dst
     assert_destination_has_the_guest(out)
+    # I5: memory and device state at resume equal the source's at pause (by digest)
+    src = out.src
+    assert src.memory_digest and src.ready_digests["memory"] == src.memory_digest
+    assert src.ready_digests["device"] == src.device_digest
+    assert src.ready_digests["disk"] == src.disk_digest
 
 
 @pytest.mark.xfail(strict=True, reason=(
