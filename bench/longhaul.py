@@ -120,6 +120,13 @@ def targets(point: Point, report: dict[str, Any], verify: bool = True) -> dict[s
     return out
 
 
+def budget_s(point: Point, max_downtime: float | None) -> float:
+    """The downtime budget given to the migration: ``--max-downtime``, or by default the
+    point's target, 1.5 × RTT + 100 ms (a budget under the commit's 1.5 × RTT floor can
+    never be met: pre-copy would go on until its timeout)."""
+    return max_downtime if max_downtime is not None else 1.5 * point.rtt_s + 0.1
+
+
 def versions() -> dict[str, str]:
     out = {"xmig": __version__, "python": platform.python_version(),
            "openssl": ssl.OPENSSL_VERSION, "kernel": platform.release(),
@@ -139,7 +146,8 @@ async def run_point(point: Point, args: argparse.Namespace, seed: int, workdir: 
                       disk_rate_Bps=point.disk_rate_Bps, seed=seed, disk_url=SOCKET,
                       hotset_bytes=min(64 * MiB, args.ram // 4), **point.extra)
     link = LinkSpec.symmetric(rate_bps=point.rate_bps, rtt_s=point.rtt_s, seed=seed)
-    options = MigrationOptions(max_downtime_s=args.max_downtime, timeout_s=point.timeout_s,
+    options = MigrationOptions(max_downtime_s=budget_s(point, args.max_downtime),
+                               timeout_s=point.timeout_s,
                                sdps=point.sdps, verify=args.verify)
     run = LocalRun(guest=guest, link=link, options=options,
                    disk_bytes=args.disk if point.workload == "oltp" else min(args.disk, 64 * MiB),
@@ -164,13 +172,14 @@ def _brief(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in e.items() if not isinstance(v, dict | list)} for e in events]
 
 
-def summarize(point: Point, report: dict[str, Any], seed: int, verify: bool
-              ) -> dict[str, Any]:
+def summarize(point: Point, report: dict[str, Any], seed: int, verify: bool,
+              max_downtime: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {"name": point.name,
                            "link": {"rate_bps": point.rate_bps, "rtt_ms": point.rtt_s * 1000},
                            "workload": point.workload, "rate_Bps": point.rate_Bps,
                            "disk_rate_Bps": point.disk_rate_Bps, "sdps": point.sdps,
-                           "timeout_s": point.timeout_s, "expect": point.expect, "seed": seed}
+                           "timeout_s": point.timeout_s, "expect": point.expect, "seed": seed,
+                           "max_downtime_s": round(budget_s(point, max_downtime), 4)}
     out.update({k: report[k] for k in MEASURES if k in report})
     out["wall_s"] = report.get("wall_s")
     for key in ("traceback", "last_events"):
@@ -213,7 +222,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "longhaul", "quick": args.quick, "seed": args.seed,
         "guest": {"ram_bytes": args.ram, "disk_bytes": args.disk,
                   "oltp_rate_Bps": args.oltp_rate, "oltp_disk_rate_Bps": args.disk_rate},
-        "max_downtime_s": args.max_downtime, "verify": args.verify,
+        "max_downtime_s": args.max_downtime or "1.5 * rtt + 0.1", "verify": args.verify,
         "streams": args.streams, "warmup_s": args.warmup,
         "targets": {"downtime_ms": "<= 1.5 * rtt_ms + 100", "workload_penalty":
                     f"<= {PENALTY_TARGET}", "link_utilization": f">= {UTILIZATION_TARGET}"},
@@ -224,7 +233,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[longhaul] {point.name} …", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix="xmig-longhaul-") as tmp:
             report = await run_point(point, args, seed, Path(tmp))
-        summary = summarize(point, report, seed, args.verify)
+        summary = summarize(point, report, seed, args.verify, args.max_downtime)
         if args.plot and report.get("timeline") is not None:
             from xmig.plot import plot_timeline
 
@@ -255,7 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--disk", default=None, help="guest disk (default 2GiB, quick 256MiB)")
     ap.add_argument("--oltp-rate", default="20MB", help="oltp page-write rate (default 20MB/s)")
     ap.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
-    ap.add_argument("--max-downtime", default="300ms", help="downtime budget (default 300ms)")
+    ap.add_argument("--max-downtime", default="auto",
+                    help="downtime budget; default auto: each point's target, 1.5 x RTT + 100ms")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds the guest runs before migrating (its rate before)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
@@ -273,7 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.disk = parse_size(args.disk or ("256MiB" if args.quick else "2GiB"))
     args.oltp_rate = float(parse_size(args.oltp_rate))
     args.disk_rate = float(parse_size(args.disk_rate))
-    args.max_downtime = parse_duration(args.max_downtime)
+    args.max_downtime = None if args.max_downtime == "auto" else parse_duration(args.max_downtime)
     return args
 
 
