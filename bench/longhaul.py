@@ -121,10 +121,12 @@ def targets(point: Point, report: dict[str, Any], verify: bool = True) -> dict[s
 
 
 def budget_s(point: Point, max_downtime: float | None) -> float:
-    """The downtime budget given to the migration: ``--max-downtime``, or by default the
-    point's target, 1.5 × RTT + 100 ms (a budget under the commit's 1.5 × RTT floor can
-    never be met: pre-copy would go on until its timeout)."""
-    return max_downtime if max_downtime is not None else 1.5 * point.rtt_s + 0.1
+    """The downtime budget given to the migration: ``--max-downtime``, or by default xmig's
+    300 ms raised to the point's target, 1.5 × RTT + 100 ms, where that is more (a budget
+    under the commit's 1.5 × RTT floor can never be met: pre-copy goes on to its timeout)."""
+    if max_downtime is not None:
+        return max_downtime
+    return max(0.3, 1.5 * point.rtt_s + 0.1)
 
 
 def versions() -> dict[str, str]:
@@ -222,7 +224,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "longhaul", "quick": args.quick, "seed": args.seed,
         "guest": {"ram_bytes": args.ram, "disk_bytes": args.disk,
                   "oltp_rate_Bps": args.oltp_rate, "oltp_disk_rate_Bps": args.disk_rate},
-        "max_downtime_s": args.max_downtime or "1.5 * rtt + 0.1", "verify": args.verify,
+        "max_downtime_s": args.max_downtime or "max(0.3, 1.5 * rtt + 0.1)", "verify": args.verify,
         "streams": args.streams, "warmup_s": args.warmup,
         "targets": {"downtime_ms": "<= 1.5 * rtt_ms + 100", "workload_penalty":
                     f"<= {PENALTY_TARGET}", "link_utilization": f">= {UTILIZATION_TARGET}"},
@@ -265,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--oltp-rate", default="20MB", help="oltp page-write rate (default 20MB/s)")
     ap.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
     ap.add_argument("--max-downtime", default="auto",
-                    help="downtime budget; default auto: each point's target, 1.5 x RTT + 100ms")
+                    help="downtime budget; default auto: max(300ms, the point's target "
+                         "1.5 x RTT + 100ms)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="seconds the guest runs before migrating (its rate before)")
     ap.add_argument("--no-verify", dest="verify", action="store_false",
