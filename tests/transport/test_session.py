@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from xmig.errors import ConnectionClosed, ProtocolError, SessionExpired, StateError
@@ -101,6 +103,93 @@ def test_memory_and_bulk_share_by_weight() -> None:
     # weights 3:1 -> 30 memory, 10 bulk among the first 40 frames (neither starves)
     assert sent.count(Channel.MEMORY) == 30
     assert sent.count(Channel.DISK_BULK) == 10
+
+
+def serve(pair: MemoryPair, frames: int) -> list[tuple[int, int]]:
+    """The next ``frames`` data frames the client sends, as (channel, payload bytes)."""
+    out = []
+    for _ in range(frames):
+        frame = pair.client.frame_to_send(1, pair.now)
+        assert frame is not None
+        out.append((frame[0][4], len(frame[1])))  # the channel byte of the header
+    return out
+
+
+def byte_shares(sent: list[tuple[int, int]]) -> dict[int, float]:
+    total = sum(n for _, n in sent)
+    return {ch: sum(n for c, n in sent if c == ch) / total for ch in {c for c, _ in sent}}
+
+
+DATA_CHANNELS = (Channel.DISK_MIRROR, Channel.MEMORY, Channel.DISK_BULK)
+
+
+def test_mirror_memory_and_bulk_share_by_weight_exactly() -> None:
+    """Weights mirror 2 : memory 3 : bulk 1, equal frames: every 6 frames are 2 mirror,
+    3 memory, 1 bulk, in this exact order (ties go in channel order)."""
+    pair = MemoryPair()
+    pair.connect(1)
+    for _ in range(300):
+        for ch in DATA_CHANNELS:
+            pair.client.send(ch, b"x" * 1000)
+    sent = [ch for ch, _ in serve(pair, 600)]
+    M, m, b = Channel.DISK_MIRROR, Channel.MEMORY, Channel.DISK_BULK
+    assert sent[:12] == [M, m, b, m, M, m] * 2
+    assert [sent.count(ch) for ch in DATA_CHANNELS] == [200, 300, 100]
+
+
+def test_shares_follow_weights_with_mixed_frame_sizes() -> None:
+    """Shares are of bytes, not frames: seeded random frame sizes, all three backlogged,
+    then only mirror and bulk (memory idle): bulk keeps its share, 1/3 of the link."""
+    rnd = random.Random(11)
+    pair = MemoryPair()
+    pair.connect(1)
+    for _ in range(1500):
+        for ch in DATA_CHANNELS:
+            pair.client.send(ch, rnd.randbytes(rnd.randrange(512, 16384)))
+    shares = byte_shares(serve(pair, 1500))
+    assert shares[Channel.DISK_MIRROR] == pytest.approx(2 / 6, abs=0.01)
+    assert shares[Channel.MEMORY] == pytest.approx(3 / 6, abs=0.01)
+    assert shares[Channel.DISK_BULK] == pytest.approx(1 / 6, abs=0.01)
+
+    pair = MemoryPair()
+    pair.connect(1)
+    for _ in range(1500):
+        for ch in (Channel.DISK_MIRROR, Channel.DISK_BULK):
+            pair.client.send(ch, rnd.randbytes(rnd.randrange(512, 16384)))
+    shares = byte_shares(serve(pair, 1500))
+    assert set(shares) == {Channel.DISK_MIRROR, Channel.DISK_BULK}
+    assert shares[Channel.DISK_BULK] == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_a_channel_back_from_idle_banks_no_credit() -> None:
+    """Memory and bulk send alone for a while; when the mirror gets a backlog it takes its
+    share at once, but no more: it does not make up for the time it was idle (a mirror
+    idle for minutes must not then hold the link for minutes)."""
+    pair = MemoryPair()
+    pair.connect(1)
+    for _ in range(400):
+        pair.client.send(Channel.MEMORY, b"m" * 1000)
+        pair.client.send(Channel.DISK_BULK, b"b" * 1000)
+    serve(pair, 200)
+    for _ in range(400):
+        pair.client.send(Channel.DISK_MIRROR, b"d" * 1000)
+    sent = [ch for ch, _ in serve(pair, 60)]
+    assert sent[0] == Channel.DISK_MIRROR  # served at once...
+    assert sent.count(Channel.DISK_MIRROR) == pytest.approx(20, abs=1)  # ...at its share
+    assert sent.count(Channel.MEMORY) == pytest.approx(30, abs=1)
+    assert sent.count(Channel.DISK_BULK) == pytest.approx(10, abs=1)
+
+
+def test_control_and_device_state_go_before_a_backlogged_mirror() -> None:
+    pair = MemoryPair()
+    pair.connect(1)
+    for _ in range(20):
+        pair.client.send(Channel.DISK_MIRROR, b"d" * 1000)
+    serve(pair, 5)
+    pair.client.send(Channel.DEVICE_STATE, b"s")
+    pair.client.send(Channel.CONTROL, b"c")
+    assert [ch for ch, _ in serve(pair, 3)] == [
+        Channel.CONTROL, Channel.DEVICE_STATE, Channel.DISK_MIRROR]
 
 
 def test_window_bounds_bytes_in_flight() -> None:

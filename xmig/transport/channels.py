@@ -2,9 +2,40 @@
 
 Each channel is an ordered, reliable message stream with its own sequence numbers and a
 bounded number of bytes in flight (sent but not yet consumed by the peer's application).
-The scheduler serves channels by strict priority class (control > device state > disk
-mirror > bulk), and inside the bulk class by weight (memory : disk bulk), so a control
-message never waits behind megabytes of bulk data and neither bulk channel starves.
+
+The scheduler serves channels by strict priority class, and inside a class by weight
+(start-time fair queueing on bytes ÷ weight)::
+
+    control  >  device state  >  { disk mirror 2 : memory 3 : disk bulk 1 }
+
+Control (negotiation, the commit's messages, abort) and device state keep strict priority:
+they are small, and a commit must never wait behind megabytes of data. The three data
+channels share the link by weight when all are backlogged; a channel with nothing to send
+leaves its share to the others, and one back from idle banks no credit for the time it had
+nothing to send (it starts level with the others, so it cannot starve them either).
+
+Why the mirror is not above memory and bulk: a guest whose writes keep the mirror backlogged
+at link speed would starve the bulk copy for ever, and the migration could never end (the
+blackout waits for the bulk copy). The mirror does not need priority to stay bounded: its
+own congestion control (:mod:`xmig.storage.mirror`) holds the guest's write
+acknowledgements once its queue is full, so whatever share it gets, its backlog is at most
+its bound, and the guest's writes are slowed to that share. It needs a guaranteed share.
+
+Why 2 : 3 : 1:
+- mirror > bulk: a mirror backlog stalls the guest (its write acks are held), a bulk
+  backlog only delays the end of the copy. With memory idle the mirror gets 2/3 of the
+  link, so a guest writing flat out keeps two thirds of the link's rate for its disk, and
+  the bulk copy still runs at 1/3: it ends within 3 × its size ÷ link rate (6 × while
+  memory is backlogged too).
+- mirror < memory: memory pre-copy decides whether the migration converges at all, and
+  when memory's share is short SDPS slows the *whole* guest (its vCPUs), while a short
+  mirror share slows only its disk writes. The memory engine measures its share rather
+  than assuming one, so SDPS follows whatever the mirror takes.
+- memory : bulk stays 3 : 1 (neither starves; round 0 and the copy overlap).
+- With all three backlogged: mirror 1/3, memory 1/2, bulk 1/6 of the link.
+- In the blackout the bulk copy is done, and memory and the mirror drain together; both
+  must finish before the downtime ends, so their relative weight matters little there (the
+  scheduler is work-conserving: the last byte leaves at the same time either way).
 """
 
 from __future__ import annotations
@@ -42,7 +73,7 @@ class ChannelSpec:
 DEFAULT_CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec(Channel.CONTROL, priority=0, window=4 * MiB),
     ChannelSpec(Channel.DEVICE_STATE, priority=1, window=16 * MiB),
-    ChannelSpec(Channel.DISK_MIRROR, priority=2, window=32 * MiB),
+    ChannelSpec(Channel.DISK_MIRROR, priority=3, weight=2.0, window=32 * MiB),
     ChannelSpec(Channel.MEMORY, priority=3, weight=3.0, window=96 * MiB),
     ChannelSpec(Channel.DISK_BULK, priority=3, weight=1.0, window=96 * MiB),
 )
@@ -230,13 +261,20 @@ class RecvChannel:
 
 
 class Scheduler:
-    """Picks the channel to serve next: strict priority, then weighted fair share."""
+    """Picks the channel to serve next: strict priority, then weighted fair share.
+
+    Inside a class, each channel has a virtual time (bytes sent ÷ weight); the ready
+    channel with the lowest is served (ties: in channel order). The class's virtual time
+    is that of the last frame chosen; a channel coming back from idle is lifted to it, so
+    it does not bank credit for the time it had nothing to send.
+    """
 
     def __init__(self, channels: dict[int, SendChannel]) -> None:
         self._classes: list[list[SendChannel]] = []
         for prio in sorted({c.spec.priority for c in channels.values()}):
             self._classes.append([c for c in channels.values() if c.spec.priority == prio])
         self._vtime: dict[int, float] = {c.spec.channel: 0.0 for c in channels.values()}
+        self._class_vtime: list[float] = [0.0] * len(self._classes)
 
     def pick(self, *, allow_bulk: bool = True, retransmit: bool = True) -> SendChannel | None:
         """The channel whose frame goes next, or ``None``. Without ``allow_bulk`` only the
@@ -248,19 +286,19 @@ class Scheduler:
             ready = [c for c in group if c.ready(retransmit=retransmit)]
             if not ready:
                 continue
-            if len(ready) == 1:
-                chosen = ready[0]
-            else:
-                chosen = min(ready, key=lambda c: self._vtime[c.spec.channel])
+            if len(group) == 1:
+                return ready[0]
+            vtime, floor = self._vtime, self._class_vtime[i]
+            for c in ready:  # a backlogged channel is never below the floor; an idle one is
+                key = c.spec.channel
+                if vtime[key] < floor:
+                    vtime[key] = floor
+            chosen = min(ready, key=lambda c: vtime[c.spec.channel])
+            self._class_vtime[i] = vtime[chosen.spec.channel]
             return chosen
         return None
 
     def charge(self, chan: SendChannel, nbytes: int) -> None:
         """Account ``nbytes`` sent on ``chan`` towards its fair share."""
-        group = next(g for g in self._classes if chan in g)
-        if len(group) == 1:
-            return
-        key = chan.spec.channel
-        # a channel back from idle does not bank credit for the time it had nothing to send
-        floor = min(self._vtime[c.spec.channel] for c in group if c.ready() or c is chan)
-        self._vtime[key] = max(self._vtime[key], floor) + nbytes / chan.spec.weight
+        self._vtime[chan.spec.channel] += nbytes / chan.spec.weight
+
