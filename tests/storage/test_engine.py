@@ -263,3 +263,35 @@ async def test_abort_releases_held_writes(tmp_path: Path) -> None:
     assert src.pread(0, size) == guest.model(initial)
     src.close()
     dst.close()
+
+
+async def test_writes_held_when_the_guest_stops_are_drained(tmp_path: Path) -> None:
+    """The guest stops (paused for the blackout) with writes still held: each is admitted
+    as room frees, and sent, though no new write comes to wake the mirror's sender."""
+    size = 4 * MiB
+    src = make_image(tmp_path / "src.raw", size, seed=12)
+    dst = RawFileBackend.create(tmp_path / "dst.raw", size)
+    with make_stack("tls", tmp_path) as stack:
+        async with session_pair(stack) as (a, b):
+            sender = DiskSender(a, src, epoch=1, bound=64 << 10)
+            receiver = DiskReceiver(b, dst, epoch=1, fresh=True)
+            await receiver.start()
+            await sender.start()
+            await sender.wait_bulk()  # the whole disk is below the cursor: all mirrored
+            rnd = random.Random(12)
+            acks = []
+            for i in range(8):  # written at once, as a paused guest's in-flight writes
+                data = rnd.randbytes(64 << 10)
+                src.pwrite(i * (64 << 10), data)
+                acks.append(sender.write_nowait(i * (64 << 10), data))
+            assert acks[0] is None and all(f is not None for f in acks[1:])  # held
+            async with asyncio.timeout(10):
+                progress = await sender.drain()
+                await receiver.flush()
+            assert all(f is None or f.done() for f in acks)
+            await sender.stop()
+            await receiver.stop()
+    assert progress.acks_delayed == 7 and progress.mirror_queued_bytes == 0
+    assert dst.pread(0, size) == src.pread(0, size)
+    src.close()
+    dst.close()

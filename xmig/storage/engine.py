@@ -241,6 +241,11 @@ class DiskSender:
             await self._changed.wait()
 
     def _release(self, tickets: list[Ticket]) -> None:
+        """Acknowledge the guest's held ``tickets`` (admitted now, or mirroring stopped).
+        Admitted ones must go out: wake the mirror's sender, as no new write may come to
+        (a paused guest's last writes are often held)."""
+        if tickets and self.mirror.has_work:
+            self._work.set()
         for t in tickets:
             fut = self._waiting.pop(t.id, None)
             if fut is not None and not fut.done():
