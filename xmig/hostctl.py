@@ -1,0 +1,294 @@
+"""The control protocol of a guest host (``xmig guest start``, ``xmig agent``) and its client.
+
+A host listens on a unix socket ``DIR/NAME.ctl``. A client connects, sends one request (a
+JSON object on one line) and reads JSON lines back until the answer, an object with ``ok``::
+
+    {"op": "status"}                       -> {"ok": true, "status": {...}}
+    {"op": "stop"}                         -> {"ok": true, "status": {...}}   (guest gone)
+    {"op": "migrate", "to": "HOST:PORT", "pki": "/abs/dir", ...}
+                                           -> {"event": ...}*  then
+                                              {"ok": true, "report": {...}}
+                                           or {"ok": false, "error": {...}, "report": ...}
+
+An error is ``{"type": <XmigError subclass name>, "message": str, "after_go": bool}``; the
+client turns it back into that class. Requests are validated here (:func:`parse_request`);
+a bad one is a :class:`~xmig.errors.ConfigError` and changes nothing. Non-finite floats
+(a predictor's "never") travel as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from xmig import errors
+from xmig.errors import ConfigError, GuestError, GuestNotFound, XmigError
+
+MAX_REQUEST_BYTES = 64 * 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UNIX_PATH_MAX = 107  #: sun_path holds 108 bytes, the last a NUL
+SDPS_MODES = ("on", "off", "autoconverge")
+
+
+def check_name(name: str) -> str:
+    """A guest name: 1-64 of letters, digits, ``_.-``, not starting with a punctuation."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"guest name {name!r}: use 1-64 letters, digits, '_', '.', '-'")
+    return name
+
+
+def check_socket_path(path: Path) -> Path:
+    """``path`` if a unix socket can be bound there (its length), else ConfigError."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise ConfigError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes: "
+                          "use a shorter --workdir")
+    return path
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ConfigError otherwise."""
+    host, sep, port_s = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"endpoint {text!r}: want HOST:PORT")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    op = "status"
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    op = "stop"
+
+
+@dataclass(frozen=True)
+class MigrateRequest:
+    """What ``xmig migrate`` asks a host to do (the flags, checked)."""
+
+    to: str
+    pki: str
+    server_name: str | None = None  #: TLS name of the agent; default: the host of ``to``
+    max_downtime_s: float = 0.3
+    timeout_s: float = 300.0
+    streams: int = 2
+    sdps: str = "on"
+    verify: bool = True
+    bandwidth_bps: int | None = None  #: the session's rate cap (SessionConfig.rate_cap_bps)
+    link_rate_bps: int | None = None  #: for link_utilization; default: bandwidth_bps
+    connect_timeout_s: float = 10.0
+
+    op = "migrate"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.to, str) or not isinstance(self.pki, str):
+            raise ConfigError("to and pki must be strings")
+        parse_endpoint(self.to)
+        if not os.path.isabs(self.pki):
+            raise ConfigError(f"pki {self.pki!r} must be an absolute path")
+        for name in ("max_downtime_s", "timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not _number(value) or not 0 < value < 1e6:
+                raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not _number(self.streams) or not isinstance(self.streams, int) \
+                or not 1 <= self.streams <= 16:
+            raise ConfigError(f"streams must be 1 to 16, not {self.streams!r}")
+        if self.sdps not in SDPS_MODES:
+            raise ConfigError(f"sdps must be one of {SDPS_MODES}, not {self.sdps!r}")
+        if not isinstance(self.verify, bool):
+            raise ConfigError("verify must be true or false")
+        for name in ("bandwidth_bps", "link_rate_bps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ConfigError(f"{name} must be a positive integer (bits/s), not {value!r}")
+        if self.server_name is not None and not (isinstance(self.server_name, str)
+                                                 and self.server_name.strip()):
+            raise ConfigError("server_name must be a non-empty string")
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return parse_endpoint(self.to)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, **asdict(self)}
+
+
+Request = StatusRequest | StopRequest | MigrateRequest
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line, validated; ConfigError if it is not one."""
+    try:
+        data = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"request is not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError("request must be a JSON object")
+    op = data.pop("op", None)
+    if op in ("status", "stop"):
+        if data:
+            raise ConfigError(f"{op} takes no fields, got {sorted(data)}")
+        return StatusRequest() if op == "status" else StopRequest()
+    if op == "migrate":
+        try:
+            return MigrateRequest(**data)
+        except TypeError as err:
+            raise ConfigError(f"bad migrate request: {err}") from err
+    raise ConfigError(f"unknown op {op!r}: want status, stop or migrate")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One JSON line (non-finite floats as null)."""
+    return json.dumps(_finite(obj), allow_nan=False, default=str).encode() + b"\n"
+
+
+def error_dict(err: BaseException, *, after_go: bool = False) -> dict[str, Any]:
+    """An error for the wire; a MigrationAborted names its cause's type."""
+    name = type(err).__name__ if isinstance(err, XmigError) else "XmigError"
+    message = str(err) if isinstance(err, XmigError) else f"{type(err).__name__}: {err}"
+    cause = err.__cause__
+    if isinstance(err, errors.MigrationAborted) and cause is not None:
+        message = f"the source guest runs on: {type(cause).__name__}: {cause}"
+    return {"type": name, "message": message, "after_go": after_go}
+
+
+def error_from(data: Any) -> XmigError:
+    """The typed error an ``error`` object names (XmigError if the name is unknown)."""
+    if not isinstance(data, dict):
+        return GuestError(f"host sent a malformed error: {data!r}")
+    cls = getattr(errors, str(data.get("type")), None)
+    if not (isinstance(cls, type) and issubclass(cls, XmigError)):
+        cls = XmigError
+    message = str(data.get("message", ""))
+    try:
+        return cls(message)
+    except TypeError:  # errors whose constructors take more than a message
+        return XmigError(f"{data.get('type')}: {message}")
+
+
+# -- the client -----------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How a migrate request ended: ``report`` (None if it never started) and ``error``."""
+
+    report: dict[str, Any] | None
+    error: XmigError | None = None
+    after_go: bool = False
+
+
+class _Connection:
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(os.fsencode(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as err:
+            self.sock.close()
+            why = "no such socket" if isinstance(err, FileNotFoundError | NotADirectoryError) \
+                else "nothing listens there (stale socket: its host exited)"
+            raise GuestNotFound(f"no guest host at {path}: {why}") from err
+        except OSError as err:
+            self.sock.close()
+            raise GuestNotFound(f"cannot reach the guest host at {path}: {err}") from err
+        self.buf = b""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(encode(obj))
+
+    def read(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"the guest host at {self.path} did not answer in time")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError as err:
+                raise GuestError(f"lost the guest host at {self.path}: {err}") from err
+            if not chunk:
+                raise GuestError(f"the guest host at {self.path} closed the connection "
+                                 "without an answer (did it exit?)")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GuestError(f"the guest host sent a bad line: {err}") from err
+        if not isinstance(obj, dict):
+            raise GuestError("the guest host sent a non-object line")
+        return obj
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(path: Path, op: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """``status`` or ``stop``: the host's status object; its typed error if it refused."""
+    conn = _Connection(path, timeout)
+    try:
+        conn.send({"op": op})
+        reply = conn.read(time.monotonic() + timeout)
+    finally:
+        conn.close()
+    if not reply.get("ok"):
+        raise error_from(reply.get("error"))
+    status = reply.get("status")
+    return status if isinstance(status, dict) else {}
+
+
+def migrate(path: Path, req: MigrateRequest, *,
+            on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Outcome:
+    """Ask the host at ``path`` to migrate its guest; ``on_event`` gets each progress event.
+    A host that cannot be reached raises GuestNotFound; anything after that is in the
+    :class:`Outcome`."""
+    # a generous bound: the host ends every migration by itself (its own timeouts)
+    deadline = time.monotonic() + req.connect_timeout_s + req.timeout_s + 600.0
+    conn = _Connection(path, 10.0)
+    try:
+        conn.send(req.to_json())
+        while True:
+            try:
+                msg = conn.read(deadline)
+            except GuestError as err:
+                return Outcome(None, err)
+            if "ok" in msg:
+                report = msg.get("report")
+                report = report if isinstance(report, dict) else None
+                if msg["ok"]:
+                    return Outcome(report)
+                err_data = msg.get("error")
+                after = bool(err_data.get("after_go")) if isinstance(err_data, dict) else False
+                return Outcome(report, error_from(err_data), after)
+            on_event(msg)
+    finally:
+        conn.close()

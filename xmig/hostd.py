@@ -1,0 +1,413 @@
+"""The guest host: the process that runs a reference guest and its migrations, like libvirtd.
+
+``xmig guest start`` runs one :class:`GuestHost` for a fresh guest (:func:`start_source`);
+``xmig agent`` (:mod:`xmig.agentd`) runs one per guest that arrived. A host owns the guest
+process, its disk image, the NBD server that serves the disk to it, the guest's journal and
+a control socket ``DIR/NAME.ctl`` speaking :mod:`xmig.hostctl` (status, stop, migrate).
+
+On ``migrate`` the host opens the TLS session to the destination agent itself
+(:func:`xmig.transport.connect`, client certificate from the PKI directory), runs
+:func:`xmig.migration.migrate` and streams its progress events to the client, then the
+final report (:mod:`xmig.report`). The migration belongs to the host, not to the client: a
+client that goes away does not stop it. Afterwards:
+
+- done (GO sent, destination running): the guest is discarded here and the host exits 0;
+- aborted, or refused before it began (bad PKI, agent unreachable, guest busy): the guest
+  runs on, untouched, and the host keeps serving;
+- failed after GO (GO is journaled, so this side never resumes: I1): the host keeps the
+  paused guest and its state (state ``failed-after-go``; the destination, READY, holds the
+  whole state too) for an operator, refuses new migrations, and exits 1 once stopped.
+
+Stopping (``stop``, SIGTERM, SIGINT) quits the guest and ends the host; it waits for a
+migration in progress to end first. Files stay in the guest's directory (disk image,
+ledger, journal, log); the guest's shared memory files and the sockets are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xmig import hostctl
+from xmig.errors import ConfigError, GuestStateError, XmigError
+from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
+from xmig.journal import Journal
+from xmig.migration import MigrationOptions, SourceResult, migrate
+from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
+from xmig.storage.nbd import NbdServer
+from xmig.storage.raw import RawFileBackend
+from xmig.transport import SessionConfig, connect
+from xmig.transport.certs import PkiPaths
+from xmig.transport.tls import client_context
+
+MiB = 1 << 20
+PAGE = 4096
+SAMPLE_S = 0.25  #: the host samples its guest's progress this often (rate before a migration)
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What ``xmig guest start`` asks for."""
+
+    name: str
+    workdir: Path
+    ram_bytes: int = 256 * MiB
+    disk_bytes: int = 256 * MiB
+    workload: str = "oltp"
+    rate_Bps: float = 60e6
+    disk_rate_Bps: float = 4e6
+    seed: int = 1
+    udp: tuple[str, int] | None = None
+
+
+def claim_socket(path: Path) -> None:
+    """Make ``path`` free for a new control socket: GuestStateError if a live host answers
+    there, a stale socket is removed, anything else there is a ConfigError."""
+    hostctl.check_socket_path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_socket():
+        raise ConfigError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fsencode(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+    raise GuestStateError(f"a guest host already listens on {path}")
+
+
+async def start_source(spec: GuestSpec, emit: Emit) -> GuestHost:
+    """Start a fresh guest whose disk ``DIR/NAME/disk.raw`` is served by xmig's NBD server;
+    the host is ready to :meth:`GuestHost.serve`."""
+    name = hostctl.check_name(spec.name)
+    gdir = spec.workdir.absolute() / name
+    ctl = spec.workdir.absolute() / f"{name}.ctl"
+    sock = hostctl.check_socket_path(gdir / "disk.nbd")
+    config = SimConfig(  # validates every value (ConfigError) before anything is created
+        ram_bytes=spec.ram_bytes, workload=spec.workload, rate_Bps=spec.rate_Bps,
+        disk_rate_Bps=spec.disk_rate_Bps if spec.workload == "oltp" else 0.0,
+        hotset_bytes=max(PAGE, min(64 * MiB, spec.ram_bytes // 4) // PAGE * PAGE),
+        seed=spec.seed, udp_addr=spec.udp, disk_url=f"nbd+unix:///?socket={sock}",
+        disk_bytes=spec.disk_bytes)
+    claim_socket(ctl)
+    try:
+        gdir.mkdir(parents=True, exist_ok=True)
+        disk = RawFileBackend(make_disk_image(gdir / "disk.raw", spec.disk_bytes))
+    except OSError as err:
+        raise ConfigError(f"cannot create the guest's files in {gdir}: {err}") from err
+    nbd = NbdServer(disk)
+    try:
+        await nbd.start_unix(sock)
+        guest = await asyncio.to_thread(SimGuest.start, config, workdir=gdir, name=name)
+    except BaseException:
+        await nbd.close()
+        disk.close()
+        raise
+    return GuestHost(name=name, role="source", workdir=gdir, ctl=ctl, guest=guest, disk=disk,
+                     nbd=nbd, journal=Journal(gdir / "journal"), emit=emit)
+
+
+class GuestHost:
+    """One hosted guest and its control socket. :meth:`serve` runs until the guest is
+    stopped or has migrated away and returns the process's exit status."""
+
+    def __init__(self, *, name: str, role: str, workdir: Path, ctl: Path, guest: SimGuest,
+                 disk: RawFileBackend, nbd: NbdServer, journal: Journal, emit: Emit) -> None:
+        self.name, self.role, self.workdir, self.ctl = name, role, workdir, ctl
+        self.guest, self.disk, self.nbd, self.journal = guest, disk, nbd, journal
+        self.emit = emit
+        self.state = "running"  #: running migrating migrated failed-after-go stopped failed
+        self.rc = 0
+        self.migration: dict[str, Any] | None = None
+        self._started = time.monotonic()
+        self._samples: deque[tuple[float, int]] = deque(maxlen=int(2 / SAMPLE_S) + 1)
+        self._done = asyncio.Event()
+        self._stop_after_migration = False
+        self._torn_down = False
+        self._tg: asyncio.TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        claim_socket(self.ctl)
+        server = await asyncio.start_unix_server(self._on_client, path=str(self.ctl))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                watcher = tg.create_task(self._watch())
+                self.emit({"event": "ready", **self._identity()})
+                await self._done.wait()
+                watcher.cancel()
+        finally:
+            server.close()
+            with contextlib.suppress(OSError):
+                self.ctl.unlink()
+            await self._teardown("stopped" if self.state in ("running", "migrating")
+                                 else self.state)
+        self.emit({"event": "exit", "name": self.name, "state": self.state, "rc": self.rc})
+        return self.rc
+
+    def request_stop(self) -> None:
+        """Stop the guest and end the host (after a migration in progress)."""
+        if self.state == "migrating":
+            self._stop_after_migration = True
+            self.emit({"event": "note", "name": self.name,
+                       "note": "stopping once the migration has ended"})
+        elif self._tg is not None:
+            self._tg.create_task(self._stop())
+        else:
+            self._done.set()
+
+    async def _stop(self) -> None:
+        await self._teardown("stopped")
+        self._done.set()
+
+    async def _teardown(self, state: str) -> None:
+        """Quit the guest (it flushes through NBD), close NBD, close the disk. Idempotent."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        self.state = state
+        await asyncio.to_thread(self.guest.quit)
+        await self.nbd.close()
+        self.disk.close()
+
+    async def _watch(self) -> None:
+        """Sample the guest's progress; end the host if the guest process dies."""
+        while True:
+            if self.state == "running" and self.guest.process.poll() is not None:
+                self.emit({"event": "guest-failed", "name": self.name,
+                           "rc": self.guest.process.returncode, "log": str(self.guest.log_path)})
+                self.rc = 1
+                await self._teardown("failed")
+                self._done.set()
+                return
+            with contextlib.suppress(XmigError):
+                self._samples.append((time.monotonic(), self.guest.progress().counter))
+            await asyncio.sleep(SAMPLE_S)  # a sampling period
+
+    def _rate_before(self) -> float | None:
+        """Guest progress units per second over the last ~2 s."""
+        p = self.guest.progress()
+        now = time.monotonic()
+        if self._samples and now - self._samples[0][0] >= 0.2:
+            t0, c0 = self._samples[0]
+            return (p.counter - c0) / (now - t0)
+        return p.rate or None
+
+    # -- the control socket ---------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        udp = self.guest.udp_address
+        return {"name": self.name, "role": self.role, "ctl": str(self.ctl),
+                "workdir": str(self.workdir), "host_pid": os.getpid(),
+                "guest_pid": self.guest.pid, "udp": f"{udp[0]}:{udp[1]}" if udp else None}
+
+    def status(self) -> dict[str, Any]:
+        out = {**self._identity(), "state": self.state, "guest_state": self.guest.state,
+               "ram_bytes": self.guest.config.ram_bytes, "disk_bytes": self.disk.size,
+               "workload": self.guest.config.workload,
+               "uptime_s": round(time.monotonic() - self._started, 3),
+               "migration": self.migration}
+        with contextlib.suppress(XmigError):
+            p = self.guest.progress()
+            out.update(progress=p.counter, progress_rate=p.rate, throttle=p.throttle,
+                       dirty_rate_Bps=p.dirty_rate_Bps, disk_writes=p.disk_writes)
+        return out
+
+    async def _on_client(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                async with asyncio.timeout(10.0):
+                    line = await reader.readuntil(b"\n")
+                req = hostctl.parse_request(line)
+            except (XmigError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError) as err:
+                bad = err if isinstance(err, XmigError) else ConfigError(
+                    f"no request line: {type(err).__name__}")
+                writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(bad)}))
+                await writer.drain()
+                return
+            if isinstance(req, hostctl.StatusRequest):
+                writer.write(hostctl.encode({"ok": True, "status": self.status()}))
+            elif isinstance(req, hostctl.StopRequest):
+                if self.state not in ("running", "failed-after-go"):
+                    busy = GuestStateError(f"guest {self.name} is {self.state}; stop it after")
+                    writer.write(hostctl.encode({"ok": False,
+                                                 "error": hostctl.error_dict(busy)}))
+                else:
+                    await self._teardown("stopped")
+                    writer.write(hostctl.encode({"ok": True, "status": self.status()}))
+                    await writer.drain()
+                    self._done.set()
+            else:
+                await self._serve_migrate(req, writer)
+            await writer.drain()
+        except (OSError, ConnectionError):
+            pass  # the client went away
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve_migrate(self, req: hostctl.MigrateRequest,
+                             writer: asyncio.StreamWriter) -> None:
+        if self.state != "running" or self._tg is None:
+            err = GuestStateError(f"guest {self.name} is {self.state}, not running")
+            writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(err)}))
+            return
+        self.state = "migrating"
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        delivered = asyncio.Event()
+        self._tg.create_task(self._migrate(req, queue.put_nowait, delivered))
+        alive = True
+        try:
+            while True:
+                item = await queue.get()
+                if alive:
+                    try:
+                        writer.write(hostctl.encode(item))
+                        await writer.drain()
+                    except (OSError, ConnectionError):
+                        alive = False  # the migration goes on without its client
+                if "ok" in item:
+                    return
+        finally:
+            delivered.set()
+
+    # -- the migration --------------------------------------------------------------------
+
+    async def _migrate(self, req: hostctl.MigrateRequest, put: Emit,
+                       delivered: asyncio.Event) -> None:
+        self.migration = {"to": req.to, "phase": "connecting", "started_at": time.time()}
+        self.emit({"event": "migrating", "name": self.name, "to": req.to})
+        timeline: list[dict[str, Any]] = []
+        seen_resumed = [0.0]
+
+        def event(e: dict[str, Any]) -> None:
+            if e.get("note") == "destination running":
+                seen_resumed[0] = time.monotonic()
+            if self.migration is not None:
+                self.migration["phase"] = e.get("phase", self.migration["phase"])
+            timeline.append(e)
+            put(e)
+
+        epoch = self.journal.next_epoch()
+        try:
+            report = await self._run(req, event, put, timeline, seen_resumed)
+            reply: dict[str, Any] = {"ok": True, "report": report}
+            ended = "migrated"
+        except Exception as err:  # typed errors, and a bug must not take the guest down
+            after_go = any(r.kind == "GO" and r.epoch == epoch for r in self.journal.records())
+            status = "failed-after-go" if after_go else "aborted"
+            if not after_go:
+                await self._ensure_running()
+            if not isinstance(err, XmigError | OSError):
+                self.emit({"event": "internal-error", "name": self.name,
+                           "error": f"{type(err).__name__}: {err}"})
+            report = aborted_report(err, source_running=self.guest.running,
+                                    timeline=timeline, to=req.to)
+            report["status"] = status
+            reply = {"ok": False, "error": hostctl.error_dict(err, after_go=after_go),
+                     "report": report}
+            ended = status if after_go else "running"
+        self.emit({"event": "migration-ended", "name": self.name, "status": report["status"],
+                   "error": report.get("error")})
+        put(reply)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10.0):
+                await delivered.wait()
+        self.migration = None
+        if ended == "migrated":  # the destination runs it
+            await self._teardown("migrated")
+            self._done.set()
+            return
+        # after a failure past GO the paused guest never runs here again, but its state is
+        # kept (for an operator) until it is stopped; before GO it simply runs on
+        self.state = ended
+        self.rc = 1 if ended == "failed-after-go" else self.rc
+        if self._stop_after_migration:
+            await self._stop()
+
+    async def _run(self, req: hostctl.MigrateRequest, event: Emit, put: Emit,
+                   timeline: list[dict[str, Any]], seen_resumed: list[float]
+                   ) -> dict[str, Any]:
+        host, port = req.endpoint
+        options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
+                                   sdps=req.sdps, verify=req.verify)
+        tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
+        config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
+                               if req.bandwidth_bps else None)
+        rate_before = self._rate_before()
+        put({"event": "connecting", "to": req.to})
+        result: SourceResult | None = None
+        try:
+            async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                               streams=req.streams, config=config,
+                               connect_timeout=req.connect_timeout_s) as session:
+                put({"event": "connected", "peer": f"{host}:{port}", "streams": req.streams})
+                before, t_before = self.guest.progress(), time.monotonic()
+                result = await migrate(session, self.guest, self.disk, self.nbd,
+                                       migration=self.name, journal=self.journal,
+                                       options=options, on_progress=event)
+                wire = session.stats()
+                total_s = time.monotonic() - t_before
+        except XmigError:
+            if result is None:
+                raise
+            # the session failed as it closed, after the migration had ended: nothing lost
+        assert result is not None
+        try:
+            return await self._report(req, result, wire, total_s, before, t_before,
+                                      rate_before, timeline, seen_resumed[0])
+        except Exception as err:  # the migration is done; only a figure is missing
+            return {"status": result.status, "report_error": f"{type(err).__name__}: {err}",
+                    "name": self.name, "to": req.to, "timeline": timeline}
+
+    async def _report(self, req: hostctl.MigrateRequest, result: SourceResult,
+                      wire: dict[str, Any], total_s: float, before: Progress, t_before: float,
+                      rate_before: float | None, timeline: list[dict[str, Any]],
+                      seen_resumed: float) -> dict[str, Any]:
+        options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
+                                   sdps=req.sdps, verify=req.verify)
+        after = self.guest.progress()  # frozen at the pause
+        srtt = wire.get("srtt_s")
+        downtime, basis = downtime_estimate(
+            last_progress=after.last_progress_mono, paused_at=result.paused_at,
+            peer_resumed_at=result.resumed_at, resumed_seen_at=seen_resumed,
+            srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
+        check = await asyncio.to_thread(ledger_check, self.guest.ledger_path, self.disk)
+        report = source_report(
+            result, total_s=total_s, downtime_s=downtime, client_downtime_s=None,
+            rate_before=rate_before,
+            rate_during=(after.counter - before.counter)
+            / max(result.paused_at - t_before, 1e-9),
+            wire=wire, guest_bytes=self.guest.config.ram_bytes + self.disk.size,
+            link_rate_bps=req.link_rate_bps or req.bandwidth_bps, ledger=check,
+            verify=req.verify, options={**options.__dict__, "streams": req.streams,
+                                        "bandwidth_bps": req.bandwidth_bps})
+        report.update(downtime_basis=basis, name=self.name, to=req.to)
+        report["timeline"] = timeline
+        return report
+
+    async def _ensure_running(self) -> None:
+        """After a failure before GO: no mirror hook, no throttle, the guest not paused (what
+        migrate's abort does; again here in case it did not get to it)."""
+        self.nbd.hook = None
+        with contextlib.suppress(XmigError):
+            self.guest.set_throttle(0.0)
+            if self.guest.paused:
+                await asyncio.to_thread(self.guest.resume)
+
+

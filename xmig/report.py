@@ -1,0 +1,128 @@
+"""The final report of one migration (issue 3's keys), from what the source side measured.
+
+:func:`source_report` builds it from a :class:`~xmig.migration.SourceResult` and a few
+measures the caller takes around the migration; the helpers compute those measures.
+Definitions as in DESIGN.md "Measures". Keys:
+
+``status, downtime_ms, client_downtime_ms, total_s, workload_penalty, wire_bytes,
+guest_bytes, wire_ratio, link_utilization, sdps_max_throttle, rounds, verified,
+acknowledged_writes, lost_acknowledged_writes`` (:data:`REPORT_KEYS`), then details
+(``digests``, ``options``, ``timeline``, and whatever the caller adds).
+
+A value the caller could not measure is ``None``: ``client_downtime_ms`` when no client
+probed the guest's service during the migration (a source host alone has no client);
+``link_utilization`` when the link's rate is unknown; ``workload_penalty`` without a
+progress rate from before the migration; ``verified`` when verification was off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from xmig.errors import MigrationAborted
+from xmig.guest.sim import LedgerCheck, read_ledger, verify_ledger
+from xmig.migration import SourceResult
+from xmig.storage.raw import RawFileBackend
+
+REPORT_KEYS = (
+    "status", "downtime_ms", "client_downtime_ms", "total_s", "workload_penalty",
+    "wire_bytes", "guest_bytes", "wire_ratio", "link_utilization", "sdps_max_throttle",
+    "rounds", "verified", "acknowledged_writes", "lost_acknowledged_writes",
+)
+
+
+def ledger_check(ledger: Path, disk: RawFileBackend) -> LedgerCheck:
+    """Every write acknowledged to the guest (its ledger) checked against ``disk``: with the
+    guest paused, a lost one is a broken I2 on this side already."""
+    if not ledger.exists():
+        return LedgerCheck()
+    return verify_ledger(read_ledger(ledger), disk.pread)
+
+
+def digests_equal(src: SourceResult, verify: bool) -> bool | None:
+    """True when the destination's memory, device and disk digests at READY equal the
+    source's (I5, and I2 with the ledger); None when verification was off."""
+    if not verify:
+        return None
+    return (bool(src.memory_digest)
+            and src.ready_digests.get("memory") == src.memory_digest
+            and src.ready_digests.get("device") == src.device_digest
+            and src.ready_digests.get("disk") == src.disk_digest)
+
+
+def downtime_estimate(*, last_progress: float, paused_at: float, peer_resumed_at: float,
+                      resumed_seen_at: float, srtt_s: float | None
+                      ) -> tuple[float | None, str]:
+    """The guest's downtime seen from the source: from its last progress before the pause
+    to the destination's resume, and how it was obtained.
+
+    ``peer_resumed_at`` is the destination's monotonic clock in RESUMED; when it falls
+    between the pause and RESUMED's arrival (``resumed_seen_at``), both sides share one
+    clock (one machine) and it is used as is ("destination clock"). Otherwise the resume
+    is placed half a smoothed RTT before RESUMED arrived ("estimate"). None without
+    RESUMED."""
+    if peer_resumed_at <= 0 or resumed_seen_at <= 0:
+        return None, "no RESUMED from the destination"
+    if paused_at <= peer_resumed_at <= resumed_seen_at:
+        return max(peer_resumed_at - last_progress, 0.0), "destination clock"
+    resumed = resumed_seen_at - (srtt_s or 0.0) / 2
+    return max(resumed - last_progress, 0.0), "estimate: RESUMED arrival - srtt/2"
+
+
+def source_report(
+    src: SourceResult,
+    *,
+    total_s: float,
+    downtime_s: float | None,
+    client_downtime_s: float | None,
+    rate_before: float | None,
+    rate_during: float | None,
+    wire: Mapping[str, Any],
+    guest_bytes: int,
+    link_rate_bps: int | None,
+    ledger: LedgerCheck,
+    verify: bool,
+    options: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The report of a migration that reached GO (``src.status`` done or failed-after-go).
+
+    ``rate_before`` / ``rate_during``: guest progress units per second before the migration
+    and from its start to the pause; ``wire``: the session's ``stats()``."""
+    wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
+    brownout_s = max(src.paused_at - src.started, 1e-9)
+    penalty = (round(1 - rate_during / rate_before, 4)
+               if rate_before and rate_during is not None else None)
+    return {
+        "status": src.status,
+        "downtime_ms": None if downtime_s is None else round(downtime_s * 1000, 1),
+        "client_downtime_ms": (None if client_downtime_s is None
+                               else round(client_downtime_s * 1000, 1)),
+        "total_s": round(total_s, 3),
+        "workload_penalty": penalty,
+        "wire_bytes": wire_bytes,
+        "guest_bytes": guest_bytes,
+        "wire_ratio": round(wire_bytes / guest_bytes, 4) if guest_bytes else None,
+        "link_utilization": (round(wire_bytes * 8 / (link_rate_bps * brownout_s), 4)
+                             if link_rate_bps else None),
+        "sdps_max_throttle": round(src.sdps_max_throttle, 3),
+        "rounds": src.rounds,
+        "verified": digests_equal(src, verify),
+        "acknowledged_writes": ledger.acknowledged,
+        "lost_acknowledged_writes": len(ledger.lost),
+        "error": src.error,
+        "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
+                               "disk": src.disk_digest}, "destination": src.ready_digests},
+        "options": dict(options),
+        "timeline": src.timeline,
+    }
+
+
+def aborted_report(error: BaseException, *, source_running: bool,
+                   timeline: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The report of a migration that ended before GO (the source guest runs) or failed
+    after it; ``error`` is the typed error (a MigrationAborted is reported by its cause)."""
+    cause = (error.__cause__ or error) if isinstance(error, MigrationAborted) else error
+    return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
+            "source_running": source_running, "timeline": timeline, **extra}
