@@ -12,6 +12,11 @@ guest it hosts and cut a migration still arriving (before GO its source keeps th
 With ``once`` it takes one migration and stops listening: if that fails it exits 1; if it
 succeeds it hosts the guest until that is stopped or migrated away, then exits with the
 host's status (0).
+
+A migration left in doubt (the destination voted READY and lost the source before GO, when
+:func:`~xmig.agent.receive_migration` raises ``InDoubt``) keeps its paused guest in this
+process, which then does not exit by itself, even with ``once``: settling it with the
+source's journaled decision is not wired to an operator command yet.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class _Agent:
         self.workdir, self.once, self.emit = workdir, once, emit
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
+        self.in_doubt: dict[str, object] = {}  #: DestResults left in doubt, by directory
         self.stopping = asyncio.Event()
         self.rc = 0
 
@@ -71,6 +77,9 @@ class _Agent:
                 acceptor = tg.create_task(self._accept(lst, tg))
                 await self.stopping.wait()
                 acceptor.cancel()
+                if self.in_doubt:
+                    self.emit({"event": "warning", "in_doubt": sorted(self.in_doubt),
+                               "note": "stopping: guests in doubt are lost with this process"})
                 for task in list(self.receiving):
                     task.cancel()
                 for host in list(self.hosts.values()):
@@ -101,7 +110,15 @@ class _Agent:
             dest = await receive_migration(
                 session, workdir=sdir, journal=journal,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
-        except Exception as err:  # typed, or a bug: either way this migration is over
+        except Exception as err:  # typed, or a bug: either way this session is over
+            held = getattr(err, "result", None)
+            if getattr(held, "status", None) == "in-doubt":
+                # READY, then cut off from the source before GO: the paused guest (a child
+                # of this process) may be the only copy. Keep it; never exit for it
+                self.in_doubt[str(sdir)] = held
+                self.emit({"event": "in-doubt", "dir": str(sdir),
+                           "error": f"{type(err).__name__}: {err}"})
+                return
             self.emit({"event": "discarded", "dir": str(sdir),
                        "error": f"{type(err).__name__}: {err}"})
             self._ended(1)
