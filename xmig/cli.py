@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     transport_cli.add_parsers(sub)
     netem_cli.add_parsers(sub)
-    from xmig import cli_demo
+    from xmig import cli_demo, cli_ops
 
     cli_demo.add_parsers(sub)
+    cli_ops.add_parsers(sub)
     return parser
 
 

@@ -1,0 +1,137 @@
+"""A migration as separate operator processes: ``xmig guest start`` on the source host,
+``xmig agent`` on the destination, ``xmig migrate`` asking for it; real processes, TLS, and
+(for the end-to-end test) the emulated WAN between network namespaces."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.opsproc import SMALL_GUEST, Proc, is_ready, spawn, status, xmig
+from xmig.netem import LinkSpec, Wan, tun_available
+from xmig.report import REPORT_KEYS
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not tun_available(), reason="needs root and /dev/net/tun")
+def test_guest_migrates_between_processes_across_the_wan(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    with Wan(LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.02)) as wan:
+        assert not wan.approximate
+        pki = tmp_path / "pki"
+        r = xmig("certs", "init", str(pki), "--server-name", wan.dst_addr)
+        assert r.returncode == 0, r.stderr
+        agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
+                       "--workdir", str(tmp_path / "dst"), "--once", "--json"],
+                      tmp_path, "agent", functools.partial(wan.popen, "dst"))
+        procs.append(agent)
+        source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp_path / "src"),
+                        *SMALL_GUEST, "--json"],
+                       tmp_path, "source", functools.partial(wan.popen, "src"))
+        procs.append(source)
+        port = agent.expect(is_ready("agent"), 30)["port"]
+        ctl = source.expect(is_ready("source"), 60)["ctl"]
+        assert status(ctl)["state"] == "running"
+
+        r = xmig("migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki),
+                 "--json", "--link-rate", "200mbit", "--plot", str(tmp_path / "t.png"),
+                 "--report", str(tmp_path / "report.json"), timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(line) for line in r.stdout.splitlines()]
+        report = lines[-1]
+        assert set(REPORT_KEYS) <= set(report)
+        assert report["status"] == "done"
+        assert report["verified"] is True
+        assert report["lost_acknowledged_writes"] == 0
+        assert report["acknowledged_writes"] > 0
+        assert report["client_downtime_ms"] is None  # no client probed the guest
+        assert 0 < report["downtime_ms"] < 5000
+        assert 0 < report["link_utilization"] <= 1.05
+        assert report["wire_bytes"] > 0 and report["rounds"] >= 1
+        progress = [e for e in lines[:-1] if e.get("event") == "progress"]
+        assert progress and all("session" in e and "disk" in e for e in progress)
+        phases = [e["phase"] for e in lines[:-1] if e.get("event") == "phase"]
+        assert phases[-1] == "done"
+        assert "timeline" in json.loads((tmp_path / "report.json").read_text())
+        assert (tmp_path / "t.png").stat().st_size > 0
+
+        # the destination agent hosts the guest, which keeps running there
+        arrived = agent.expect(is_ready("destination"), 30)
+        assert arrived["name"] == "vm1"
+        st = status(arrived["ctl"])
+        assert st["state"] == "running" and st["guest_state"] == "running"
+        # the source host discarded its copy and exited
+        assert source.wait(30) == 0
+        assert not Path(ctl).exists()
+        # stopping the guest ends the --once agent
+        r = xmig("guest", "stop", "--guest", arrived["ctl"])
+        assert r.returncode == 0, r.stderr
+        assert agent.wait(30) == 0
+
+
+def test_a_migration_that_cannot_converge_aborts_and_the_source_runs_on(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """On loopback, capped to 40 Mbit/s: a guest rewriting 20 MB/s of whole pages, SDPS off,
+    does not converge within 2 s; the source keeps its guest, the --once agent exits 1."""
+    pki = tmp_path / "pki"
+    assert xmig("certs", "init", str(pki), "--server-name", "127.0.0.1").returncode == 0
+    agent = spawn(["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir",
+                   str(tmp_path / "dst"), "--once", "--json"], tmp_path, "agent")
+    procs.append(agent)
+    source = spawn(["guest", "start", "--name", "hot", "--workdir", str(tmp_path / "src"),
+                    "--ram", "32MiB", "--disk", "8MiB", "--workload", "uniform",
+                    "--rate", "20MB/s", "--seed", "3", "--json"], tmp_path, "source")
+    procs.append(source)
+    port = agent.expect(is_ready("agent"), 30)["port"]
+    ctl = source.expect(is_ready("source"), 60)["ctl"]
+    r = xmig("migrate", "--guest", ctl, "--to", f"127.0.0.1:{port}", "--pki", str(pki),
+             "--no-sdps", "--timeout", "2s", "--bandwidth", "40mbit", "--json", timeout=120)
+    assert r.returncode == 3, r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "MigrationAborted" in err and "NotConverging" in err
+    final = json.loads(r.stdout.splitlines()[-1])
+    assert final["status"] == "aborted" and final["source_running"] is True
+    st = status(ctl)
+    assert st["state"] == "running" and st["guest_state"] == "running"
+    assert st["throttle"] == 0.0
+    assert agent.wait(30) == 1  # its one migration was discarded
+    assert xmig("guest", "stop", "--guest", ctl).returncode == 0
+    assert source.wait(30) == 0
+
+
+def test_a_second_host_for_the_same_guest_name_is_refused(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    source = spawn(["guest", "start", "--name", "one", "--workdir", str(tmp_path),
+                    "--ram", "8MiB", "--disk", "8MiB", "--workload", "idle", "--json"],
+                   tmp_path, "source")
+    procs.append(source)
+    ctl = source.expect(is_ready("source"), 60)["ctl"]
+    r = xmig("guest", "start", "--name", "one", "--workdir", str(tmp_path), "--workload", "idle")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("xmig: GuestStateError:")
+    # a request that is not one changes nothing
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(ctl)
+        s.sendall(b'{"op": "migrate", "to": "x:1", "pki": "relative"}\n')
+        reply = json.loads(s.makefile().readline())
+    assert reply["ok"] is False and reply["error"]["type"] == "ConfigError"
+    assert status(ctl)["state"] == "running"
+    assert xmig("guest", "stop", "--guest", ctl).returncode == 0
+    assert source.wait(30) == 0
+    assert not Path(ctl).exists()

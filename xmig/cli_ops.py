@@ -1,0 +1,288 @@
+"""Operator commands, in the style of libvirtd + virsh: the process hosting a guest runs
+its migration; a thin client asks for it and renders the progress.
+
+    xmig guest start --name vm1 --workdir /var/lib/xmig --ram 1GiB &   # source host
+    xmig agent --listen 0.0.0.0:7800 --pki /etc/xmig/pki --workdir /var/lib/xmig &  # dest
+    xmig migrate --guest /var/lib/xmig/vm1.ctl --to dst.example.net:7800 --pki /etc/xmig/pki
+    xmig guest status --guest /var/lib/xmig/vm1.ctl;  xmig guest stop --guest ...
+
+``xmig migrate`` exits 0 when the guest runs on the destination, 2 on bad input (flags, PKI,
+no guest host at the socket), 3 when the migration did not happen or was aborted (the source
+guest runs on: agent unreachable, refused, not converging, ...), 4 when it failed after GO
+(the source guest is gone; the destination holds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from xmig import hostctl
+from xmig.cli_view import ProgressView, summary
+from xmig.errors import ConfigError, GuestNotFound, XmigError
+from xmig.netem import parse_duration, parse_rate, parse_size
+
+EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_AFTER_GO = 2, 3, 4
+
+
+def _arg(parse: Any) -> Any:
+    """An argparse ``type=`` from one of xmig's parsers (a bad value: argparse's exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    convert.__name__ = parse.__name__.removeprefix("parse_").removeprefix("_")
+    return convert
+
+
+def _byte_rate(text: str) -> float:
+    """Bytes per second from ``60MB/s``, ``60MB`` or ``0``."""
+    text = text.strip().removesuffix("/s")
+    return 0.0 if text in ("0", "0B") else float(parse_size(text))
+
+
+def _endpoint(text: str) -> str:
+    hostctl.parse_endpoint(text)
+    return text
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"want a positive integer, not {text!r}")
+    return int(text)
+
+
+size, byte_rate, duration = _arg(parse_size), _arg(_byte_rate), _arg(parse_duration)
+bit_rate, endpoint, positive = _arg(parse_rate), _arg(_endpoint), _arg(_positive_int)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``guest``, ``migrate`` and ``agent`` on the ``xmig`` parser."""
+    guest = sub.add_parser("guest", help="run a reference guest; ask its host for status/stop",
+                           description="Host a reference guest (start, in the foreground), "
+                           "or talk to the host of one through its control socket.")
+    cmds = guest.add_subparsers(dest="guest_command", metavar="COMMAND", required=True)
+    start = cmds.add_parser(
+        "start", help="start a guest and host it (foreground) until stopped or migrated",
+        description="Start a reference guest (RAM, a disk served by xmig's NBD server, a "
+        "workload) and serve its control socket DIR/NAME.ctl. Prints one line when ready. "
+        "Runs until the guest is stopped (xmig guest stop, SIGTERM, SIGINT) or has migrated "
+        "away. Files go to DIR/NAME/ (disk.raw is reused if it exists).")
+    start.add_argument("--name", required=True, help="the guest's name (letters, digits, _.-)")
+    start.add_argument("--workdir", required=True, type=Path, metavar="DIR")
+    start.add_argument("--ram", type=size, default="256MiB", help="RAM (default 256MiB)")
+    start.add_argument("--disk", type=size, default="256MiB", help="disk (default 256MiB)")
+    start.add_argument("--workload", default="oltp",
+                       choices=["idle", "uniform", "hotset", "scan", "oltp"])
+    start.add_argument("--rate", type=byte_rate, default="60MB/s",
+                       help="page-write rate (default 60MB/s)")
+    start.add_argument("--disk-rate", type=byte_rate, default="4MB/s",
+                       help="oltp disk-write rate (default 4MB/s)")
+    start.add_argument("--seed", type=int, default=1)
+    start.add_argument("--udp", type=endpoint, metavar="HOST:PORT",
+                       help="serve the guest's UDP key-value service there")
+    start.add_argument("--json", action="store_true", help="events as JSON lines")
+    start.set_defaults(func=_guest_start)
+    for name, helptext in (("status", "print the host's and its guest's state"),
+                           ("stop", "stop the guest (its host then exits)")):
+        cmd = cmds.add_parser(name, help=helptext, description=helptext.capitalize() + ".")
+        cmd.add_argument("--guest", required=True, type=Path, metavar="CTL",
+                         help="the control socket DIR/NAME.ctl")
+        cmd.add_argument("--json", action="store_true", help="one JSON object")
+        cmd.set_defaults(func=_guest_request, op=name)
+
+    mig = sub.add_parser(
+        "migrate", help="migrate a hosted guest to a destination agent",
+        description="Ask the host of a guest (its control socket) to migrate it to the agent "
+        "at HOST:PORT over mutually authenticated TLS, and show the progress: a live display "
+        "on a terminal, JSON lines with --json, nothing otherwise; then the report. "
+        "Exit status: 0 migrated, 2 bad input, 3 not migrated or aborted (the source guest "
+        "runs on), 4 failed after GO.")
+    mig.add_argument("--guest", required=True, type=Path, metavar="CTL")
+    mig.add_argument("--to", required=True, type=endpoint, metavar="HOST:PORT")
+    mig.add_argument("--pki", required=True, type=Path, metavar="DIR",
+                     help="CA and client certificate (xmig certs init)")
+    mig.add_argument("--server-name", help="the agent's certificate name (default: HOST)")
+    mig.add_argument("--max-downtime", type=duration, default="300ms")
+    mig.add_argument("--timeout", type=duration, default="300s",
+                     help="abandon a pre-copy not converged by then (default 300s)")
+    mig.add_argument("--connect-timeout", type=duration, default="10s")
+    mig.add_argument("--streams", type=positive, default=2, help="parallel TCP connections")
+    mig.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
+    mig.add_argument("--no-sdps", dest="sdps", action="store_const", const="off",
+                     help="same as --sdps off")
+    mig.add_argument("--bandwidth", type=bit_rate, metavar="RATE",
+                     help="cap the migration's data rate, e.g. 500mbit")
+    mig.add_argument("--link-rate", type=bit_rate, metavar="RATE",
+                     help="the link's rate, for link_utilization (default: --bandwidth)")
+    mig.add_argument("--no-verify", action="store_true",
+                     help="skip the memory and disk digests in the blackout")
+    mig.add_argument("--json", action="store_true", help="events, then the report, as JSON")
+    mig.add_argument("--plot", type=Path, metavar="FILE.png", help="timeline plot")
+    mig.add_argument("--report", type=Path, metavar="FILE.json",
+                     help="write the report (with its timeline)")
+    mig.set_defaults(func=_migrate)
+
+    agent = sub.add_parser(
+        "agent", help="destination agent: receive migrations and host the guests",
+        description="Listen for migrations (TLS, server certificate from --pki), receive "
+        "each and host the guest that arrives like `xmig guest start` (control socket "
+        "DIR/NAME.ctl). Without --once: until SIGTERM/SIGINT, which stop every hosted guest. "
+        "With --once: one migration; exit 1 if it fails, else host that guest until it is "
+        "stopped or migrated away.")
+    agent.add_argument("--listen", required=True, type=endpoint, metavar="HOST:PORT",
+                       help="port 0 picks one (printed in the ready line)")
+    agent.add_argument("--pki", required=True, type=Path, metavar="DIR")
+    agent.add_argument("--workdir", required=True, type=Path, metavar="DIR")
+    agent.add_argument("--once", action="store_true")
+    agent.add_argument("--json", action="store_true", help="events as JSON lines")
+    agent.set_defaults(func=_agent)
+
+
+# -- the hosting processes --------------------------------------------------------------
+
+
+def _printer(as_json: bool) -> Any:
+    def emit(event: dict[str, Any]) -> None:
+        line = hostctl.encode(event).decode().rstrip() if as_json else _human(event)
+        if line:
+            print(line, flush=True)
+    return emit
+
+
+def _human(e: dict[str, Any]) -> str | None:
+    kind, name = e.get("event"), e.get("name", "")
+    if kind == "ready" and e.get("role") == "agent":
+        return f"ready: agent listening on {e['listen']} (pid {e['pid']}), workdir {e['workdir']}"
+    if kind == "ready":
+        udp = f", UDP service {e['udp']}" if e.get("udp") else ""
+        return (f"ready: guest {name} running (pid {e['guest_pid']}), control socket "
+                f"{e['ctl']}{udp}")
+    if kind == "migration-ended":
+        return f"{name}: migration {e['status']}" + (f": {e['error']}" if e.get("error") else "")
+    if kind == "phase" and "dir" in e:
+        return f"incoming {Path(e['dir']).name}: {e['phase']}"
+    text = {"migrating": f"{name}: migrating to {e.get('to')}",
+            "exit": f"{name or 'agent'}: exit{' ' + e['state'] if e.get('state') else ''} "
+                    f"(status {e.get('rc')})",
+            "incoming": f"incoming migration from {e.get('peer')} into {e.get('dir')}",
+            "discarded": f"incoming {Path(str(e.get('dir'))).name} discarded: {e.get('error')}",
+            }.get(str(kind))
+    return text or f"{kind}: " + json.dumps({k: v for k, v in e.items() if k != "event"})
+
+
+def _guest_start(args: argparse.Namespace) -> int:
+    from xmig.hostd import GuestSpec, start_source
+
+    udp = hostctl.parse_endpoint(args.udp) if args.udp else None
+    spec = GuestSpec(name=args.name, workdir=args.workdir, ram_bytes=args.ram,
+                     disk_bytes=args.disk, workload=args.workload, rate_Bps=args.rate,
+                     disk_rate_Bps=args.disk_rate, seed=args.seed, udp=udp)
+
+    async def run() -> int:
+        host = await start_source(spec, _printer(args.json))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, host.request_stop)
+        return await host.serve()
+
+    return asyncio.run(run())
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from xmig.agentd import serve_agent
+
+    host, port = hostctl.parse_endpoint(args.listen)
+    return asyncio.run(serve_agent(host=host, port=port, pki_dir=args.pki,
+                                   workdir=args.workdir, once=args.once,
+                                   emit=_printer(args.json)))
+
+
+# -- the clients ------------------------------------------------------------------------
+
+
+def _guest_request(args: argparse.Namespace) -> int:
+    status = hostctl.request(args.guest, args.op)
+    if args.json:
+        print(json.dumps(status), flush=True)
+        return 0
+    console = Console()
+    if args.op == "stop":
+        console.print(f"guest {status.get('name')} stopped; its host exits")
+        return 0
+    m = status.get("migration")
+    status["migration"] = f"{m.get('phase')} → {m.get('to')}" if isinstance(m, dict) else "—"
+    for key in ("name", "role", "state", "guest_state", "workload", "ram_bytes", "disk_bytes",
+                "progress", "progress_rate", "throttle", "udp", "ctl", "workdir",
+                "guest_pid", "host_pid", "uptime_s", "migration"):
+        console.print(f"[bold]{key:>13}[/] {status.get(key)}", highlight=False)
+    return 0
+
+
+def _red_line(err: XmigError) -> None:
+    Console(stderr=True, soft_wrap=True).print(
+        Text(f"xmig: {type(err).__name__}: {err}", style="bold red"))
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from xmig.transport.certs import PkiPaths
+
+    pki = PkiPaths.in_dir(args.pki.absolute(), role="client")  # bad PKI: nothing asked yet
+    if not args.guest.exists():
+        raise GuestNotFound(f"no guest host at {args.guest}: no such socket")
+    req = hostctl.MigrateRequest(
+        to=args.to, pki=str(pki.directory), server_name=args.server_name,
+        max_downtime_s=args.max_downtime, timeout_s=args.timeout, streams=args.streams,
+        sdps=args.sdps, verify=not args.no_verify, bandwidth_bps=args.bandwidth,
+        link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout)
+    try:
+        return _run_migrate(args, req)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted: the migration goes on in the guest's "
+                                   f"host (xmig guest status --guest {args.guest})[/]")
+        raise
+
+
+def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
+    console = Console()
+    view = ProgressView(f"{args.guest.stem} → {args.to}", budget_s=args.max_downtime)
+    if args.json:
+        outcome = hostctl.migrate(args.guest, req, on_event=_printer(True))
+    elif console.is_terminal:
+        from rich.live import Live
+
+        with Live(view.render(), console=console, refresh_per_second=4) as live:
+            def show(event: dict[str, Any]) -> None:
+                view.update(event)
+                live.update(view.render())
+
+            outcome = hostctl.migrate(args.guest, req, on_event=show)
+    else:
+        outcome = hostctl.migrate(args.guest, req)
+    report = outcome.report
+    if report is not None:
+        if args.report:
+            args.report.write_text(json.dumps(report, indent=1) + "\n")
+        if args.plot:
+            from xmig.plot import plot_timeline
+
+            plot_timeline(report, args.plot)
+        if args.json:
+            print(hostctl.encode({k: v for k, v in report.items() if k != "timeline"})
+                  .decode().rstrip(), flush=True)
+        elif console.is_terminal and outcome.error is None:
+            console.print(summary(report))
+    if outcome.error is not None:
+        _red_line(outcome.error)
+        if outcome.after_go:
+            return EXIT_AFTER_GO
+        return EXIT_BAD_INPUT if isinstance(outcome.error, ConfigError) else EXIT_NOT_MIGRATED
+    return 0
