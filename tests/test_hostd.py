@@ -86,7 +86,7 @@ def test_guest_migrates_between_processes_across_the_wan(
 def test_a_migration_that_cannot_converge_aborts_and_the_source_runs_on(
     tmp_path: Path, procs: list[Proc]
 ) -> None:
-    """On loopback, capped to 40 Mbit/s: a guest rewriting 20 MB/s of whole pages, SDPS off,
+    """On loopback, capped to 40 Mbit/s: a guest dirtying 20 MB/s of pages, SDPS off,
     does not converge within 2 s; the source keeps its guest, the --once agent exits 1."""
     pki = tmp_path / "pki"
     assert xmig("certs", "init", str(pki), "--server-name", "127.0.0.1").returncode == 0
