@@ -24,12 +24,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from xmig.agent import DestResult, receive_migration
-from xmig.errors import ConnectionClosed, GuestError, MigrationAborted
+from xmig.agent import DestResult, receive_migration, resolve
+from xmig.control import Abort, Go
+from xmig.errors import ConnectionClosed, GuestError, InDoubt, MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
     SimClient,
@@ -40,7 +41,7 @@ from xmig.guest.sim import (
     verify_ledger,
 )
 from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SourceResult, migrate
+from xmig.migration import MigrationOptions, SourceResult, journaled_decision, migrate
 from xmig.netem import LinkSpec, Wan
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -97,6 +98,9 @@ class Outcome:
     puts_acknowledged: int
     puts_lost: int  #: -1: no side answered the client at all
     disk_lost_writes: int
+    dst_in_doubt: bool  #: the destination ended in doubt (then settled, if ``settle``)
+    dst_journal_before_settle: list[str]
+    dst_image_before_settle: bool
 
 
 Trigger = Callable[[dict[str, Any]], bool]
@@ -116,10 +120,12 @@ def fill_disk(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault) -> Outcome:
+async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
+                         settle: bool = False) -> Outcome:
     """Migrate a fresh guest; the first event of side ``on`` ("src" or "dst") for which
     ``trigger`` holds fires ``fault``. Both sides then run to their end (within
-    RUN_TIMEOUT_S); the outcome is read, then everything is torn down."""
+    RUN_TIMEOUT_S); a destination left in doubt is settled with the source's journaled
+    decision if ``settle``; the outcome is read, then everything is torn down."""
     src_dir, dst_dir = tmp / "src", tmp / "dst"
     src_dir.mkdir()
     dst_dir.mkdir()
@@ -180,6 +186,14 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault) 
                     assert rig.fired.is_set(), "the fault's trigger never came"
                     sessions.pop_all()  # a failed session is not closed in order
             assert dest is not None
+            in_doubt = isinstance(dest, InDoubt)
+            dst_journal_before = [r.kind for r in Journal(dst_dir / "journal").records()]
+            dst_image_before = (dst_dir / "m1.raw").exists()
+            if isinstance(dest, InDoubt):
+                dest = cast(DestResult, dest.result)
+                if settle:
+                    decision = journaled_decision(Journal(src_dir / "journal"), "m1")
+                    await resolve(dest, decision, journal=Journal(dst_dir / "journal"))
             seen = probe.stop()
             dst_guest = dest.guest if isinstance(dest, DestResult) else None
             # the UDP service follows the guest: whichever side runs answers the client
@@ -206,7 +220,9 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault) 
                 dst_image_exists=(dst_dir / "m1.raw").exists(),
                 dst_running=dst_guest is not None and dst_guest.running,
                 puts_acknowledged=len(seen.acknowledged), puts_lost=puts_lost,
-                disk_lost_writes=len(disk_check.lost))
+                disk_lost_writes=len(disk_check.lost), dst_in_doubt=in_doubt,
+                dst_journal_before_settle=dst_journal_before,
+                dst_image_before_settle=dst_image_before)
         finally:
             if not probe.report.duration_s:
                 probe.stop()
@@ -332,12 +348,6 @@ BROWNOUT = [
     pytest.param("src", during_bulk_copy, id="bulk"),
     pytest.param("src", during_precopy_rounds, id="precopy"),
 ]
-DEAD_SESSION_IGNORED_IN_PRECOPY = (
-    "bug (timing-dependent, so not strict): a session that failed during pre-copy is "
-    "noticed only at the pre-copy timeout (NotConverging), not when it expires: "
-    "MemorySender._wait_backlog() polls the channel's unacked bytes, which never drop on a "
-    "dead session, without checking the session's state, and migrate() does not react to "
-    "the DiskSender's failure (it is only logged) while pre-copy runs")
 BLACKOUT = pytest.param("src", in_blackout, id="blackout")
 PHASES_BEFORE_GO = [
     pytest.param("dst", negotiated, id="negotiate"),
@@ -346,13 +356,6 @@ PHASES_BEFORE_GO = [
     BLACKOUT,
     pytest.param("src", in_prepare, id="prepare"),
 ]
-
-CANCEL_NOT_HANDLED = (
-    "bug: migrate() aborts only on XmigError/OSError; a cancelled migrate() (source agent "
-    "killed, Ctrl-C, an outer timeout) skips _abort(): the NBD mirror hook stays set, the "
-    "SDPS throttle is not released, a guest paused in the blackout stays paused, no ABORT "
-    "is journaled")
-
 
 @pytest.mark.parametrize(("on", "trigger"), PHASES_BEFORE_GO)
 async def test_link_cut_before_go_aborts_to_the_source(
@@ -364,10 +367,7 @@ async def test_link_cut_before_go_aborts_to_the_source(
     assert_source_runs_the_guest(out)
     assert_destination_discarded(out)
     # ... and the cut is noticed when the session expires (resume_deadline), not later
-    cause = type(out.src.__cause__).__name__
-    if trigger is during_precopy_rounds and cause == "NotConverging":
-        pytest.xfail(DEAD_SESSION_IGNORED_IN_PRECOPY)
-    assert cause == "SessionExpired", repr(out.src.__cause__)
+    assert type(out.src.__cause__).__name__ == "SessionExpired", repr(out.src.__cause__)
 
 
 @pytest.mark.parametrize(("on", "trigger"), [PHASES_BEFORE_GO[0], *BROWNOUT, BLACKOUT,
@@ -384,7 +384,6 @@ async def test_destination_killed_before_go_aborts_to_the_source(
     assert_source_runs_the_guest(out)
 
 
-@pytest.mark.xfail(strict=True, reason=CANCEL_NOT_HANDLED)
 @pytest.mark.parametrize(("on", "trigger"), [*BROWNOUT, BLACKOUT])
 async def test_source_killed_before_go_leaves_the_source_running(
     on: str, trigger: Trigger, tmp_path: Path
@@ -396,11 +395,6 @@ async def test_source_killed_before_go_leaves_the_source_running(
     assert_source_runs_the_guest(out)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: migrate() swallows its own cancellation: when cancelled as pre-copy returns "
-    "SWITCHOVER, the CancelledError is delivered at `await feeder` in the finally of the "
-    "pre-copy loop (migration.py, `with contextlib.suppress(asyncio.CancelledError): await "
-    "feeder`) and suppressed there, so the migration goes on to the blackout and GO"))
 async def test_source_killed_at_the_switchover_decision_does_not_go(tmp_path: Path) -> None:
     out = await run_with_fault(tmp_path, on="src", trigger=at_switchover_decision,
                                fault=kill_source)
@@ -422,15 +416,27 @@ async def test_link_cut_after_go_reached_the_destination(tmp_path: Path) -> None
     assert src.ready_digests["disk"] == src.disk_digest
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (I1): receive_migration() discards on any failure before GO, READY included: a "
-    "destination that is READY when the session expires journals DISCARDED and deletes "
-    "the image, while the source has journaled GO and never resumes: the guest runs nowhere"))
 async def test_link_cut_as_go_is_sent_keeps_one_side_able_to_run(tmp_path: Path) -> None:
-    out = await run_with_fault(tmp_path, on="src", trigger=before_go, fault=cut_link)
+    out = await run_with_fault(tmp_path, on="src", trigger=before_go, fault=cut_link,
+                               settle=True)
     # the source journaled GO: it never resumes. The destination was READY and never got
-    # GO: it must stay paused and able to resume (journal READY, image kept), not discard
+    # GO: it stays paused and able to resume (journal READY, image kept), in doubt ...
     assert out.src_journal[-1] == "GO", out.src_journal
     assert not out.src_running
-    assert out.dst_journal[-1] == "READY", out.dst_journal
-    assert out.dst_image_exists
+    assert out.dst_in_doubt
+    assert out.dst_journal_before_settle[-1] == "READY", out.dst_journal_before_settle
+    assert out.dst_image_before_settle
+    # ... until the source's decision (GO, from its journal) reaches it: then it runs
+    assert_destination_has_the_guest(out)
+
+
+async def test_source_journal_gives_the_in_doubt_decision(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    assert journaled_decision(journal, "m1").type == "abort"
+    journal.append("START", "m1", 3)
+    assert journaled_decision(journal, "m1") == Abort("m1", 3, "no GO was journaled")
+    journal.append("GO", "m1", 3)
+    journal.append("START", "m2", 4)
+    journal.append("ABORT", "m2", 4, reason="NotConverging: too slow")
+    assert journaled_decision(journal, "m1") == Go("m1", 3)
+    assert journaled_decision(journal, "m2") == Abort("m2", 4, "NotConverging: too slow")

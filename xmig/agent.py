@@ -5,7 +5,10 @@
     RECEIVING -> apply pages (MemoryReceiver) and disk writes until FINAL + device state
     READY     -> fsync, journal READY, send READY with the digests; the guest stays paused
     RUNNING   -> on GO: journal, load the device state, resume; send RESUMED
-    DISCARDED -> on ABORT (or failure before GO): quit the guest, delete the image
+    DISCARDED -> on ABORT (or failure before READY): quit the guest, delete the image
+    in doubt  -> READY, then the source is lost before GO: the guest stays paused, the
+                 image kept; :class:`~xmig.errors.InDoubt` is raised and :func:`resolve`
+                 settles it with the source's journaled decision
 
 The destination resumes only on GO (I1); it applies no write of an older epoch (I3).
 """
@@ -23,7 +26,7 @@ from typing import Any
 import xxhash
 
 from xmig import control
-from xmig.errors import MigrationError, ProtocolError, XmigError
+from xmig.errors import InDoubt, MigrationError, ProtocolError, StateError, XmigError
 from xmig.guest.sim import SimConfig, SimGuest
 from xmig.journal import Journal
 from xmig.memory.engine import MemoryReceiver
@@ -45,6 +48,8 @@ class DestResult:
     nbd: NbdServer | None = None
     digests: dict[str, str] = field(default_factory=dict)
     resumed_at: float = 0.0
+    machine: DestMachine | None = None  #: kept while in doubt, for :func:`resolve`
+    receiver: DiskReceiver | None = None
 
 
 async def receive_migration(
@@ -87,13 +92,18 @@ async def receive_migration(
 
         verify = bool(msg.guest.get("verify"))
         memory = MemoryReceiver(session, result.guest.memory, digest=verify)
-        applied = asyncio.create_task(memory.run())
-        final = await _recv(session, reply_timeout_s)
-        if isinstance(final, control.Abort):
-            raise MigrationError(f"source aborted: {final.reason}")
-        if not isinstance(final, control.Final):
-            raise ProtocolError(f"expected final, got {final.type}")
-        report = await applied
+        applying = asyncio.create_task(memory.run())
+        try:
+            final = await _recv(session, reply_timeout_s)
+            if isinstance(final, control.Abort):
+                raise MigrationError(f"source aborted: {final.reason}")
+            if not isinstance(final, control.Final):
+                raise ProtocolError(f"expected final, got {final.type}")
+            report = await applying
+        finally:  # never leave the receiver running (or its error unretrieved)
+            if not applying.done():
+                applying.cancel()
+            await asyncio.wait([applying])
         state = await session.recv(Channel.DEVICE_STATE)
         if len(state) != final.device_state_bytes:
             raise ProtocolError("device state length differs from FINAL's")
@@ -120,25 +130,68 @@ async def receive_migration(
             raise ProtocolError(f"expected go, got {decision.type}")
         machine.go(decision.epoch)
     except (XmigError, OSError, TimeoutError) as err:
-        result.status, result.error = "discarded", f"{type(err).__name__}: {err}"
+        result.error = f"{type(err).__name__}: {err}"
+        if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
+            # READY and the source is gone: it may have journaled GO. Discarding could
+            # lose the guest (I1); running could run it twice. Stay paused, in doubt.
+            result.status = "in-doubt"
+            result.machine = machine
+            result.receiver = receiver
+            on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
+            raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut "
+                          f"off from the source before GO ({result.error}): the guest stays "
+                          "paused until the source's decision arrives",
+                          migration=msg.migration, epoch=msg.epoch, result=result) from err
+        result.status = "discarded"
         if machine.phase is not DestPhase.RUNNING:
             with contextlib.suppress(XmigError):
                 machine.abort(str(err))
             journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
             await _discard(result, receiver)
         raise
-    # -- GO: journaled before the guest runs here -----------------------------------------
-    journal.append("RUNNING", msg.migration, msg.epoch)
+    await _run_here(result, machine, receiver, journal, session, on_event)
+    return result
+
+
+async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
+                  journal: Journal, session: TransportSession | None = None,
+                  on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+    """Settle a migration left in doubt (:class:`~xmig.errors.InDoubt`) with the source's
+    journaled decision: GO runs the guest here, ABORT discards it. ``session``, if given,
+    is the new session to the source (told RESUMED after GO)."""
+    machine, receiver = result.machine, result.receiver
+    if result.status != "in-doubt" or machine is None or receiver is None:
+        raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
+                         state=result.status, event=decision.type)
+    if decision.migration != result.migration:
+        raise ProtocolError(f"a decision for migration {decision.migration}, not "
+                            f"{result.migration}")
+    if isinstance(decision, control.Abort):
+        machine.abort(decision.reason)
+        result.status, result.error = "discarded", f"source aborted: {decision.reason}"
+        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+        await _discard(result, receiver)
+        on_event({"event": "phase", "phase": machine.phase.value})
+        return
+    machine.go(decision.epoch)
+    await _run_here(result, machine, receiver, journal, session, on_event)
+
+
+async def _run_here(result: DestResult, machine: DestMachine, receiver: DiskReceiver,
+                    journal: Journal, session: TransportSession | None,
+                    on_event: Callable[[dict[str, Any]], None]) -> None:
+    """GO: journaled before the guest runs here."""
+    journal.append("RUNNING", result.migration, result.epoch)
     assert result.guest is not None
     await asyncio.to_thread(result.guest.resume)
     result.resumed_at = time.monotonic()
     await receiver.stop()
-    with contextlib.suppress(XmigError):
-        await session.send(Channel.CONTROL, control.Resumed(
-            msg.migration, msg.epoch, result.resumed_at).encode())
-    result.status = "running"
+    if session is not None:
+        with contextlib.suppress(XmigError):
+            await session.send(Channel.CONTROL, control.Resumed(
+                result.migration, result.epoch, result.resumed_at).encode())
+    result.status, result.error = "running", None
     on_event({"event": "phase", "phase": machine.phase.value})
-    return result
 
 
 async def _recv(session: TransportSession, timeout: float) -> control.Message:

@@ -38,7 +38,9 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      │    └── NbdProtocolError       an NBD peer broke the protocol
      └── MigrationError
           ├── NotConverging          the dirty set will not fit the downtime budget in time
-          └── MigrationAborted       aborted before GO; the source guest runs
+          ├── MigrationAborted       aborted before GO; the source guest runs
+          └── InDoubt                (destination) READY, then cut off from the source
+                                     before GO: the guest stays paused until resolved
 """
 
 from __future__ import annotations
@@ -196,3 +198,15 @@ class NotConverging(MigrationError):
 
 class MigrationAborted(MigrationError):
     """The migration was aborted before GO; the source guest runs as before."""
+
+
+class InDoubt(MigrationError):
+    """The destination voted READY and lost the source before GO arrived. It keeps the
+    guest paused and its image (I1: the source may have journaled GO) until the source's
+    decision reaches it (:func:`xmig.agent.resolve`) or an operator forces a side."""
+
+    def __init__(self, message: str, *, migration: str, epoch: int, result: object) -> None:
+        super().__init__(message)
+        self.migration = migration
+        self.epoch = epoch
+        self.result = result  #: the :class:`xmig.agent.DestResult` holding the paused guest

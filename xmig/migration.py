@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
+from xmig.transport.driver import single_errors
 
 MiB = 1 << 20
 
@@ -92,6 +93,19 @@ class SourceResult:
     resumed_at: float = 0.0
     timeline: list[dict[str, Any]] = field(default_factory=list)
     memory_progress: Progress | None = None
+
+
+def journaled_decision(journal: Journal, migration: str) -> control.Go | control.Abort:
+    """The source's decision for ``migration``, as its journal holds it, for a destination
+    left in doubt. GO is journaled before it is sent, so no GO record means it was never
+    sent: presumed abort."""
+    for rec in reversed(journal.records()):
+        if rec.migration == migration and rec.kind == "GO":
+            return control.Go(migration, rec.epoch)
+        if rec.migration == migration and rec.kind in ("ABORT", "START"):
+            return control.Abort(migration, rec.epoch, str(rec.fields.get("reason", "")) or
+                                 "no GO was journaled")
+    return control.Abort(migration, 0, "no such migration in the source's journal")
 
 
 def _refusal(msg: control.Refused) -> XmigError:
@@ -152,6 +166,10 @@ async def migrate(
 
         def memory_progress(p: Progress) -> None:
             result.memory_progress = p
+            if sender is not None and p.round >= 1 and p.delivery_rate > 0:
+                # shrink the mirror's bound as switchover nears: draining it must fit
+                fit = int(p.delivery_rate * options.max_downtime_s / 2)
+                sender.set_bound(max(MiB, min(options.mirror_bound, fit)))
             result.sdps_max_throttle = max(result.sdps_max_throttle, p.throttle)
             d = asdict(sender.progress()) if sender else None
             emit("progress", round=p.round, pages_left=p.pages_left,
@@ -162,21 +180,22 @@ async def migrate(
                  disk=d, session=session.stats())
 
         memory = MemorySender(session, guest.memory, sdps=controller,
-                              config=SenderConfig(planner=planner), on_progress=memory_progress)
-        feeder = asyncio.create_task(_feed_mirror_figures(memory, sender, options))
-        try:
+                              config=SenderConfig(planner=planner), on_progress=memory_progress,
+                              mirror_queue=lambda: sender.progress().pending_bytes
+                              if sender else 0)
+
+        async def brownout() -> None:
+            assert memory is not None and sender is not None
             while True:
                 await memory.precopy()
                 if sender.progress().bulk_done:
-                    break
+                    return
                 # the memory would fit, the disk copy is not done: draining it is not for
                 # the blackout. Wait for it, then more rounds for what was dirtied meanwhile
                 emit("progress_note", note="memory fits; waiting for the disk bulk copy")
                 await sender.wait_bulk()
-        finally:
-            feeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await feeder
+
+        await _watched(brownout(), session, sender)
 
         # -- blackout: from here every step counts towards the downtime -----------------
         machine.pause()
@@ -226,15 +245,24 @@ async def migrate(
         await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
-    except (XmigError, OSError) as err:
+    except (XmigError, OSError, asyncio.CancelledError) as err:
         if not machine.may_resume_source:
-            machine.fail(str(err))
+            machine.fail(str(err) or type(err).__name__)
             result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
             raise
-        await _abort(machine, session, guest, memory, sender, nbd, journal, migration,
-                     epoch, err)
+        # cancelled (source agent stopped, Ctrl-C, an outer deadline) aborts like a
+        # failure, shielded from a second cancellation, then the cancellation goes on
+        aborting = asyncio.ensure_future(_abort(machine, session, guest, memory, sender, nbd,
+                                                journal, migration, epoch, err))
+        try:
+            await asyncio.shield(aborting)
+        except asyncio.CancelledError:
+            await asyncio.wait([aborting])
+            raise
         result.status, result.error = "aborted", f"{type(err).__name__}: {err}"
         emit("phase", note=f"aborted: {result.error}")
+        if isinstance(err, asyncio.CancelledError):
+            raise
         raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
 
     # -- after GO: wait for the destination to run; the source is discarded ---------------
@@ -253,17 +281,18 @@ async def migrate(
     return result
 
 
-async def _feed_mirror_figures(memory: MemorySender, sender: DiskSender,
-                               options: MigrationOptions) -> None:
-    """Keep the memory planner told of the mirror queue, and shrink the mirror's bound as
-    switchover nears so draining it fits the downtime budget."""
-    while True:
-        memory.mirror_queue_bytes = sender.progress().pending_bytes
-        snap = memory.snapshot()
-        if snap.round >= 1 and snap.delivery_rate > 0:
-            fit = int(snap.delivery_rate * options.max_downtime_s / 2)
-            sender.set_bound(max(MiB, min(options.mirror_bound, fit)))
-        await asyncio.sleep(0.1)  # a sampling period, not a wait for a condition
+async def _watched(work: Coroutine[Any, Any, None], session: TransportSession,
+                   sender: DiskSender) -> None:
+    """Run ``work``; a session that fails or a disk copy that breaks ends it at once with
+    their typed error (pre-copy alone would only notice at its timeout)."""
+    async def watch_session() -> None:
+        await session.wait_until(lambda: False)
+
+    with single_errors():
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(work)
+            watchers = [tg.create_task(watch_session()), tg.create_task(sender.watch())]
+            task.add_done_callback(lambda _: [w.cancel() for w in watchers])
 
 
 async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGuest,

@@ -155,7 +155,8 @@ async def test_cancelled_precopy_releases_the_throttle(stack: Stack) -> None:
             third_round.set()
 
     hot = Workload(rate=40e6, hot_pages=4096, edit=0, text=0, random=1, zero=0, pattern=0)
-    config = SenderConfig(planner=PlannerConfig(timeout=30, downtime_budget=1e-6))
+    config = SenderConfig(planner=PlannerConfig(timeout=30, downtime_budget=1e-6,
+                                                commit_rtts=0.0))
     async with session_pair(stack, config=SessionConfig(rate_cap_bps=160e6)) as (client, server):
         sender = MemorySender(client, src, config=config, sdps=Fixed(), on_progress=seen)
         receiver = asyncio.create_task(MemoryReceiver(server, ArrayMemory(n)).run())

@@ -112,3 +112,22 @@ def test_busy_rate_counts_only_time_with_a_backlog() -> None:
     warming.update(now=0, delivered=0, busy=True)
     assert warming.update(now=0.4, delivered=40, busy=True) is None
     assert warming.update(now=0.5, delivered=45, busy=True) == pytest.approx(90)
+
+
+def test_a_budget_under_the_commit_floor_does_not_converge_at_once() -> None:
+    # 1.5 × 250 ms = 375 ms of round trips alone: a 300 ms budget can never be met
+    p = planner(downtime_budget=0.3)
+    p.on_round(10 * MB)
+    v = p.decide(now=100.5, figures=Figures(0, delivery_rate=100 * MB, rtt=0.25))
+    assert v.decision is Decision.NOT_CONVERGING
+    assert "commit floor" in v.reason and "375 ms" in v.reason
+
+
+def test_the_floor_uses_the_least_rtt_not_the_queue_inflated_one() -> None:
+    # a full queue makes the smoothed RTT 400 ms; the path itself is 100 ms (floor 150 ms)
+    p = planner(downtime_budget=0.3)
+    p.on_round(10 * MB)
+    f = Figures(50 * MB, delivery_rate=10 * MB, rtt=0.4, base_rtt=0.1)
+    assert p.decide(now=100.5, figures=f).decision is Decision.CONTINUE
+    f = Figures(0, delivery_rate=10 * MB, rtt=0.1, base_rtt=0.1)
+    assert p.decide(now=101, figures=f).decision is Decision.SWITCHOVER

@@ -61,6 +61,7 @@ class SenderConfig:
     sdps_interval: float = 0.25  #: seconds between throttle updates once SDPS is engaged
     progress_interval: float = 0.5  #: seconds between progress reports inside a round
     low_water: float = 0.05  #: next round when the backlog is ≤ this × rate past one RTT
+    min_round: float = 0.05  #: seconds between dirty-log fetches at least (no spinning)
     rate_window: float = 2.0  #: seconds of busy time the memory rate is measured over
 
 
@@ -109,7 +110,8 @@ class MemorySender:
     ``rate``, if given, says the bytes/s the link gives memory; otherwise it is measured:
     memory bytes acknowledged per second while the memory channel had a backlog (so it is
     memory's share of the link, whatever else shares it).
-    The orchestrator keeps ``device_state_bytes`` and ``mirror_queue_bytes`` current."""
+    The orchestrator keeps ``device_state_bytes`` current; ``mirror_queue``, if given,
+    says how many bytes of disk writes wait to be mirrored (the blackout drains them too)."""
 
     def __init__(
         self,
@@ -120,6 +122,7 @@ class MemorySender:
         sdps: ThrottleController | bool = True,
         on_progress: Callable[[Progress], None] | None = None,
         rate: Callable[[], float] | None = None,
+        mirror_queue: Callable[[], int] | None = None,
         channel: int = Channel.MEMORY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -135,7 +138,7 @@ class MemorySender:
         self.channel = channel
         self.on_progress = on_progress
         self.device_state_bytes = 0
-        self.mirror_queue_bytes = 0
+        self._mirror_queue = mirror_queue or (lambda: 0)
         self.encoder = PageEncoder(memory.page_count, self.config.codec)
         self._planner_cfg = planner_cfg
         self.planner: PrecopyPlanner | None = None
@@ -185,8 +188,9 @@ class MemorySender:
             # bytes within one RTT of the destination are as good as there
             backlog_bytes=max(0, int(unacked - rate * rtt)),
             device_state_bytes=self.device_state_bytes,
-            mirror_queue_bytes=self.mirror_queue_bytes,
+            mirror_queue_bytes=self._mirror_queue(),
             rtt=rtt,
+            base_rtt=float(self.session.stats().get("min_rtt_s") or 0.0),
             dirty_rate=self._dirty_rate,
         )
 
@@ -292,8 +296,11 @@ class MemorySender:
         while True:
             rate, rtt, unacked = self._link()
             low = max(2 * MiB, rate * (rtt + self.config.low_water))
-            timed_out = self._clock() - self.planner.start >= self.planner.config.timeout
-            if unacked <= low or timed_out:
+            now = self._clock()
+            timed_out = now - self.planner.start >= self.planner.config.timeout
+            soon = (self._fetched_at is not None
+                    and now - self._fetched_at < self.config.min_round)
+            if (unacked <= low and not soon) or timed_out:
                 return
             await self._sleep_tick()
 

@@ -12,7 +12,8 @@ final round queues behind it), and decides:
 
 - SWITCHOVER when the prediction fits the budget;
 - NOT_CONVERGING once the pre-copy has run past its timeout (the orchestrator aborts, the
-  source keeps running: never pause indefinitely);
+  source keeps running: never pause indefinitely), or at once when the commit round trips
+  alone exceed the budget (no amount of pre-copy can fit it);
 - ENGAGE_SDPS, once, when it does not fit and the rounds stopped shrinking (or cannot
   shrink: after round 0, the guest dirties faster than the link drains, in wire bytes);
 - CONTINUE otherwise.
@@ -59,7 +60,8 @@ class Figures:
     backlog_bytes: int = 0  #: memory wire bytes sent and not yet delivered
     device_state_bytes: int = 0
     mirror_queue_bytes: int = 0  #: disk writes queued for the destination (orchestrator)
-    rtt: float = 0.0  #: seconds
+    rtt: float = 0.0  #: seconds, smoothed (queueing included)
+    base_rtt: float = 0.0  #: seconds, the least seen (the path's propagation delay)
     dirty_rate: float = 0.0  #: bytes/s the guest dirties (for the engage decision)
 
 
@@ -114,6 +116,14 @@ class PrecopyPlanner:
     def decide(self, *, now: float, figures: Figures) -> Verdict:
         cfg = self.config
         predicted = predict_downtime(figures, commit_rtts=cfg.commit_rtts)
+        # queueing inflates the smoothed RTT while pre-copy fills the link; the commit's
+        # messages cross an emptied link, so the floor is set by the least RTT seen
+        floor = cfg.commit_rtts * (figures.base_rtt or figures.rtt)
+        if floor >= cfg.downtime_budget:
+            return Verdict(Decision.NOT_CONVERGING, predicted, self.round,
+                           f"the downtime budget {cfg.downtime_budget * 1e3:.0f} ms is under "
+                           f"this link's commit floor {cfg.commit_rtts:g} × RTT = "
+                           f"{floor * 1e3:.0f} ms: no pre-copy can fit it")
         if predicted <= cfg.downtime_budget:
             return Verdict(Decision.SWITCHOVER, predicted, self.round,
                            f"predicted {predicted * 1e3:.0f} ms fits the budget")

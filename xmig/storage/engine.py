@@ -203,6 +203,11 @@ class DiskSender:
         await self._wait(lambda: self.bulk_applied >= self.backend.size and self.mirror.idle)
         return self.progress()
 
+    async def watch(self) -> None:
+        """Never returns: raises the sender's typed error as soon as it fails (run it
+        beside a phase so a broken disk copy ends that phase at once)."""
+        await self._wait(lambda: False)
+
     async def stop(self) -> None:
         """Stop mirroring and copying (abort): held writes are acknowledged, later writes
         pass straight through. The local disk is never touched by this."""
