@@ -269,8 +269,8 @@ def in_mirror_drain(e: dict[str, Any]) -> bool:
 
 
 def in_blackout(e: dict[str, Any]) -> bool:
-    """The source guest is paused, the mirror drained; FINAL not yet sent."""
-    return bool(e["event"] == "blackout" and e.get("step") == "mirror drained")
+    """The source guest is paused, the mirror sealed (every queued write sent); FINAL not yet sent."""
+    return bool(e["event"] == "blackout" and e.get("step") == "mirror sealed")
 
 
 def in_prepare(e: dict[str, Any]) -> bool:

@@ -75,7 +75,8 @@ async def receive_migration(
         workdir.mkdir(parents=True, exist_ok=True)
         image = RawFileBackend.create(workdir / f"{msg.migration}.raw", msg.disk_bytes)
         result.image = image
-        receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
+        verify = bool(msg.guest.get("verify"))
+        receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True, verify=verify)
         await receiver.start()
         nbd = NbdServer(image)
         sock = workdir / f"{msg.migration}.nbd"
@@ -90,7 +91,6 @@ async def receive_migration(
         machine.prepared()
         on_event({"event": "phase", "phase": machine.phase.value})
 
-        verify = bool(msg.guest.get("verify"))
         memory = MemoryReceiver(session, result.guest.memory, digest=verify)
         applying = asyncio.create_task(memory.run())
         try:
@@ -107,14 +107,14 @@ async def receive_migration(
         state = await session.recv(Channel.DEVICE_STATE)
         if len(state) != final.device_state_bytes:
             raise ProtocolError("device state length differs from FINAL's")
-        await receiver.wait_bulk()
+        await receiver.wait_applied(final.disk_seq)
         await receiver.flush()
         result.digests = {
             "memory": report.digest.hex() if report.digest else "",
             "device": xxhash.xxh3_64_hexdigest(bytes(state)),
         }
         if verify:
-            result.digests["disk"] = await asyncio.to_thread(receiver.digest)
+            result.digests["disk"] = await receiver.current_digest()
         # the paused guest takes its device state now, so GO only has to resume it
         await asyncio.to_thread(result.guest.load_device_state, bytes(state))
         machine.final_applied()

@@ -55,7 +55,8 @@ class Refused(Message):
 
 @dataclass(frozen=True)
 class Final(Message):
-    """Everything is sent: last pages, mirror drained up to ``disk_seq``, device state."""
+    """Everything is sent: last pages, mirror writes up to ``disk_seq`` (the destination
+    applies them before READY), device state."""
 
     type: ClassVar[str] = "final"
     migration: str

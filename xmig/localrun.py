@@ -137,6 +137,9 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
                 report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
                                  before, total, wire, disk, guest.ledger_path)
                 report["client_downtime_ms"] = round(seen.max_gap_s * 1000, 1)
+                # where the client's longest gap began, from the pause (negative: before it)
+                report["client_gap_from_pause_ms"] = round(
+                    (seen.gap_start_mono - result.paused_at) * 1000, 1)
                 report["client_puts_acknowledged"] = len(seen.acknowledged)
                 report["client_puts_lost"] = len(lost_puts)
     finally:

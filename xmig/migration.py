@@ -2,7 +2,8 @@
 
     NEGOTIATE  -> the destination prepares a paused guest and an empty disk image
     BROWNOUT   -> bulk disk copy + mirror (DiskSender) and pre-copy rounds (MemorySender)
-    BLACKOUT   -> pause; last pages; mirror drained; device state; FINAL
+    BLACKOUT   -> pause; last pages; mirror sealed (all queued writes sent); device state;
+                  FINAL (the destination applies up to FINAL's disk seq before READY)
     PREPARE    -> wait for READY; journal GO; send GO; wait for RESUMED
 
 The phases and the commit rules live in :mod:`xmig.switchover` (sans-IO); this module does
@@ -42,7 +43,6 @@ from xmig.journal import Journal
 from xmig.memory.engine import MemorySender, Progress, SenderConfig
 from xmig.memory.precopy import PlannerConfig
 from xmig.memory.sdps import AutoConverge
-from xmig.storage.apply import image_digest
 from xmig.storage.engine import DiskSender
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -68,9 +68,10 @@ class MigrationOptions:
     mirror_bound: int = 32 * MiB  #: bytes of guest writes queued before acks are delayed
     reply_timeout_s: float = 60.0  #: for each answer of the destination
     verify: bool = True
-    """Both sides digest memory and disk in the blackout and GO is refused on a mismatch.
-    Safe, and part of the downtime (~200 ms for 256 MiB + 256 MiB here); off, only the
-    device state is compared."""
+    """Both sides keep chunk digests of memory and disk current through the pre-copy
+    (:mod:`xmig.digest`) and compare them at READY; GO is refused on a mismatch. The
+    blackout only re-reads what the last round changed; off, only the device state is
+    compared."""
 
 
 @dataclass
@@ -156,7 +157,8 @@ async def migrate(
         machine.negotiated()
         emit("phase")
 
-        sender = DiskSender(session, disk, epoch=epoch, bound=options.mirror_bound)
+        sender = DiskSender(session, disk, epoch=epoch, bound=options.mirror_bound,
+                            verify=options.verify)
         nbd.hook = sender  # from now on every guest write is mirrored
         await sender.start()
         controller: AutoConverge | bool = (
@@ -182,7 +184,7 @@ async def migrate(
         memory = MemorySender(session, guest.memory, sdps=controller,
                               config=SenderConfig(planner=planner), on_progress=memory_progress,
                               mirror_queue=lambda: sender.progress().pending_bytes
-                              if sender else 0)
+                              if sender else 0, verify=options.verify)
 
         async def brownout() -> None:
             assert memory is not None and sender is not None
@@ -209,17 +211,16 @@ async def migrate(
         emit("blackout", step="final pages queued", pages=final.final_pages)
         result.rounds = final.rounds
         result.memory_digest = final.digest.hex() if final.digest else ""
-        drained = await sender.drain()
-        emit("blackout", step="mirror drained")
+        disk_seq = await sender.seal()
+        emit("blackout", step="mirror sealed", disk_seq=disk_seq)
         # the source's disk digest is read while the destination applies (it is compared
         # only when READY comes, before GO), not in front of FINAL
-        digesting = (asyncio.ensure_future(asyncio.to_thread(image_digest, disk))
-                     if options.verify else None)
+        digesting = asyncio.ensure_future(sender.digest()) if options.verify else None
         state = await asyncio.to_thread(guest.device_state)
         result.device_digest = xxhash.xxh3_64_hexdigest(state)
         await session.send(Channel.DEVICE_STATE, state)
         await session.send(Channel.CONTROL, control.Final(
-            migration, epoch, disk_seq=drained.applied_seq,
+            migration, epoch, disk_seq=disk_seq,
             device_state_bytes=len(state)).encode())
         machine.final_sent()
         emit("phase", note="final state sent")

@@ -89,9 +89,9 @@ async def test_guest_faster_than_the_link(tmp_path: Path) -> None:
     bound = 1 * MiB
     with make_stack("tls", tmp_path) as stack:
         async with session_pair(stack, config=LINK) as (a, b):
-            sender = DiskSender(a, src, epoch=4, bound=bound)
+            sender = DiskSender(a, src, epoch=4, bound=bound, verify=True)
             sender.mirror = mirror = CheckedMirror(bound, 4)
-            receiver = DiskReceiver(b, dst, epoch=4, fresh=True)
+            receiver = DiskReceiver(b, dst, epoch=4, fresh=True, verify=True)
             async with NbdServer(src, sender) as nbd:
                 await nbd.start_unix(tmp_path / "nbd.sock")
                 await receiver.start()
@@ -102,15 +102,21 @@ async def test_guest_faster_than_the_link(tmp_path: Path) -> None:
                 await asyncio.to_thread(half.wait)
                 sender.set_bound(256 << 10)  # switchover nears: shrink
                 await writing
-                progress = await sender.drain()
+                # the switchover's way: every queued write handed to the session (no round
+                # trip), the destination applies up to that seq; digests kept all along
+                last = await sender.seal()
+                assert last == sender.mirror.last_seq > 0
+                await receiver.wait_applied(last)
                 await receiver.flush()
+                digests = (await sender.digest(), await receiver.current_digest())
+                progress = await sender.drain()
                 assert not nbd.errors
             await sender.stop()
             await receiver.stop()
     expected = guest.model(initial)
     assert src.pread(0, size) == expected  # the NBD path wrote exactly what was acked
     assert dst.pread(0, size) == expected  # ...and all of it reached the destination
-    assert receiver.digest() == image_digest(src)
+    assert receiver.digest() == image_digest(src) == digests[0] == digests[1]
     assert mirror.violations == []  # never above the bound in force
     assert progress.mirror_max_queued_bytes <= bound
     assert progress.acks_delayed > 0 and progress.ack_delay_total_s > 0  # the guest was slowed

@@ -39,6 +39,7 @@ import bisect
 import enum
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,10 @@ class PageBatch:
     dup_targets: PageIndices
     dup_sources: PageIndices
     content: memoryview  #: full pages, then XOR deltas, 4 KiB each
+
+    def touched(self) -> PageIndices:
+        """Every page this batch writes."""
+        return np.concatenate([self.zero_indices(), self.full, self.delta, self.dup_targets])
 
     @property
     def pages(self) -> int:
@@ -490,14 +495,17 @@ class PageDecoder:
         if len(batch.dup_targets):
             memory.write_pages(batch.dup_targets, bytes(memory.read_pages(batch.dup_sources)))
 
-    def feed(self, message: bytes | bytearray | memoryview,
-             memory: DestinationMemory) -> EndOfMemory | None:
-        """Decode and apply ``message``; return the end marker when it is one."""
+    def feed(self, message: bytes | bytearray | memoryview, memory: DestinationMemory, *,
+             on_applied: Callable[[PageIndices], None] | None = None) -> EndOfMemory | None:
+        """Decode and apply ``message``; return the end marker when it is one.
+        ``on_applied`` is told the pages written, after they are written."""
         out = self.decode(message)
         self.stats.messages += 1
         self.stats.wire_bytes += len(message)
         if isinstance(out, EndOfMemory):
             return out
         self.apply(out, memory)
+        if on_applied is not None:
+            on_applied(out.touched())
         self.stats.pages += out.pages
         return None

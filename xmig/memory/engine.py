@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
+from xmig.digest import ChunkDigests, Read
+from xmig.digest import worker as digest_worker
 from xmig.errors import MigrationError, NotConverging
-from xmig.memory.codec import CodecConfig, CodecStats, PageDecoder, PageEncoder
+from xmig.memory.codec import CodecConfig, CodecStats, EndOfMemory, PageDecoder, PageEncoder
 from xmig.memory.guest import PAGE_SIZE, DestinationMemory, PageIndices, SourceMemory
 from xmig.memory.precopy import (
     BusyRate,
@@ -39,17 +40,38 @@ from xmig.memory.precopy import (
 )
 from xmig.memory.sdps import ProportionalThrottle, ThrottleController
 from xmig.transport import Channel, TransportSession
+from xmig.transport.frames import Payload
 
 MiB = 1 << 20
 
 
-def memory_digest(memory: SourceMemory | DestinationMemory, *, chunk_pages: int = 4096) -> bytes:
-    """xxh3-128 of every page in order: equal on both sides means equal memory (I5)."""
-    h = xxhash.xxh3_128()
-    for start in range(0, memory.page_count, chunk_pages):
-        stop = min(start + chunk_pages, memory.page_count)
-        h.update(memory.read_pages(np.arange(start, stop, dtype=np.int64)))
-    return h.digest()
+#: pages per digest chunk (:mod:`xmig.digest`): small, so a scattered last round re-reads
+#: little; large enough that a full pass is not a Python loop per page
+DIGEST_CHUNK_PAGES = 4
+
+
+def _reader(memory: SourceMemory | DestinationMemory) -> Read:
+    def read(offset: int, length: int) -> memoryview:
+        first = offset // PAGE_SIZE
+        return memory.read_pages(np.arange(first, first + length // PAGE_SIZE, dtype=np.int64))
+    return read
+
+
+def _refresh(digests: ChunkDigests, memory: SourceMemory | DestinationMemory
+             ) -> asyncio.Future[int]:
+    return asyncio.get_running_loop().run_in_executor(
+        digest_worker(), digests.refresh, _reader(memory))
+
+
+def memory_digests(memory: SourceMemory | DestinationMemory) -> ChunkDigests:
+    """Chunk digests of ``memory``, all stale (the caller refreshes them)."""
+    return ChunkDigests(memory.page_count * PAGE_SIZE, DIGEST_CHUNK_PAGES * PAGE_SIZE)
+
+
+def memory_digest(memory: SourceMemory | DestinationMemory) -> bytes:
+    """The digest of all of ``memory`` read now: equal on both sides means equal memory (I5).
+    The same value :class:`~xmig.digest.ChunkDigests` keeps incrementally."""
+    return memory_digests(memory).full_digest(_reader(memory))
 
 
 @dataclass(frozen=True)
@@ -123,6 +145,7 @@ class MemorySender:
         on_progress: Callable[[Progress], None] | None = None,
         rate: Callable[[], float] | None = None,
         mirror_queue: Callable[[], int] | None = None,
+        verify: bool = False,
         channel: int = Channel.MEMORY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -155,6 +178,10 @@ class MemorySender:
         self._next_sdps = 0.0
         self._next_progress = 0.0
         self._resend_pending = False
+        # verify: chunk digests kept current through the rounds (refreshed in a worker
+        # thread after each fetch), so the final digest re-reads only the last round
+        self.digests = memory_digests(memory) if verify else None
+        self._refreshing: asyncio.Future[int] | None = None
         self.last_verdict: Verdict | None = None
         self.rounds_log: list[tuple[int, int, float]] = []  #: (round, pages, dirty B/s)
 
@@ -277,9 +304,20 @@ class MemorySender:
                     sent_bytes=self.encoder.stats.raw_bytes - sent)
                 self.memory.set_throttle(throttle)
         self._fetched_at = now
+        self._mark_digests(idx)
         self._round_start = self.encoder.stats.copy()
         self.planner.on_round(len(idx) * PAGE_SIZE)
         self.rounds_log.append((self.planner.round, len(idx), self._dirty_rate))
+
+    def _mark_digests(self, idx: PageIndices) -> None:
+        """After a fetch: the fetched pages' chunks are stale; refresh in the background."""
+        if self.digests is None:
+            return
+        self.digests.mark_chunks(np.asarray(idx, np.int64) // DIGEST_CHUNK_PAGES)
+        if self._refreshing is None or self._refreshing.done():
+            if self._refreshing is not None:
+                self._refreshing.result()  # a failed refresh fails the pre-copy
+            self._refreshing = _refresh(self.digests, self.memory)
 
     def _end_round_ratio(self) -> None:
         assert self.planner is not None
@@ -371,8 +409,19 @@ class MemorySender:
         idx = np.union1d(self._pending, self.memory.fetch_and_clear_dirty()).astype(np.int64)
         self._pending = np.empty(0, np.int64)
         self._resend_pending = False
+        d: bytes | None = None
+        if digest and self.digests is None:
+            d = await asyncio.to_thread(memory_digest, self.memory)
+        elif digest and self.digests is not None:
+            if self._refreshing is not None:
+                await self._refreshing
+            self.digests.mark_chunks(idx // DIGEST_CHUNK_PAGES)
+            self._refreshing = _refresh(self.digests, self.memory)
         await self._send(idx, final=True)
-        d = memory_digest(self.memory) if digest else None
+        if digest and self.digests is not None:
+            assert self._refreshing is not None
+            await self._refreshing
+            d = self.digests.digest()
         rounds = (self.planner.round + 1 if self.planner else 0) + 1
         await self.session.send(self.channel, self.encoder.end(rounds=rounds, digest=d))
         st = self.encoder.stats
@@ -391,17 +440,36 @@ class MemoryReceiver:
         self.channel = channel
         self.digest = digest
         self.decoder = PageDecoder(memory.page_count)
+        # digest: chunk digests refreshed after each message, so the end costs little
+        self.digests = memory_digests(memory) if digest else None
+
+    def _apply(self, msg: Payload) -> EndOfMemory | None:
+        digests = self.digests
+        if digests is None:
+            return self.decoder.feed(msg, self.memory)
+        return self.decoder.feed(msg, self.memory, on_applied=lambda idx: digests.mark_chunks(
+            idx // DIGEST_CHUNK_PAGES))
 
     async def run(self) -> ReceiveReport:
         """Apply until the end marker; raise ProtocolError on a bad message (nothing of
         it applied) and MigrationError if the source's digest differs from ours."""
+        refreshing: asyncio.Future[int] | None = None
         while True:
             msg = await self.session.recv(self.channel)
-            end = await asyncio.to_thread(self.decoder.feed, msg, self.memory)
+            end = await asyncio.to_thread(self._apply, msg)
             if end is not None:
                 break
+            if self.digests is not None and (refreshing is None or refreshing.done()):
+                if refreshing is not None:
+                    refreshing.result()
+                refreshing = _refresh(self.digests, self.memory)
         assert end is not None
-        mine = await asyncio.to_thread(memory_digest, self.memory) if self.digest else None
+        mine: bytes | None = None
+        if self.digests is not None:
+            if refreshing is not None:
+                await refreshing
+            await _refresh(self.digests, self.memory)
+            mine = self.digests.digest()
         if mine is not None and end.digest is not None and mine != end.digest:
             raise MigrationError(
                 f"memory digest {mine.hex()} differs from the source's {end.digest.hex()}")

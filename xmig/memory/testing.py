@@ -188,9 +188,15 @@ class ArrayMemory:
             n = min(chunk, self.page_count - start)
             self.pages[start:start + n] = make_pages(rng, n, mix or ContentMix())
 
-    def digest(self) -> bytes:
-        """xxh3-128 of every page in order (equals :func:`xmig.memory.engine.memory_digest`)."""
-        return xxhash.xxh3_128_digest(self.pages.data)
+    def digest(self, chunk_pages: int = 4) -> bytes:
+        """The memory digest written out plainly, as a check on
+        :func:`xmig.memory.engine.memory_digest`: xxh3-128 over the xxh3-64 (little-endian)
+        of each ``chunk_pages``-page chunk in order."""
+        data = memoryview(self.pages.data).cast("B")
+        step = chunk_pages * PAGE_SIZE
+        parts = [xxhash.xxh3_64_intdigest(data[o:o + step]).to_bytes(8, "little")
+                 for o in range(0, len(data), step)]
+        return xxhash.xxh3_128_digest(b"".join(parts))
 
 
 @dataclass(frozen=True)

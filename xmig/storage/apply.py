@@ -22,8 +22,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-import xxhash
-
+from xmig.digest import ChunkDigests
 from xmig.errors import DiskTooSmall, StaleEpochError, StorageError
 from xmig.storage.disk import BlockBackend
 from xmig.storage.nbd import ZeroingBackend, zero_chunks
@@ -172,13 +171,17 @@ class DiskApplier:
             self.image.pwrite(off, chunk)
 
 
-def image_digest(backend: BlockBackend, size: int | None = None, chunk: int = 4 << 20) -> str:
-    """xxh3-128 of the first ``size`` bytes (default: all) of ``backend``."""
-    h = xxhash.xxh3_128()
+#: bytes per digest chunk (:mod:`xmig.digest`): a 4 KiB guest write re-reads 64 KiB
+DIGEST_CHUNK = 64 << 10
+
+
+def image_digests(size: int, *, known_zero: bool = False) -> ChunkDigests:
+    """Chunk digests of an image's first ``size`` bytes (all stale unless ``known_zero``)."""
+    return ChunkDigests(size, DIGEST_CHUNK, known_zero=known_zero)
+
+
+def image_digest(backend: BlockBackend, size: int | None = None) -> str:
+    """The digest of the first ``size`` bytes (default: all) of ``backend``, read now; the
+    same value :class:`~xmig.digest.ChunkDigests` keeps incrementally."""
     end = backend.size if size is None else size
-    pos = 0
-    while pos < end:
-        n = min(chunk, end - pos)
-        h.update(backend.pread(pos, n))
-        pos += n
-    return h.hexdigest()
+    return image_digests(end).full_digest(backend.pread).hex()

@@ -33,8 +33,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from xmig.digest import ChunkDigests, Read
+from xmig.digest import worker as digest_worker
 from xmig.errors import StorageError, TransportError
-from xmig.storage.apply import DiskApplier, image_digest
+from xmig.storage.apply import DiskApplier, image_digest, image_digests
 from xmig.storage.bulk import CHUNK, BulkPlanner, is_zero
 from xmig.storage.disk import BlockBackend
 from xmig.storage.mirror import MirrorQueue, Ticket
@@ -117,6 +119,38 @@ class _Tasks:
                 await t
 
 
+class _DigestKeeper:
+    """Chunk digests of an image kept current in the background: :meth:`mark` after a
+    change, a task refreshes stale chunks in a worker thread, :meth:`digest` finishes."""
+
+    def __init__(self, digests: ChunkDigests, read: Read) -> None:
+        self.digests = digests
+        self._read = read
+        self._marked = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def mark(self, start: int, end: int) -> None:
+        self.digests.mark(start, end)
+        self._marked.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._marked.wait()
+            self._marked.clear()
+            async with self._lock:
+                await self._refresh()
+
+    async def _refresh(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            digest_worker(), self.digests.refresh, self._read)
+
+    async def digest(self) -> str:
+        """Refresh what is still stale (every change must be marked by now) and digest."""
+        async with self._lock:
+            await self._refresh()
+            return self.digests.digest().hex()
+
+
 def _as_storage_error(exc: BaseException) -> StorageError | TransportError:
     if isinstance(exc, StorageError | TransportError):
         return exc
@@ -129,7 +163,7 @@ class DiskSender:
 
     def __init__(self, session: TransportSession, backend: BlockBackend, *, epoch: int,
                  bound: int = DEFAULT_BOUND, chunk: int = CHUNK,
-                 batch_bytes: int = BATCH_BYTES) -> None:
+                 batch_bytes: int = BATCH_BYTES, verify: bool = False) -> None:
         self.session = session
         self.backend = backend
         self.epoch = epoch
@@ -139,6 +173,11 @@ class DiskSender:
         self.error: StorageError | TransportError | None = None
         self.bulk_applied = 0
         self.mirror_bytes_sent = 0
+        self.sent_seq = 0  #: the last mirror write handed to the session
+        # verify: the image's chunk digests, kept current as the guest writes (the NBD
+        # server hands a write to this hook after writing it locally)
+        self._digests = (_DigestKeeper(image_digests(backend.size), backend.pread)
+                         if verify else None)
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._work = asyncio.Event()
         self._changed = asyncio.Event()
@@ -158,6 +197,8 @@ class DiskSender:
     def write_nowait(self, offset: int, data: bytes) -> asyncio.Future[None] | None:
         """:meth:`on_write` without a coroutine: None if acknowledged at once, else a
         future done when the guest may be acknowledged."""
+        if self._digests is not None:
+            self._digests.mark(offset, offset + len(data))
         ticket = self.mirror.submit(offset, data, time.monotonic())
         if ticket.length:
             self._work.set()
@@ -187,6 +228,8 @@ class DiskSender:
         self._tasks.spawn(self._bulk_loop())
         self._tasks.spawn(self._mirror_loop())
         self._tasks.spawn(self._ack_loop())
+        if self._digests is not None:
+            self._tasks.spawn(self._digests.run())
 
     def set_bound(self, nbytes: int) -> None:
         """Change the mirror's bound (shrink it as switchover nears)."""
@@ -202,6 +245,25 @@ class DiskSender:
         self._work.set()
         await self._wait(lambda: self.bulk_applied >= self.backend.size and self.mirror.idle)
         return self.progress()
+
+    async def seal(self) -> int:
+        """With the guest paused: release every held write (no more acknowledgements
+        wait on the bound) and hand every queued write to the session; return the seq of
+        the last one. The session delivers them in order, so the destination need only
+        apply up to that seq (:meth:`DiskReceiver.wait_applied`) — no round trip here."""
+        self.set_bound(1 << 62)
+        self._work.set()
+        await self._wait(lambda: self.bulk_applied >= self.backend.size
+                         and not self.mirror.has_work and self.mirror.held_bytes == 0
+                         and self.sent_seq >= self.mirror.last_seq)
+        return self.mirror.last_seq
+
+    async def digest(self) -> str:
+        """With the guest paused: the image's digest (only chunks written since their last
+        refresh are read now). Needs ``verify=True``."""
+        if self._digests is None:
+            raise StorageError("the disk sender keeps no digests (verify=False)")
+        return await self._digests.digest()
 
     async def watch(self) -> None:
         """Never returns: raises the sender's typed error as soon as it fails (run it
@@ -294,6 +356,8 @@ class DiskSender:
             payload = encode(MirrorBatch(self.epoch, records))
             self.mirror_bytes_sent += len(payload)
             await self.session.send(Channel.DISK_MIRROR, payload)
+            self.sent_seq = writes[-1].seq
+            self._changed.set()
 
     async def _ack_loop(self) -> None:
         while True:
@@ -311,7 +375,7 @@ class DiskReceiver:
     """Destination side: applies what the sender sends, fsyncs, reports what is applied."""
 
     def __init__(self, session: TransportSession, image: BlockBackend, *, epoch: int,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, verify: bool = False) -> None:
         self.session = session
         self.image = image
         self.applier = DiskApplier(image, epoch=epoch, fresh=fresh)
@@ -323,6 +387,9 @@ class DiskReceiver:
         self._reporter: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._tasks = _Tasks(self._fail)
+        self._verify = verify
+        self._fresh = fresh
+        self._digests: _DigestKeeper | None = None  # made at Hello, when the size is known
 
     @property
     def epoch(self) -> int:
@@ -354,6 +421,17 @@ class DiskReceiver:
             self._changed.clear()
             await self._changed.wait()
 
+    async def wait_applied(self, seq: int) -> None:
+        """Until the bulk copy and every mirror write up to ``seq`` are applied (not yet
+        fsynced: :meth:`flush` does that)."""
+        while not (self.applier.bulk_done and self.applier.applied_seq >= seq):
+            if self.error is not None:
+                raise self.error
+            if self._finished.is_set():
+                raise StorageError(f"the disk receiver stopped before mirror seq {seq}")
+            self._changed.clear()
+            await self._changed.wait()
+
     async def flush(self) -> None:
         """fsync the image (before voting READY)."""
         if self.error is not None:
@@ -366,8 +444,19 @@ class DiskReceiver:
         self._changed.set()
 
     def digest(self) -> str:
-        """xxh3-128 of the image's first source-size bytes (blocking; for tests/verify)."""
+        """The digest of the image's first source-size bytes, read now (blocking)."""
         return image_digest(self.image, self.applier.source_size)
+
+    async def current_digest(self) -> str:
+        """The same digest from the chunk digests kept while applying (``verify=True``):
+        only chunks changed since their last refresh are read now."""
+        if self._digests is None:
+            raise StorageError("the disk receiver keeps no digests (verify=False)")
+        return await self._digests.digest()
+
+    def _mark(self, start: int, end: int) -> None:
+        if self._digests is not None:
+            self._digests.mark(start, end)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is not None:
@@ -391,12 +480,17 @@ class DiskReceiver:
         if not isinstance(first, Hello):
             raise StorageError(f"expected Hello on the bulk channel, got {first!r}")
         ready = self.applier.hello(first)
+        if self._verify:
+            self._digests = _DigestKeeper(
+                image_digests(first.size, known_zero=self._fresh), self.image.pread)
+            self._tasks.spawn(self._digests.run())
         await self.session.send(Channel.DISK_MIRROR, encode(ready))
         self._hello.set()
         while not self.applier.bulk_done:
             msg = decode(await self.session.recv(Channel.DISK_BULK))
             if isinstance(msg, BulkExtent):
                 self.applier.apply_bulk(msg)
+                self._mark(msg.start, msg.end)
             elif isinstance(msg, BulkDone):
                 self.applier.apply_done(msg)
             else:
@@ -411,6 +505,8 @@ class DiskReceiver:
             if not isinstance(msg, MirrorBatch):
                 raise StorageError(f"unexpected message on the mirror channel: {msg!r}")
             self.applier.apply_mirror(msg)
+            for r in msg.records:
+                self._mark(r.offset, r.offset + r.length)
             self._dirty.set()
             self._changed.set()
 
