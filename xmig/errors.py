@@ -29,7 +29,8 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      │    └── NetemPermissionError   it needs root (network namespaces, TUN)
      ├── GuestError                  a guest backend failed or refused
      │    ├── GuestNotFound          no such guest (socket, process, file)
-     │    └── GuestStateError        the guest cannot do that now (not paused, already gone)
+     │    ├── GuestStateError        the guest cannot do that now (not paused, already gone)
+     │    └── QemuError              QEMU, its QMP or the test-guest build failed
      ├── StorageError
      │    ├── DiskNotFound           the disk image is missing
      │    ├── DiskTooSmall           the destination image cannot hold the source disk
@@ -156,6 +157,11 @@ class GuestNotFound(GuestError):
 
 class GuestStateError(GuestError):
     """The guest cannot do that in its current state."""
+
+
+class QemuError(GuestError):
+    """QEMU failed: it would not start, exited, or refused a QMP command; or the test guest
+    (kernel, initramfs) could not be built."""
 
 
 class StorageError(XmigError):
