@@ -1,0 +1,19 @@
+"""xmig.guest.qemu: a real QEMU guest under TCG.
+
+- :mod:`xmig.guest.qemu.image` builds the test guest from Debian packages (kernel, busybox
+  initramfs, a static C workload chosen on the kernel command line), cached in a build folder
+  (not imported here: ``python -m xmig.guest.qemu.image BUILD_DIR`` runs it).
+- :mod:`~xmig.guest.qemu.progress` parses the workload's progress lines;
+  :mod:`~xmig.guest.qemu.records` checks the disk records it writes.
+"""
+
+from xmig.guest.qemu.progress import Progress, parse_progress
+from xmig.guest.qemu.records import RecordCheck, check_records, record_bytes
+
+__all__ = [
+    "Progress",
+    "RecordCheck",
+    "check_records",
+    "parse_progress",
+    "record_bytes",
+]
