@@ -1,17 +1,22 @@
-"""xmig.guest.qemu: a real QEMU guest under TCG.
+"""xmig.guest.qemu: a real QEMU guest under TCG, driven over QMP.
 
 - :mod:`xmig.guest.qemu.image` builds the test guest from Debian packages (kernel, busybox
   initramfs, a static C workload chosen on the kernel command line), cached in a build folder
   (not imported here: ``python -m xmig.guest.qemu.image BUILD_DIR`` runs it).
+- :mod:`~xmig.guest.qemu.machine` starts QEMU (shared-file RAM, virtio-blk disk, QMP socket,
+  serial console to a file) and drives it: status, stop, cont, quit, progress from the console.
 - :mod:`~xmig.guest.qemu.progress` parses the workload's progress lines;
   :mod:`~xmig.guest.qemu.records` checks the disk records it writes.
 """
 
+from xmig.guest.qemu.machine import QemuConfig, QemuGuest
 from xmig.guest.qemu.progress import Progress, parse_progress
 from xmig.guest.qemu.records import RecordCheck, check_records, record_bytes
 
 __all__ = [
     "Progress",
+    "QemuConfig",
+    "QemuGuest",
     "RecordCheck",
     "check_records",
     "parse_progress",
