@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import pytest
 
-from xmig.agent import DestResult, receive_migration, resolve
+from xmig.agent import DestResult, first_message, receive_migration, settle
 from xmig.control import Abort, Go
 from xmig.errors import ConnectionClosed, GuestError, InDoubt, MigrationAborted
 from xmig.guest.sim import (
@@ -41,11 +41,17 @@ from xmig.guest.sim import (
     verify_ledger,
 )
 from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SourceResult, journaled_decision, migrate
+from xmig.migration import (
+    MigrationOptions,
+    SourceResult,
+    journaled_decision,
+    migrate,
+    send_decision,
+)
 from xmig.netem import LinkSpec, Wan
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import SessionConfig, TransportSession, connect, listen
+from xmig.transport import Listener, SessionConfig, TransportSession, connect, listen
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -185,15 +191,15 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                                                          return_exceptions=True)
                     assert rig.fired.is_set(), "the fault's trigger never came"
                     sessions.pop_all()  # a failed session is not closed in order
-            assert dest is not None
-            in_doubt = isinstance(dest, InDoubt)
-            dst_journal_before = [r.kind for r in Journal(dst_dir / "journal").records()]
-            dst_image_before = (dst_dir / "m1.raw").exists()
-            if isinstance(dest, InDoubt):
-                dest = cast(DestResult, dest.result)
-                if settle:
-                    decision = journaled_decision(Journal(src_dir / "journal"), "m1")
-                    await resolve(dest, decision, journal=Journal(dst_dir / "journal"))
+                assert dest is not None
+                in_doubt = isinstance(dest, InDoubt)
+                dst_journal_before = [r.kind for r in Journal(dst_dir / "journal").records()]
+                dst_image_before = (dst_dir / "m1.raw").exists()
+                if isinstance(dest, InDoubt):
+                    dest = cast(DestResult, dest.result)
+                    if settle:  # the link is back: the source tells its journaled decision
+                        await settle_over_a_new_session(
+                            wan, lst, pki, factory, src_dir, dst_dir, dest)
             seen = probe.stop()
             dst_guest = dest.guest if isinstance(dest, DestResult) else None
             # the UDP service follows the guest: whichever side runs answers the client
@@ -238,6 +244,28 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
     raise AssertionError("unreachable")
 
 
+async def settle_over_a_new_session(wan: Wan, lst: Listener, pki: Any, factory: Any,
+                                    src_dir: Path, dst_dir: Path, dest: DestResult) -> None:
+    """Restore the link; the source connects again and sends the decision its journal
+    holds; the destination agent applies it to the migration it holds in doubt."""
+    wan.restore()
+    host, port = wan.dst_endpoint(lst.port)
+    async with connect(host, port, tls=client_context(pki), server_hostname=host,
+                       streams=1, config=SESSION, socket_factory=factory) as session:
+        dst_session = await lst.accept()
+        in_doubt = {"m1": (dest, Journal(dst_dir / "journal"))}
+
+        async def destination() -> None:
+            first = await first_message(dst_session)
+            assert isinstance(first, Go | Abort)
+            await settle(dst_session, first, in_doubt)
+
+        async with asyncio.timeout(RUN_TIMEOUT_S), asyncio.TaskGroup() as tg:
+            tg.create_task(destination())
+            tg.create_task(send_decision(session, Journal(src_dir / "journal"), "m1"))
+        assert not in_doubt
+
+
 # -- triggers ------------------------------------------------------------------------------
 
 def negotiated(e: dict[str, Any]) -> bool:
@@ -269,7 +297,7 @@ def in_mirror_drain(e: dict[str, Any]) -> bool:
 
 
 def in_blackout(e: dict[str, Any]) -> bool:
-    """The source guest is paused, the mirror sealed (every queued write sent); FINAL not yet sent."""
+    """The source guest is paused, the mirror sealed (every queued write sent); no FINAL yet."""
     return bool(e["event"] == "blackout" and e.get("step") == "mirror sealed")
 
 

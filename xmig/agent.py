@@ -26,7 +26,14 @@ from typing import Any
 import xxhash
 
 from xmig import control
-from xmig.errors import InDoubt, MigrationError, ProtocolError, StateError, XmigError
+from xmig.errors import (
+    GuestNotFound,
+    InDoubt,
+    MigrationError,
+    ProtocolError,
+    StateError,
+    XmigError,
+)
 from xmig.guest.sim import SimConfig, SimGuest
 from xmig.journal import Journal
 from xmig.memory.engine import MemoryReceiver
@@ -59,11 +66,13 @@ async def receive_migration(
     journal: Journal,
     reply_timeout_s: float = 300.0,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    first: control.Negotiate | None = None,
 ) -> DestResult:
-    """Serve one migration arriving on ``session``. On success the guest runs here and the
+    """Serve one migration arriving on ``session`` (``first``: its NEGOTIATE, if the caller
+    read it already, see :func:`first_message`). On success the guest runs here and the
     result holds it (with its image and NBD server: the caller owns them from then on)."""
     result = DestResult()
-    msg = control.decode(await session.recv(Channel.CONTROL))
+    msg = first or control.decode(await session.recv(Channel.CONTROL))
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
     result.migration, result.epoch = msg.migration, msg.epoch
@@ -150,6 +159,37 @@ async def receive_migration(
             await _discard(result, receiver)
         raise
     await _run_here(result, machine, receiver, journal, session, on_event)
+    return result
+
+
+async def first_message(session: TransportSession, timeout: float = 60.0
+                        ) -> control.Negotiate | control.Go | control.Abort:
+    """What a new session is for: a migration (NEGOTIATE) or a source settling one left in
+    doubt here (its journaled GO or ABORT)."""
+    async with asyncio.timeout(timeout):
+        msg = control.decode(await session.recv(Channel.CONTROL))
+    if not isinstance(msg, control.Negotiate | control.Go | control.Abort):
+        raise ProtocolError(f"a session must open with negotiate, go or abort, not {msg.type}")
+    return msg
+
+
+async def settle(session: TransportSession, decision: control.Go | control.Abort,
+                 in_doubt: dict[str, tuple[DestResult, Journal]], *,
+                 on_event: Callable[[dict[str, Any]], None] = lambda event: None
+                 ) -> DestResult:
+    """A source reached us again with its decision for a migration left in doubt here:
+    apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here is
+    refused (typed: GuestNotFound) and nothing changes."""
+    held = in_doubt.get(decision.migration)
+    if held is None or held[0].epoch != decision.epoch:
+        await session.send(Channel.CONTROL, control.Refused(
+            decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
+            f"{decision.epoch} is in doubt here").encode())
+        raise GuestNotFound(f"a decision for migration {decision.migration}, which is not "
+                            "in doubt here")
+    result, journal = held
+    await resolve(result, decision, journal=journal, session=session, on_event=on_event)
+    del in_doubt[decision.migration]
     return result
 
 

@@ -9,14 +9,16 @@ NAME is the migration's name, which an xmig source host sets to its guest's name
 
 Without ``once`` the agent listens and hosts until SIGTERM or SIGINT, which stop every
 guest it hosts and cut a migration still arriving (before GO its source keeps the guest).
-With ``once`` it takes one migration and stops listening: if that fails it exits 1; if it
-succeeds it hosts the guest until that is stopped or migrated away, then exits with the
+With ``once`` it takes one migration (later ones are refused): if that fails it exits 1; if
+it succeeds it hosts the guest until that is stopped or migrated away, then exits with the
 host's status (0).
 
 A migration left in doubt (the destination voted READY and lost the source before GO, when
 :func:`~xmig.agent.receive_migration` raises ``InDoubt``) keeps its paused guest in this
-process, which then does not exit by itself, even with ``once``: settling it with the
-source's journaled decision is not wired to an operator command yet.
+process, which then does not exit by itself, even with ``once``, until the source reaches
+it again with a session that opens with its journaled decision
+(:func:`xmig.migration.send_decision`, which the source host retries on its own): GO runs
+and hosts the guest here, ABORT discards it.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ import socket
 import ssl
 from pathlib import Path
 
-from xmig.agent import receive_migration
-from xmig.errors import ConfigError, GuestStateError, XmigError
+from xmig import control
+from xmig.agent import DestResult, first_message, receive_migration, settle
+from xmig.errors import ConfigError, GuestStateError, InDoubt, XmigError
 from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.journal import Journal
-from xmig.transport import Listener, TransportSession, listen
+from xmig.transport import Channel, Listener, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
 
@@ -61,8 +64,10 @@ class _Agent:
         self.workdir, self.once, self.emit = workdir, once, emit
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
-        self.in_doubt: dict[str, object] = {}  #: DestResults left in doubt, by directory
+        #: migrations left in doubt here, by migration id: (result, journal, directory)
+        self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
         self.stopping = asyncio.Event()
+        self.taken = False  #: a migration was accepted (with once, the only one)
         self.rc = 0
 
     async def run(self, sock: socket.socket, tls: ssl.SSLContext) -> int:
@@ -91,40 +96,76 @@ class _Agent:
         return self.rc
 
     async def _accept(self, lst: Listener, tg: asyncio.TaskGroup) -> None:
-        while True:
+        while True:  # with once, later sessions may only settle a migration in doubt
             session = await lst.accept()
             tg.create_task(self._receive(session))
-            if self.once:
-                assert lst.server is not None
-                lst.server.close()  # no new connections; this session's go on
-                return
 
     async def _receive(self, session: TransportSession) -> None:
-        sdir = self.workdir / f"incoming-{secrets.token_hex(4)}"
-        journal = Journal(sdir / "journal")
         task = asyncio.current_task()
         assert task is not None
         self.receiving.add(task)
-        self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
         try:
-            dest = await receive_migration(
-                session, workdir=sdir, journal=journal,
-                on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
-        except Exception as err:  # typed, or a bug: either way this session is over
-            held = getattr(err, "result", None)
-            if getattr(held, "status", None) == "in-doubt":
-                # READY, then cut off from the source before GO: the paused guest (a child
-                # of this process) may be the only copy. Keep it; never exit for it
-                self.in_doubt[str(sdir)] = held
-                self.emit({"event": "in-doubt", "dir": str(sdir),
-                           "error": f"{type(err).__name__}: {err}"})
+            first = await first_message(session)
+            if isinstance(first, control.Negotiate) and self.once and self.taken:
+                self.emit({"event": "refused", "peer": session.peer,
+                           "note": "--once: this agent took its migration already"})
+                await session.send(Channel.CONTROL, control.Refused(
+                    first.migration, "GuestStateError",
+                    "this agent (--once) took its migration already").encode())
                 return
-            self.emit({"event": "discarded", "dir": str(sdir),
-                       "error": f"{type(err).__name__}: {err}"})
-            self._ended(1)
+            if isinstance(first, control.Negotiate):
+                self.taken = True
+                sdir = self.workdir / f"incoming-{secrets.token_hex(4)}"
+                journal = Journal(sdir / "journal")
+                self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
+                dest = await self._negotiated(session, first, sdir, journal)
+            else:  # a source settling a migration left in doubt here
+                held = self.in_doubt.get(first.migration)
+                sdir = held[2] if held else self.workdir
+                journal = held[1] if held else Journal(sdir / "journal")
+                self.emit({"event": "decision", "peer": session.peer, "decision": first.type,
+                           "migration": first.migration})
+                dest = await settle(session, first, {
+                    k: (r, j) for k, (r, j, _) in self.in_doubt.items()},
+                    on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+                self.in_doubt.pop(first.migration, None)
+                if dest.status != "running":  # ABORT: discarded
+                    self._ended(1)
+                    return
+        except Exception as err:  # typed, or a bug: either way this session is over
+            self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
+            if not self.in_doubt:
+                self._ended(1)
             return
         finally:
             self.receiving.discard(task)
+        if dest is None:
+            return
+        await self._host(dest, sdir, journal)
+
+    async def _negotiated(self, session: TransportSession, first: control.Negotiate,
+                          sdir: Path, journal: Journal) -> DestResult | None:
+        try:
+            return await receive_migration(
+                session, workdir=sdir, journal=journal, first=first,
+                on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        except InDoubt as err:
+            # READY, then cut off from the source before GO: the paused guest (a child of
+            # this process) may be the only copy. Keep it until the source's decision
+            # comes (a new session opening with GO or ABORT); never exit for it
+            held = err.result
+            assert isinstance(held, DestResult)
+            self.in_doubt[err.migration] = (held, journal, sdir)
+            self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
+                       "error": f"{type(err).__name__}: {err}"})
+            return None
+        except XmigError as err:
+            self.emit({"event": "discarded", "dir": str(sdir),
+                       "error": f"{type(err).__name__}: {err}"})
+            self._ended(1)
+            return None
+
+    async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:
         assert dest.guest is not None and dest.image is not None and dest.nbd is not None
         name = self._name_for(dest.migration)
         host = GuestHost(name=name, role="destination", workdir=sdir,

@@ -15,8 +15,11 @@ client that goes away does not stop it. Afterwards:
 - aborted, or refused before it began (bad PKI, agent unreachable, guest busy): the guest
   runs on, untouched, and the host keeps serving;
 - failed after GO (GO is journaled, so this side never resumes: I1): the host keeps the
-  paused guest and its state (state ``failed-after-go``; the destination, READY, holds the
-  whole state too) for an operator, refuses new migrations, and exits 1 once stopped.
+  paused guest and its state (state ``failed-after-go``; the destination, READY and in
+  doubt, holds the whole state too), refuses new migrations, and keeps reaching the
+  destination agent to tell it GO (:func:`xmig.migration.send_decision`, with backoff);
+  once it answers, the guest runs there and is discarded here. Stopped before that, it
+  exits 1.
 
 Stopping (``stop``, SIGTERM, SIGINT) quits the guest and ends the host; it waits for a
 migration in progress to end first. Files stay in the guest's directory (disk image,
@@ -40,7 +43,7 @@ from xmig import hostctl
 from xmig.errors import ConfigError, GuestStateError, XmigError
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SourceResult, migrate
+from xmig.migration import MigrationOptions, SourceResult, migrate, send_decision
 from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -51,6 +54,7 @@ from xmig.transport.tls import client_context
 MiB = 1 << 20
 PAGE = 4096
 SAMPLE_S = 0.25  #: the host samples its guest's progress this often (rate before a migration)
+SETTLE_MAX_BACKOFF_S = 30.0  #: retrying to tell an in-doubt destination GO, at most this apart
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -135,6 +139,7 @@ class GuestHost:
         self._stop_after_migration = False
         self._torn_down = False
         self._tg: asyncio.TaskGroup | None = None
+        self._settler: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -148,6 +153,8 @@ class GuestHost:
                 self.emit({"event": "ready", **self._identity()})
                 await self._done.wait()
                 watcher.cancel()
+                if self._settler is not None:
+                    self._settler.cancel()
         finally:
             server.close()
             with contextlib.suppress(OSError):
@@ -339,6 +346,30 @@ class GuestHost:
         self.rc = 1 if ended == "failed-after-go" else self.rc
         if self._stop_after_migration:
             await self._stop()
+        elif ended == "failed-after-go" and self._tg is not None:
+            self._settler = self._tg.create_task(self._settle(req))
+
+    async def _settle(self, req: hostctl.MigrateRequest) -> None:
+        """GO is journaled but the destination may not have heard it (it then waits, in
+        doubt): reach its agent again and tell it, retrying with backoff until it answers
+        or this host is stopped. Then the guest runs there and is discarded here."""
+        host, port = req.endpoint
+        tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
+        delay = 1.0
+        while True:
+            try:
+                async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                                   streams=1, connect_timeout=req.connect_timeout_s) as session:
+                    decision = await send_decision(session, self.journal, self.name)
+                self.emit({"event": "settled", "name": self.name, "decision": decision.type})
+                await self._teardown("migrated")
+                self._done.set()
+                return
+            except XmigError as err:
+                self.emit({"event": "settle-retry", "name": self.name, "in_s": delay,
+                           "error": f"{type(err).__name__}: {err}"})
+            await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
+            delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)
 
     async def _run(self, req: hostctl.MigrateRequest, event: Emit, put: Emit,
                    timeline: list[dict[str, Any]], seen_resumed: list[float]

@@ -30,6 +30,7 @@ from xmig.errors import (
     DiskNotFound,
     DiskTooSmall,
     GuestError,
+    GuestNotFound,
     MigrationAborted,
     MigrationError,
     ProtocolError,
@@ -54,7 +55,7 @@ MiB = 1 << 20
 
 _REFUSALS: dict[str, type[XmigError]] = {
     c.__name__: c for c in (DiskTooSmall, DiskFull, DiskNotFound, StaleEpochError, GuestError,
-                            StorageError, ProtocolError)
+                            GuestNotFound, StorageError, ProtocolError)
 }
 
 
@@ -107,6 +108,22 @@ def journaled_decision(journal: Journal, migration: str) -> control.Go | control
             return control.Abort(migration, rec.epoch, str(rec.fields.get("reason", "")) or
                                  "no GO was journaled")
     return control.Abort(migration, 0, "no such migration in the source's journal")
+
+
+async def send_decision(session: TransportSession, journal: Journal, migration: str, *,
+                        timeout: float = 60.0) -> control.Go | control.Abort:
+    """Tell a destination left in doubt (a new session to its agent) the decision this
+    source journaled for ``migration``; after GO, wait for RESUMED. Returns the decision;
+    raises the destination's typed refusal (e.g. GuestNotFound: nothing in doubt there)."""
+    decision = journaled_decision(journal, migration)
+    await session.send(Channel.CONTROL, decision.encode())
+    if isinstance(decision, control.Go):
+        reply = await _recv_control(session, timeout)
+        if isinstance(reply, control.Refused):
+            raise _refusal(reply)
+        if not isinstance(reply, control.Resumed):
+            raise ProtocolError(f"expected resumed, got {reply.type}")
+    return decision
 
 
 def _refusal(msg: control.Refused) -> XmigError:
