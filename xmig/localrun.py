@@ -27,12 +27,11 @@ from xmig.guest.sim import (
     SimGuest,
     downtime_s,
     make_disk_image,
-    read_ledger,
-    verify_ledger,
 )
 from xmig.journal import Journal
 from xmig.migration import MigrationOptions, SourceResult, migrate
 from xmig.netem import LinkSpec, Wan
+from xmig.report import ledger_check, source_report
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.transport import SessionConfig, connect, listen
@@ -179,37 +178,13 @@ def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any
             wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
     # every write acknowledged to the source guest is on the source disk at pause, whose
     # digest equals the destination's at READY (verify): together, I2
-    check = verify_ledger(read_ledger(ledger), disk.pread)
-    migrating_s = max(src.paused_at - src.started, 1e-9)
     rate_during = (src_prog.counter - before_prog.counter) / max(src.paused_at - src.started,
                                                                   1e-9)
-    wire_bytes = int(wire["wire_bytes_out"]) + int(wire["wire_bytes_in"])
-    guest_bytes = run.guest.ram_bytes + run.disk_bytes
-    link = run.link.rate_bps or 0
-    digests_equal: bool | None = (
-        bool(src.memory_digest)
-        and src.ready_digests.get("memory") == src.memory_digest
-        and src.ready_digests.get("device") == src.device_digest
-        and src.ready_digests.get("disk") == src.disk_digest
-    ) if run.options.verify else None
-    return {
-        "status": src.status,
-        "downtime_ms": round(downtime_s(src_prog, dst_prog) * 1000, 1),
-        "client_downtime_ms": None,
-        "total_s": round(total, 3),
-        "workload_penalty": round(1 - rate_during / rate_before, 4) if rate_before else None,
-        "wire_bytes": wire_bytes,
-        "guest_bytes": guest_bytes,
-        "wire_ratio": round(wire_bytes / guest_bytes, 4),
-        "link_utilization": round(wire_bytes * 8 / (link * migrating_s), 4) if link else None,
-        "sdps_max_throttle": round(src.sdps_max_throttle, 3),
-        "rounds": src.rounds,
-        "verified": digests_equal,
-        "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
-                               "disk": src.disk_digest}, "destination": src.ready_digests},
-        "acknowledged_writes": check.acknowledged,
-        "lost_acknowledged_writes": len(check.lost),
-        "link": run.link.to_dict(),
-        "options": dict(run.options.__dict__),
-        "timeline": src.timeline,
-    }
+    report = source_report(
+        src, total_s=total, downtime_s=downtime_s(src_prog, dst_prog), client_downtime_s=None,
+        rate_before=rate_before, rate_during=rate_during, wire=wire,
+        guest_bytes=run.guest.ram_bytes + run.disk_bytes, link_rate_bps=run.link.rate_bps,
+        ledger=ledger_check(ledger, disk), verify=run.options.verify,
+        options=dict(run.options.__dict__))
+    report["link"] = run.link.to_dict()
+    return report

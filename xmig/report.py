@@ -11,8 +11,10 @@ acknowledged_writes, lost_acknowledged_writes`` (:data:`REPORT_KEYS`), then deta
 
 A value the caller could not measure is ``None``: ``client_downtime_ms`` when no client
 probed the guest's service during the migration (a source host alone has no client);
-``link_utilization`` when the link's rate is unknown; ``workload_penalty`` without a
-progress rate from before the migration; ``verified`` when verification was off.
+``link_utilization`` (bytes sent ÷ link capacity while bulk data — the disk's bulk copy or
+memory's round 0 — was pending, :func:`bulk_utilization`) when the link's rate is unknown;
+``workload_penalty`` without a progress rate from before the migration; ``verified`` when
+verification was off.
 """
 
 from __future__ import annotations
@@ -71,6 +73,25 @@ def downtime_estimate(*, last_progress: float, paused_at: float, peer_resumed_at
     return max(resumed - last_progress, 0.0), "estimate: RESUMED arrival - srtt/2"
 
 
+def bulk_utilization(timeline: list[dict[str, Any]], link_rate_bps: int
+                     ) -> tuple[float | None, float]:
+    """Link utilization while bulk data was pending (DESIGN.md): bytes the source put on
+    the wire ÷ (link rate × time), from the start to the last progress event at which the
+    disk's bulk copy or memory's first full pass (round 0) was not done. Returns it (None
+    without such an event) and that time in seconds."""
+    last: dict[str, Any] | None = None
+    for e in timeline:
+        if e.get("event") != "progress" or not isinstance(e.get("session"), dict):
+            continue
+        disk = e.get("disk")
+        if (disk is not None and not disk.get("bulk_done")) or e.get("round", 0) < 1:
+            last = e
+    if last is None or not link_rate_bps or float(last["t"]) <= 0:
+        return None, 0.0
+    sent = float(last["session"].get("wire_bytes_out", 0))
+    return round(sent * 8 / (link_rate_bps * float(last["t"])), 4), float(last["t"])
+
+
 def source_report(
     src: SourceResult,
     *,
@@ -91,7 +112,8 @@ def source_report(
     ``rate_before`` / ``rate_during``: guest progress units per second before the migration
     and from its start to the pause; ``wire``: the session's ``stats()``."""
     wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
-    brownout_s = max(src.paused_at - src.started, 1e-9)
+    utilization, bulk_s = (bulk_utilization(src.timeline, link_rate_bps)
+                           if link_rate_bps else (None, 0.0))
     penalty = (round(1 - rate_during / rate_before, 4)
                if rate_before and rate_during is not None else None)
     return {
@@ -104,13 +126,13 @@ def source_report(
         "wire_bytes": wire_bytes,
         "guest_bytes": guest_bytes,
         "wire_ratio": round(wire_bytes / guest_bytes, 4) if guest_bytes else None,
-        "link_utilization": (round(wire_bytes * 8 / (link_rate_bps * brownout_s), 4)
-                             if link_rate_bps else None),
+        "link_utilization": utilization,
         "sdps_max_throttle": round(src.sdps_max_throttle, 3),
         "rounds": src.rounds,
         "verified": digests_equal(src, verify),
         "acknowledged_writes": ledger.acknowledged,
         "lost_acknowledged_writes": len(ledger.lost),
+        "bulk_pending_s": round(bulk_s, 3),
         "error": src.error,
         "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
                                "disk": src.disk_digest}, "destination": src.ready_digests},
