@@ -4,6 +4,8 @@ the initramfs's contents, and the build cache."""
 from __future__ import annotations
 
 import gzip
+import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,19 @@ def test_image_is_cached_and_holds_what_init_needs(guest_image: GuestImage) -> N
     names = set(listing.split())
     assert {"init", "bin/busybox", "bin/sh", "bin/xmig-workload", "dev/console"} <= names
     assert {f"lib/modules/{m}.ko" for m in MODULES} <= names
+
+
+def test_a_changed_input_rebuilds_the_same_bytes(guest_image: GuestImage, tmp_path: Path) -> None:
+    """A manifest whose inputs differ (as after an edit of init.sh) is rebuilt, from the
+    downloaded package already there; the build is reproducible (same initramfs bytes)."""
+    build = tmp_path / "guest"
+    shutil.copytree(guest_image.kernel.parent, build, ignore=shutil.ignore_patterns(".lock"))
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["init_sha256"] = "0" * 64
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = build_test_guest(build)
+    assert not rebuilt.cached
+    assert rebuilt.manifest["init_sha256"] == guest_image.manifest["init_sha256"]
+    assert rebuilt.initrd.read_bytes() == guest_image.initrd.read_bytes()
+    assert rebuilt.kernel.read_bytes() == guest_image.kernel.read_bytes()
+    assert build_test_guest(build).cached
