@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,15 +27,19 @@ def test_demo_json_moves_data_across_a_cut_and_verifies_it(
 
 
 @pytest.mark.root
-def test_demo_migrates_the_reference_guest(capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_migrates_the_reference_guest(capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
     rc = main(["demo", "--json", "--ram", "64MiB", "--disk", "32MiB", "--rate", "1gbit",
-               "--rtt", "10ms", "--dirty-rate", "10MB", "--disk-rate", "2MB"])
+               "--rtt", "10ms", "--dirty-rate", "10MB", "--disk-rate", "2MB",
+               "--plot", str(tmp_path / "t.png"), "--report", str(tmp_path / "r.json")])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     report = lines[-1]
     assert rc == 0
     assert report["status"] == "done" and report["verified"] is True
     assert report["lost_acknowledged_writes"] == 0 and report["acknowledged_writes"] > 0
     assert any(e.get("event") == "progress" for e in lines[:-1])
+    assert json.loads((tmp_path / "r.json").read_text())["timeline"] == report["timeline"]
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

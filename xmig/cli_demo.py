@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
+from xmig.cli_view import ProgressView, summary
 from xmig.errors import ConfigError
 
 MiB = 1 << 20
@@ -39,8 +40,12 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
     demo.add_argument("--streams", type=int, default=2, help="parallel TCP connections")
     demo.add_argument("--no-verify", action="store_true",
-                      help="skip the memory and disk digests in the blackout (lower downtime; "
+                      help="keep no memory and disk digests (less CPU during pre-copy; "
                       "'verified' is then null)")
+    demo.add_argument("--plot", type=Path, metavar="FILE.png",
+                      help="the timeline: rates per channel, dirty rate, throttle, downtime")
+    demo.add_argument("--report", type=Path, metavar="FILE.json",
+                      help="write the whole report (with its timeline) here")
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--transport", action="store_true",
                       help="only the transport: send --size bytes, cut the link at half way")
@@ -86,47 +91,37 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     if args.json:
         report = asyncio.run(run_local(run, on_event=lambda e: print(json.dumps(e), flush=True)))
+        _save(args, report)
         print(json.dumps(report), flush=True)
         return 0 if report.get("verified") is not False and report["status"] == "done" else 1
-    state: dict[str, Any] = {}
-
-    def table() -> Table:
-        t = Table(title=f"xmig demo: {args.workload} guest over {spec.describe()}")
-        for col in ("phase", "round", "predicted downtime", "throttle", "dirty MB/s",
-                    "memory MB/s", "disk bulk", "mirror queue"):
-            t.add_column(col)
-        d = state.get("disk") or {}
-        size = d.get("size") or 1
-        t.add_row(str(state.get("phase", "negotiate")), str(state.get("round", "-")),
-                  f"{state.get('predicted_downtime_ms', '-')} ms",
-                  f"{state.get('throttle', 0):.0%}",
-                  f"{state.get('dirty_rate_Bps', 0) / 1e6:.1f}",
-                  f"{state.get('memory_rate_Bps', 0) / 1e6:.1f}",
-                  f"{d.get('bulk_applied', 0) / size:.0%}",
-                  f"{d.get('mirror_queued_bytes', 0) / MiB:.1f} MiB")
-        return t
-
-    with Live(table(), console=console, refresh_per_second=4,
+    view = ProgressView(f"xmig demo: {args.workload} guest over {spec.describe()}",
+                        budget_s=run.options.max_downtime_s)
+    with Live(view.render(), console=console, refresh_per_second=4,
               transient=False) if not args.quiet else _Null() as live:
         def show(event: dict[str, Any]) -> None:
-            state.update({k: v for k, v in event.items() if v is not None})
+            view.update(event)
             if live is not None:
-                live.update(table())
+                live.update(view.render())
 
         report = asyncio.run(run_local(run, on_event=show))
+    _save(args, report)
     report.pop("timeline", None)
     if report.get("status") == "done":
-        ok = {True: "[green]verified[/]", False: "[red]NOT VERIFIED[/]",
-              None: "[yellow]not verified (--no-verify)[/]"}[report["verified"]]
-        console.print(f"migrated in {report['total_s']:.1f} s, downtime "
-                      f"{report['downtime_ms']:.0f} ms, SDPS max throttle "
-                      f"{report['sdps_max_throttle']:.0%}, {report['rounds']} rounds, "
-                      f"{report['acknowledged_writes']} acknowledged disk writes, "
-                      f"{report['lost_acknowledged_writes']} lost: {ok}")
+        console.print(summary({**report, "name": "the reference guest",
+                               "to": "the destination agent"}))
     else:
         console.print(f"[yellow]{report.get('status')}: {report.get('error')}[/]")
     console.print_json(json.dumps(report))
     return 0 if report.get("verified") is not False and report.get("status") == "done" else 1
+
+
+def _save(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot and report.get("timeline"):
+        from xmig.plot import plot_timeline
+
+        plot_timeline(report, args.plot)
 
 
 def _run_transport(args: argparse.Namespace, spec: Any) -> int:
