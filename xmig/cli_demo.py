@@ -16,6 +16,7 @@ from xmig.cli_view import ProgressView, summary
 from xmig.errors import ConfigError
 
 MiB = 1 << 20
+WRITE_SIZE = 4096
 
 
 def add_parsers(sub: Any) -> None:
@@ -35,6 +36,9 @@ def add_parsers(sub: Any) -> None:
                       choices=["idle", "uniform", "hotset", "scan", "oltp"])
     demo.add_argument("--dirty-rate", default="60MB", help="page-write rate (default 60MB/s)")
     demo.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
+    demo.add_argument("--write-size", type=int, default=WRITE_SIZE,
+                      help="bytes of a page each page write changes (default %(default)s: "
+                      "whole pages: the guest outruns the link and SDPS shows)")
     demo.add_argument("--max-downtime", default="300ms")
     demo.add_argument("--timeout", default="120s", help="give up pre-copy after this")
     demo.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
@@ -82,6 +86,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         disk_rate_Bps=float(parse_size(args.disk_rate))
                         if args.workload == "oltp" else 0.0,
                         hotset_bytes=min(64 * MiB, parse_size(args.ram) // 4), seed=args.seed,
+                        write_size=args.write_size,
                         disk_url="nbd+unix:///?socket=/set-by-run_local"),
         link=spec, disk_bytes=parse_size(args.disk), streams=args.streams,
         options=MigrationOptions(max_downtime_s=parse_duration(args.max_downtime),
