@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from xmig.errors import ConfigError
 from xmig.guest.qemu import check_records, parse_progress, record_bytes
-from xmig.guest.qemu.image import MODULES, GuestImage, build_test_guest, guest_cmdline
+from xmig.guest.qemu.image import (
+    MODULES,
+    GuestImage,
+    _decompress,
+    build_test_guest,
+    guest_cmdline,
+)
 from xmig.guest.qemu.progress import SerialTail, parse_error
 
 from .helpers import guest_build_dir
@@ -110,3 +118,15 @@ def test_a_changed_input_rebuilds_the_same_bytes(guest_image: GuestImage, tmp_pa
     assert rebuilt.initrd.read_bytes() == guest_image.initrd.read_bytes()
     assert rebuilt.kernel.read_bytes() == guest_image.kernel.read_bytes()
     assert build_test_guest(build).cached
+
+
+@pytest.mark.parametrize("suffix", ["", ".xz", ".zst", ".gz"])
+def test_compressed_modules_are_unpacked(suffix: str) -> None:
+    ko = b"\x7fELF module" * 100
+    packed = {
+        "": ko,
+        ".xz": lzma.compress(ko),
+        ".zst": zstandard.ZstdCompressor().compress(ko),
+        ".gz": gzip.compress(ko),
+    }[suffix]
+    assert _decompress(packed, suffix) == ko

@@ -148,9 +148,11 @@ class QemuGuest:
         if self._proc is not None or self._gone:
             raise GuestStateError(f"guest {self.config.name} was already started")
         c = self.config
-        for label, path in (("kernel", c.kernel), ("initrd", c.initrd), ("disk", c.disk)):
-            if path is not None and not Path(path).is_file():
+        for label, path in (("kernel", c.kernel), ("initrd", c.initrd)):
+            if not Path(path).is_file():
                 raise GuestNotFound(f"{label} {path} not found")
+        if c.disk is not None and not Path(c.disk).exists():  # a file or a block device
+            raise GuestNotFound(f"disk {c.disk} not found")
         if shutil.which(c.qemu) is None:
             raise QemuError(f"{c.qemu} not found: apt-get install qemu-system-x86")
         if self.mem_path.exists():
