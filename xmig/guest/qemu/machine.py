@@ -199,20 +199,25 @@ class QemuGuest:
         qmp, self._qmp = self._qmp, None
         proc = self._proc
         self._gone = True
-        if qmp is not None:
-            with contextlib.suppress(QMPError, OSError, TimeoutError):
-                if proc is not None and proc.poll() is None:
-                    await asyncio.wait_for(qmp.execute("quit"), timeout)
-            # after ``quit`` the bottom half re-raises the EOF it met: expected, not news
-            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
-                await asyncio.wait_for(qmp.disconnect(), timeout)
-        if proc is not None and proc.poll() is None:
-            try:
-                await asyncio.to_thread(proc.wait, timeout)
-            except subprocess.TimeoutExpired:
+        try:
+            if qmp is not None:
+                with contextlib.suppress(QMPError, OSError, TimeoutError):
+                    if proc is not None and proc.poll() is None:
+                        await asyncio.wait_for(qmp.execute("quit"), timeout)
+                # after ``quit`` the bottom half re-raises the EOF it met: expected, not news
+                with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+                    await asyncio.wait_for(qmp.disconnect(), timeout)
+            if proc is not None and proc.poll() is None:
+                try:
+                    await asyncio.to_thread(proc.wait, timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait)
+        finally:
+            if proc is not None and proc.poll() is None:  # cancelled or failed on the way
                 proc.kill()
-                await asyncio.to_thread(proc.wait)
-        self._cleanup()
+                proc.wait()
+            self._cleanup()
 
     def kill(self) -> None:
         """Kill QEMU at once (no QMP), e.g. from a synchronous teardown."""
