@@ -36,6 +36,7 @@ from xmig.localrun import LocalRun, run_local
 from xmig.migration import MigrationOptions
 from xmig.netem import LinkSpec
 
+GUEST_NICE = -10
 MiB = 1 << 20
 GiB = 1 << 30
 MBIT = 1_000_000
@@ -146,7 +147,8 @@ async def run_point(point: Point, args: argparse.Namespace, seed: int, workdir: 
                     ) -> dict[str, Any]:
     guest = SimConfig(ram_bytes=args.ram, workload=point.workload, rate_Bps=point.rate_Bps,
                       disk_rate_Bps=point.disk_rate_Bps, seed=seed, disk_url=SOCKET,
-                      hotset_bytes=min(64 * MiB, args.ram // 4), **point.extra)
+                      hotset_bytes=min(64 * MiB, args.ram // 4), nice=args.guest_nice,
+                      **point.extra)
     link = LinkSpec.symmetric(rate_bps=point.rate_bps, rtt_s=point.rtt_s, seed=seed)
     options = MigrationOptions(max_downtime_s=budget_s(point, args.max_downtime),
                                timeout_s=point.timeout_s,
@@ -184,11 +186,26 @@ def summarize(point: Point, report: dict[str, Any], seed: int, verify: bool,
                            "max_downtime_s": round(budget_s(point, max_downtime), 4)}
     out.update({k: report[k] for k in MEASURES if k in report})
     out["wall_s"] = report.get("wall_s")
+    out["blackout_steps_ms"] = blackout_steps(report.get("timeline") or [])
+    out["downtime_parts_ms"] = report.get("downtime_parts_ms")
     for key in ("traceback", "last_events"):
         if key in report:
             out[key] = report[key]
     out["targets"] = targets(point, report, verify)
     return out
+
+
+def blackout_steps(timeline: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the blackout went: ms from the pause to each step the source saw."""
+    paused = next((e["t"] for e in timeline if e.get("note") == "guest paused"), None)
+    if paused is None:
+        return {}
+    steps = {}
+    for e in timeline:
+        if e["t"] >= paused and e.get("event") in ("blackout", "phase"):
+            name = e.get("step") or e.get("note") or e.get("phase")
+            steps[str(name)] = round((e["t"] - paused) * 1000, 1)
+    return steps
 
 
 def table(result: dict[str, Any]) -> str:
@@ -260,6 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", type=Path, default=None, metavar="DIR",
                     help="write one timeline PNG per point into DIR")
+    ap.add_argument("--guest-nice", type=int, default=GUEST_NICE,
+                    help="the reference guest's nice value (default %(default)s: it stands "
+                    "for a VM's own vCPU cores; this box runs guest, both agents and the "
+                    "emulator on 2 cores; 0 lets the migration take the guest's CPU)")
     ap.add_argument("--quick", action="store_true",
                     help="256 MiB guest and disk, three links plus the SDPS pair")
     ap.add_argument("--ram", default=None, help="guest RAM (default 1GiB, quick 256MiB)")

@@ -187,4 +187,12 @@ def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any
         ledger=ledger_check(ledger, disk), verify=run.options.verify,
         options=dict(run.options.__dict__))
     report["link"] = run.link.to_dict()
+    # the downtime's ends, from the pause the source agent asked for (ms; negative: before)
+    report["downtime_parts_ms"] = {
+        "last_progress": round((src_prog.last_progress_mono - src.paused_at) * 1000, 1),
+        "guest_paused": round((src_prog.paused_at_mono - src.paused_at) * 1000, 1),
+        "destination_resumed": round((dst_prog.resumed_at_mono - src.paused_at) * 1000, 1),
+        "first_progress": round(
+            (dst_prog.first_progress_after_resume_mono - src.paused_at) * 1000, 1),
+    }
     return report

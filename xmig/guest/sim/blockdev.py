@@ -4,13 +4,21 @@
 - ``nbd+unix:///?socket=/path.sock`` → :class:`NbdBlockDevice`, through xmig's storage
   interception point (``xmig.storage.nbdclient.NbdClient``, imported when first used).
 
-A write is *acknowledged* when ``pwrite`` returns.
+A write is *acknowledged* when ``pwrite`` returns. The guest's vCPU does not wait for it:
+:class:`QueuedDisk` puts its requests on a bounded queue served in order by one I/O thread
+(as a virtio-blk queue is), and learns of each acknowledgement by a callback; it waits only
+when the queue is full (a slow disk, or the mirror holding acknowledgements back, slows the
+guest through that), on a read, and when paused (the queue drains first, as QEMU drains
+block I/O when it stops a VM).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,3 +147,86 @@ def open_block_device(url: str) -> BlockDevice:
     if disk.scheme == "nbd+unix":
         return NbdBlockDevice(disk.path)
     raise ConfigError(f"disk URL {url!r}: unsupported scheme")  # pragma: no cover
+
+
+_Request = tuple[int, bytes | int, Callable[[], None] | None]  # (offset, data or length, done)
+
+
+class QueuedDisk:
+    """A :class:`BlockDevice` whose writes and reads the vCPU only submits: one I/O thread
+    serves up to ``depth`` queued requests in order. ``done`` (a write's callback) runs on
+    that thread once the write is acknowledged. An I/O error is raised to the vCPU at its
+    next submit, drain or flush; the requests after it are dropped (never acknowledged)."""
+
+    def __init__(self, device: BlockDevice, depth: int = 32) -> None:
+        if depth < 1:
+            raise ConfigError(f"disk queue depth must be at least 1, not {depth}")
+        self.device = device
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._serve, name="xmig-guest-io", daemon=True)
+        self._thread.start()
+
+    @property
+    def size(self) -> int:
+        return self.device.size
+
+    def submit_write(self, offset: int, data: bytes, done: Callable[[], None] | None) -> None:
+        """Queue a write (blocks while the queue is full)."""
+        self._raise()
+        self._queue.put((offset, data, done))
+
+    def submit_read(self, offset: int, length: int) -> None:
+        """Queue a read whose data the guest does not wait for."""
+        self._raise()
+        self._queue.put((offset, length, None))
+
+    def drain(self) -> None:
+        """Until every queued request is served; raises the I/O error if one failed."""
+        self._queue.join()
+        self._raise()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.drain()
+        return self.device.pread(offset, length)
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        self.drain()
+        self.device.pwrite(offset, data)
+
+    def flush(self) -> None:
+        self.drain()
+        self.device.flush()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+            self.device.close()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise GuestError(f"guest disk I/O failed: {self.error}") from self.error
+
+    def _serve(self) -> None:
+        while True:
+            request = self._queue.get()
+            try:
+                if request is None:
+                    return
+                if self.error is not None:
+                    continue  # dropped: never acknowledged
+                offset, payload, done = request
+                try:
+                    if isinstance(payload, int):
+                        self.device.pread(offset, payload)
+                    else:
+                        self.device.pwrite(offset, payload)
+                        if done is not None:
+                            done()
+                except Exception as err:  # typed errors and OSError; kept for the vCPU
+                    self.error = err
+            finally:
+                self._queue.task_done()

@@ -77,6 +77,12 @@ class SimConfig:
     disk_rate_Bps: float = 0.0
     table_bytes: int = 4 * MiB
     oltp_keys: int = 4096
+    disk_queue_depth: int = 32
+    """Disk requests the vCPU may have outstanding (0: it waits for each, synchronously)."""
+    nice: int = 0
+    """The guest process's scheduling priority (−20…19; below 0 needs root). On one box that
+    also runs both agents and the link emulator, a negative value stands for the dedicated
+    CPUs a VM's vCPUs have on a real host, away from the migration's threads."""
     ledger_path: str | None = None
     """Append-only log of acknowledged disk writes; None = ``<workdir>/<guest name>.ledger``."""
     shm_dir: str = "/dev/shm"
@@ -155,3 +161,6 @@ class SimConfig:
             need(isinstance(host, str) and isinstance(port, int) and 0 <= port < 65536,
                  f"udp_addr {self.udp_addr!r} must be (host, port)")
         need(os.path.isabs(self.shm_dir), "shm_dir must be an absolute path")
+        need(isinstance(self.nice, int) and -20 <= self.nice <= 19, "nice must be in -20..19")
+        need(isinstance(self.disk_queue_depth, int) and 0 <= self.disk_queue_depth <= 1024,
+             "disk_queue_depth must be in 0..1024")

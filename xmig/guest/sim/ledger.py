@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,17 +49,22 @@ class WriteLedger:
         if os.fstat(self._fd).st_size == 0:
             os.write(self._fd, MAGIC)
         self._pending: list[bytes] = []
+        self._lock = threading.Lock()  # records come from the guest's I/O thread
 
     def record(self, seq: int, offset: int, data: bytes) -> None:
         """Note an acknowledged write (buffered until :meth:`flush`)."""
-        self._pending.append(RECORD.pack(seq, offset, len(data), 0, xxhash.xxh3_64_intdigest(data)))
-        if len(self._pending) >= 64:
+        rec = RECORD.pack(seq, offset, len(data), 0, xxhash.xxh3_64_intdigest(data))
+        with self._lock:
+            self._pending.append(rec)
+            full = len(self._pending) >= 64
+        if full:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            os.write(self._fd, b"".join(self._pending))
-            self._pending.clear()
+        with self._lock:
+            if self._pending:
+                os.write(self._fd, b"".join(self._pending))
+                self._pending.clear()
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -28,7 +28,7 @@ import numpy as np
 
 from xmig.errors import ConfigError, GuestError, GuestStateError, XmigError
 from xmig.guest.sim import shm
-from xmig.guest.sim.blockdev import BlockDevice, open_block_device
+from xmig.guest.sim.blockdev import BlockDevice, QueuedDisk, open_block_device
 from xmig.guest.sim.config import MIN_OLTP_DISK_BYTES, SimConfig
 from xmig.guest.sim.control import MessageReader, b64, error_reply, send_message, unb64
 from xmig.guest.sim.devstate import decode_device_state, encode_device_state
@@ -136,6 +136,12 @@ class GuestProcess:
 
     def _setup(self, init: dict[str, Any]) -> dict[str, Any]:
         self.config = config = SimConfig.from_json(init["config"])
+        if config.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, config.nice)
+            except OSError as err:
+                raise ConfigError(f"guest nice {config.nice}: {err.strerror} (a negative "
+                                  "value needs root)") from err
         self.paths = paths = SharedPaths.from_json(init["paths"])
         incoming = init["mode"] == "incoming"
         self._create(paths.control, shm.CONTROL_BYTES)
@@ -172,7 +178,9 @@ class GuestProcess:
         return info
 
     def _open_disk(self, config: SimConfig, ledger_path: Path) -> None:
-        self.disk = open_block_device(config.disk_url or "")
+        device = open_block_device(config.disk_url or "")
+        self.disk = QueuedDisk(device, config.disk_queue_depth) if config.disk_queue_depth \
+            else device
         if config.disk_bytes > self.disk.size:
             raise ConfigError(f"disk_bytes {config.disk_bytes} > the device's {self.disk.size}")
         self.disk_size = config.disk_bytes or self.disk.size
@@ -217,12 +225,14 @@ class GuestProcess:
             self.flushed_writes = writes
 
     def _close_disk(self) -> None:
-        if self.ledger is not None:
-            self.ledger.close()
-        if self.disk is not None:
-            self.disk.flush()
-            self.disk.close()
-            self.disk = None
+        try:
+            if self.disk is not None:  # drains the queue: its last acknowledgements first
+                self.disk.flush()
+                self.disk.close()
+                self.disk = None
+        finally:
+            if self.ledger is not None:
+                self.ledger.close()
 
     # ---- the vCPU loop ----------------------------------------------------------------
 
@@ -378,9 +388,9 @@ class GuestProcess:
     def _pause(self) -> dict[str, Any]:
         if self.state == shm.STATE_RUNNING:
             now, wall = time.monotonic(), time.time()
+            self._flush_disk()  # drains the disk queue: every acknowledgement is in
             if self.ledger is not None:
                 self.ledger.flush()
-            self._flush_disk()
             self._close_udp()
             self.state = shm.STATE_PAUSED
             assert self.ctl is not None

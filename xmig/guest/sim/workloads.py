@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from xmig.guest.sim.blockdev import BlockDevice
+from xmig.guest.sim.blockdev import BlockDevice, QueuedDisk
 from xmig.guest.sim.config import SimConfig
 from xmig.guest.sim.ledger import WriteLedger
 from xmig.guest.sim.table import MAX_VALUE, KvTable, TableFull
@@ -241,9 +241,13 @@ class Workload:
         assert self.disk is not None and self.layout is not None
         rng, layout = self.disk_rng, self.layout
         kind = int(rng.integers(0, 20))
+        queued = self.disk if isinstance(self.disk, QueuedDisk) else None
         if kind >= 18:
             block = int(rng.integers(0, layout.data_blocks))
-            self.disk.pread(layout.log_bytes + block * DISK_BLOCK, DISK_BLOCK)
+            if queued is not None:
+                queued.submit_read(layout.log_bytes + block * DISK_BLOCK, DISK_BLOCK)
+            else:
+                self.disk.pread(layout.log_bytes + block * DISK_BLOCK, DISK_BLOCK)
             self.disk_reads += 1
             return 0
         if kind < 9:
@@ -256,9 +260,14 @@ class Workload:
             length = DISK_BLOCK
             offset = layout.log_bytes + DISK_BLOCK * int(rng.integers(0, layout.data_blocks))
         data = rng.bit_generator.random_raw(length // 8).tobytes()
-        self.disk.pwrite(offset, data)  # returned: acknowledged
-        if self.ledger is not None:
-            self.ledger.record(self.disk_seq, offset, data)
+        ledger, seq = self.ledger, self.disk_seq
+        if queued is not None:  # the ledger learns of the acknowledgement when it comes
+            queued.submit_write(offset, data, None if ledger is None else (
+                lambda: ledger.record(seq, offset, data)))
+        else:
+            self.disk.pwrite(offset, data)  # returned: acknowledged
+            if ledger is not None:
+                ledger.record(seq, offset, data)
         self.disk_seq += 1
         self.disk_writes += 1
         self.disk_write_bytes += length
