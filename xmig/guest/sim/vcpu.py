@@ -139,6 +139,11 @@ class GuestProcess:
         if config.nice:
             try:
                 os.setpriority(os.PRIO_PROCESS, 0, config.nice)
+                # the guest runs in its own session, so with autogroup scheduling it is its
+                # own group: nice weighs only inside a group, the group's own nice between
+                # groups (sched(7))
+                with contextlib.suppress(FileNotFoundError):
+                    Path("/proc/self/autogroup").write_text(f"{config.nice}\n")
             except OSError as err:
                 raise ConfigError(f"guest nice {config.nice}: {err.strerror} (a negative "
                                   "value needs root)") from err
