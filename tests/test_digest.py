@@ -67,3 +67,20 @@ def test_the_worker_runs_at_a_lower_priority() -> None:
     nice = worker().submit(lambda: os.getpriority(os.PRIO_PROCESS, 0)).result(timeout=10)
     assert nice == max(base, WORKER_NICE)  # per thread: this (calling) thread is unchanged
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_holes_need_no_reading_and_give_the_same_digest() -> None:
+    space = bytearray(100_000)
+    space[10_000:12_000] = b"d" * 2000
+    space[70_000:70_001] = b"e"
+    reads: list[tuple[int, int]] = []
+
+    def read(off: int, n: int) -> bytes:
+        reads.append((off, n))
+        return bytes(space[off:off + n])
+
+    kept = ChunkDigests(len(space), 4096)
+    kept.zero_outside([(10_000, 12_000), (70_000, 70_001)])
+    kept.refresh(read)
+    assert sum(n for _, n in reads) == 2 * 4096  # chunk 2 (8192..12288) and chunk 17
+    assert kept.digest() == space_digest(len(space), 4096, lambda o, n: bytes(space[o:o + n]))

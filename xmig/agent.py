@@ -25,7 +25,7 @@ from typing import Any
 
 import xxhash
 
-from xmig import control
+from xmig import control, guestctl
 from xmig.errors import (
     GuestNotFound,
     InDoubt,
@@ -125,7 +125,7 @@ async def receive_migration(
         if verify:
             result.digests["disk"] = await receiver.current_digest()
         # the paused guest takes its device state now, so GO only has to resume it
-        await asyncio.to_thread(result.guest.load_device_state, bytes(state))
+        await guestctl.call(result.guest.load_device_state, bytes(state))
         machine.final_applied()
         journal.append("READY", msg.migration, msg.epoch)
         await session.send(Channel.CONTROL, control.Ready(
@@ -223,7 +223,7 @@ async def _run_here(result: DestResult, machine: DestMachine, receiver: DiskRece
     """GO: journaled before the guest runs here."""
     journal.append("RUNNING", result.migration, result.epoch)
     assert result.guest is not None
-    await asyncio.to_thread(result.guest.resume)
+    await guestctl.call(result.guest.resume)
     result.resumed_at = time.monotonic()
     await receiver.stop()
     if session is not None:

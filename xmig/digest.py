@@ -59,6 +59,20 @@ class ChunkDigests:
             self.digests[-1] = xxhash.xxh3_64_intdigest(bytes(tail))
             self.stale[:] = False
 
+    def zero_outside(self, extents: list[tuple[int, int]]) -> None:
+        """Only ``extents`` (start, end) may hold data; everything else reads as zeros (a
+        sparse image's holes): those chunks get the zero digest without being read."""
+        chunk, n = self.chunk, len(self.digests)
+        data = np.zeros(n, np.bool_)
+        for start, end in extents:
+            if end > start:
+                data[start // chunk:-(-end // chunk)] = True
+        zero = xxhash.xxh3_64_intdigest(bytes(chunk))
+        self.digests[~data] = zero
+        if n and not data[-1]:
+            self.digests[-1] = xxhash.xxh3_64_intdigest(bytes(self.size - (n - 1) * chunk))
+        self.stale[:] = data
+
     def mark(self, start: int, end: int) -> None:
         """Bytes ``start``–``end`` may have changed."""
         if end > start:

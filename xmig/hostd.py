@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmig import hostctl
+from xmig import guestctl, hostctl
 from xmig.errors import ConfigError, GuestStateError, XmigError
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.journal import Journal
@@ -439,6 +439,6 @@ class GuestHost:
         with contextlib.suppress(XmigError):
             self.guest.set_throttle(0.0)
             if self.guest.paused:
-                await asyncio.to_thread(self.guest.resume)
+                await guestctl.call(self.guest.resume)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import xxhash
 
-from xmig import control
+from xmig import control, guestctl
 from xmig.errors import (
     DiskFull,
     DiskNotFound,
@@ -208,11 +208,16 @@ async def migrate(
             while True:
                 await memory.precopy()
                 if sender.progress().bulk_done:
-                    return
+                    break
                 # the memory would fit, the disk copy is not done: draining it is not for
                 # the blackout. Wait for it, then more rounds for what was dirtied meanwhile
                 emit("progress_note", note="memory fits; waiting for the disk bulk copy")
                 await sender.wait_bulk()
+            if options.verify:
+                # the disk's digests current before the pause (memory's are kept current by
+                # the rounds), so the blackout re-reads only what is written after this
+                await sender.digests_current()
+                await memory.precopy()
 
         await _watched(brownout(), session, sender)
 
@@ -221,7 +226,7 @@ async def migrate(
         memory.release()
         # guest control blocks until the vCPU reaches a safe point, which may wait on a disk
         # write our own NBD server must answer: never call it on the event loop
-        await asyncio.to_thread(guest.pause)
+        await guestctl.call(guest.pause)
         result.paused_at = time.monotonic()
         emit("phase", note="guest paused")
         final = await memory.final_round(digest=options.verify)
@@ -233,7 +238,7 @@ async def migrate(
         # the source's disk digest is read while the destination applies (it is compared
         # only when READY comes, before GO), not in front of FINAL
         digesting = asyncio.ensure_future(sender.digest()) if options.verify else None
-        state = await asyncio.to_thread(guest.device_state)
+        state = await guestctl.call(guest.device_state)
         result.device_digest = xxhash.xxh3_64_hexdigest(state)
         await session.send(Channel.DEVICE_STATE, state)
         await session.send(Channel.CONTROL, control.Final(
@@ -328,7 +333,7 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
         with contextlib.suppress(XmigError):
             await sender.stop()
     if was_paused or guest.paused:
-        await asyncio.to_thread(guest.resume)
+        await guestctl.call(guest.resume)
     with contextlib.suppress(XmigError, TimeoutError):
         async with asyncio.timeout(2.0):
             await session.send(Channel.CONTROL, control.Abort(

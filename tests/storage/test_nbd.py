@@ -311,6 +311,24 @@ async def test_nbd_client(served: tuple[NbdServer, RawFileBackend, str]) -> None
     assert not server.errors
 
 
+async def test_nbd_client_batch_is_one_round_trip_of_ordered_writes(
+        served: tuple[NbdServer, RawFileBackend, str]) -> None:
+    server, img, sock = served
+    writes = [(k * 4096, bytes([k + 1]) * 4096) for k in range(16)] + [(0, b"last")]
+
+    def guest() -> None:
+        with NbdClient.connect(sock) as c:
+            assert c.pwrite_batch(writes) == len(writes)
+            assert c.pread(0, 4) == b"last"  # later writes of a batch land later
+            with pytest.raises(NbdRequestError):  # checked before anything is sent
+                c.pwrite_batch([(0, b"x"), (c.size, b"y")])
+            assert c.pread(0, 4) == b"last"
+
+    await asyncio.to_thread(guest)
+    assert img.pread(4096 * 15, 4096) == bytes([16]) * 4096
+    assert not server.errors
+
+
 async def test_nbd_client_errors(tmp_path: Path,
                                  served: tuple[NbdServer, RawFileBackend, str]) -> None:
     server, _, sock = served

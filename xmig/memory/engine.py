@@ -262,6 +262,7 @@ class MemorySender:
                 await self._send(self._pending)
                 self._pending = np.empty(0, np.int64)
             self._resend_pending = False
+            caught_up = False
             while True:
                 if not len(self._pending):
                     await self._wait_backlog()
@@ -272,6 +273,16 @@ class MemorySender:
                 self.last_verdict = verdict
                 self._report()
                 if verdict.decision is Decision.SWITCHOVER:
+                    if (not caught_up and self._refreshing is not None
+                            and not self._refreshing.done()):
+                        caught_up = True  # once: a guest writing all along keeps it busy
+                        # the digests lag (a first full pass, a busy box): let them catch up
+                        # while the guest runs, not in the blackout, then decide again
+                        await self._refreshing
+                        await self._send(self._pending)
+                        self._pending = np.empty(0, np.int64)
+                        self._end_round_ratio()
+                        continue
                     self._resend_pending = True
                     return verdict
                 if verdict.decision is Decision.NOT_CONVERGING:
@@ -410,17 +421,15 @@ class MemorySender:
         self._pending = np.empty(0, np.int64)
         self._resend_pending = False
         d: bytes | None = None
+        if digest and self.digests is not None:
+            self.digests.mark_chunks(idx // DIGEST_CHUNK_PAGES)
+        await self._send(idx, final=True)  # first: the refresh may still be running
         if digest and self.digests is None:
             d = await asyncio.to_thread(memory_digest, self.memory)
         elif digest and self.digests is not None:
             if self._refreshing is not None:
                 await self._refreshing
-            self.digests.mark_chunks(idx // DIGEST_CHUNK_PAGES)
-            self._refreshing = _refresh(self.digests, self.memory)
-        await self._send(idx, final=True)
-        if digest and self.digests is not None:
-            assert self._refreshing is not None
-            await self._refreshing
+            await _refresh(self.digests, self.memory)
             d = self.digests.digest()
         rounds = (self.planner.round + 1 if self.planner else 0) + 1
         await self.session.send(self.channel, self.encoder.end(rounds=rounds, digest=d))

@@ -144,11 +144,26 @@ class _DigestKeeper:
         await asyncio.get_running_loop().run_in_executor(
             digest_worker(), self.digests.refresh, self._read)
 
+    async def catch_up(self) -> None:
+        """One refresh of whatever is stale now (before the blackout, so it has little)."""
+        async with self._lock:
+            await self._refresh()
+
     async def digest(self) -> str:
         """Refresh what is still stale (every change must be marked by now) and digest."""
         async with self._lock:
             await self._refresh()
             return self.digests.digest().hex()
+
+
+def _data_extents(extent_of: Callable[[int], tuple[int, int] | None], size: int
+                  ) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size and (extent := extent_of(pos)) is not None:
+        out.append(extent)
+        pos = extent[1]
+    return out
 
 
 def _as_storage_error(exc: BaseException) -> StorageError | TransportError:
@@ -176,8 +191,13 @@ class DiskSender:
         self.sent_seq = 0  #: the last mirror write handed to the session
         # verify: the image's chunk digests, kept current as the guest writes (the NBD
         # server hands a write to this hook after writing it locally)
-        self._digests = (_DigestKeeper(image_digests(backend.size), backend.pread)
-                         if verify else None)
+        self._digests: _DigestKeeper | None = None
+        if verify:
+            digests = image_digests(backend.size)
+            extent_of = getattr(backend, "data_extent", None)
+            if extent_of is not None:  # a sparse image: its holes need no reading
+                digests.zero_outside(_data_extents(extent_of, backend.size))
+            self._digests = _DigestKeeper(digests, backend.pread)
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._work = asyncio.Event()
         self._changed = asyncio.Event()
@@ -264,6 +284,12 @@ class DiskSender:
         if self._digests is None:
             raise StorageError("the disk sender keeps no digests (verify=False)")
         return await self._digests.digest()
+
+    async def digests_current(self) -> None:
+        """With ``verify``: refresh the disk's digests now (call before pausing the guest,
+        so the blackout re-reads only what the guest writes after this)."""
+        if self._digests is not None:
+            await self._digests.catch_up()
 
     async def watch(self) -> None:
         """Never returns: raises the sender's typed error as soon as it fails (run it

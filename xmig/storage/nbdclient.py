@@ -74,6 +74,39 @@ class NbdClient:
         self._request(p.CMD_WRITE, offset, len(data), data, 0,
                       p.CMD_FLAG_FUA if fua else 0)
 
+    def pwrite_batch(self, writes: list[tuple[int, bytes]]) -> int:
+        """Send every write, then read the replies (the server may serve them together):
+        one round trip for the batch. Returns how many writes, in order, were acknowledged
+        before the first refusal; raises that refusal (typed) after reading every reply."""
+        for offset, data in writes:
+            self._check(offset, len(data))
+        with self._lock:
+            if self._sock.fileno() < 0:
+                raise NbdProtocolError("the NBD client is closed")
+            first = self._handle + 1
+            self._handle += len(writes)
+            try:
+                for k, (offset, data) in enumerate(writes):
+                    self._sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE,
+                                                      first + k, offset, len(data)))
+                    self._sock.sendall(data)
+                errors: dict[int, int] = {}
+                for _ in writes:
+                    magic, error, got = p.SIMPLE_REPLY.unpack(
+                        _recv(self._sock, p.SIMPLE_REPLY.size))
+                    if magic != p.SIMPLE_REPLY_MAGIC or not first <= got < first + len(writes):
+                        raise NbdProtocolError(f"bad reply (magic {magic:#x}, handle {got})")
+                    errors[got - first] = error
+            except (NbdProtocolError, OSError) as err:
+                self._sock.close()
+                if isinstance(err, NbdProtocolError):
+                    raise
+                raise NbdProtocolError(f"NBD connection failed: {err}") from err
+        for k, (offset, data) in enumerate(writes):
+            if errors.get(k):
+                raise _request_error(p.CMD_WRITE, offset, len(data), errors[k])
+        return len(writes)
+
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check(offset, length)
         self._request(p.CMD_WRITE_ZEROES, offset, length, b"", 0)

@@ -99,6 +99,8 @@ class _NbdClient(Protocol):
 
     def pwrite(self, offset: int, data: bytes) -> None: ...
 
+    def pwrite_batch(self, writes: list[tuple[int, bytes]]) -> int: ...
+
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
@@ -132,6 +134,10 @@ class NbdBlockDevice:
     def pwrite(self, offset: int, data: bytes) -> None:
         self._client.pwrite(offset, data)
 
+    def pwrite_batch(self, writes: list[tuple[int, bytes]]) -> int:
+        """Several writes in one round trip (all sent, then every reply read)."""
+        return self._client.pwrite_batch(writes)
+
     def flush(self) -> None:
         self._client.flush()
 
@@ -163,7 +169,9 @@ class QueuedDisk:
             raise ConfigError(f"disk queue depth must be at least 1, not {depth}")
         self.device = device
         self.error: BaseException | None = None
-        self._queue: queue.Queue[_Request | None] = queue.Queue(maxsize=depth)
+        self.depth = depth
+        self._slots = threading.Semaphore(depth)  # requests submitted and not yet served
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="xmig-guest-io", daemon=True)
         self._thread.start()
 
@@ -174,11 +182,13 @@ class QueuedDisk:
     def submit_write(self, offset: int, data: bytes, done: Callable[[], None] | None) -> None:
         """Queue a write (blocks while the queue is full)."""
         self._raise()
+        self._slots.acquire()
         self._queue.put((offset, data, done))
 
     def submit_read(self, offset: int, length: int) -> None:
         """Queue a read whose data the guest does not wait for."""
         self._raise()
+        self._slots.acquire()
         self._queue.put((offset, length, None))
 
     def drain(self) -> None:
@@ -211,22 +221,54 @@ class QueuedDisk:
             raise GuestError(f"guest disk I/O failed: {self.error}") from self.error
 
     def _serve(self) -> None:
+        batch_write = getattr(self.device, "pwrite_batch", None)
         while True:
-            request = self._queue.get()
-            try:
-                if request is None:
-                    return
-                if self.error is not None:
-                    continue  # dropped: never acknowledged
-                offset, payload, done = request
+            requests = [self._queue.get()]
+            # what queued meanwhile goes too: consecutive writes in one round trip
+            while len(requests) < self.depth and requests[-1] is not None:
                 try:
-                    if isinstance(payload, int):
-                        self.device.pread(offset, payload)
-                    else:
-                        self.device.pwrite(offset, payload)
-                        if done is not None:
-                            done()
-                except Exception as err:  # typed errors and OSError; kept for the vCPU
-                    self.error = err
+                    requests.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                k = 0
+                while k < len(requests):
+                    request = requests[k]
+                    if request is None:
+                        return
+                    if self.error is not None:  # dropped: never acknowledged
+                        k += 1
+                        continue
+                    run = [request]
+                    if batch_write is not None:
+                        while (k + len(run) < len(requests)
+                               and (nxt := requests[k + len(run)]) is not None
+                               and not isinstance(nxt[1], int)
+                               and not isinstance(request[1], int)):
+                            run.append(nxt)
+                    self._serve_run(run, batch_write)
+                    k += len(run)
             finally:
-                self._queue.task_done()
+                for r in requests:
+                    if r is not None:
+                        self._slots.release()
+                    self._queue.task_done()
+
+    def _serve_run(self, run: list[_Request],
+                   batch_write: Callable[[list[tuple[int, bytes]]], int] | None) -> None:
+        try:
+            if len(run) > 1 and batch_write is not None:
+                batch_write([(r[0], r[1]) for r in run if isinstance(r[1], bytes)])
+                for r in run:
+                    if r[2] is not None:
+                        r[2]()
+                return
+            offset, payload, done = run[0]
+            if isinstance(payload, int):
+                self.device.pread(offset, payload)
+            else:
+                self.device.pwrite(offset, payload)
+                if done is not None:
+                    done()
+        except Exception as err:  # typed errors and OSError; kept for the vCPU
+            self.error = err
