@@ -79,7 +79,6 @@ class GuestProcess:
         self.udp_port: int | None = None
         self.disk: BlockDevice | None = None
         self.disk_size = 0
-        self.flushed_writes = 0
         self.ledger: WriteLedger | None = None
         self.table: KvTable | None = None
         self.workload: Workload | None = None
@@ -221,13 +220,6 @@ class GuestProcess:
             self.ctl.close()
         if self.orphaned:  # nobody will clean up after us (a RAM file given is not ours)
             shm.remove_files(*self.created)
-
-    def _flush_disk(self) -> None:
-        """Make the acknowledged writes durable (skipped when there were none since)."""
-        writes = self.workload.disk_writes if self.workload is not None else 0
-        if self.disk is not None and writes != self.flushed_writes:
-            self.disk.flush()
-            self.flushed_writes = writes
 
     def _close_disk(self) -> None:
         try:
@@ -393,7 +385,11 @@ class GuestProcess:
     def _pause(self) -> dict[str, Any]:
         if self.state == shm.STATE_RUNNING:
             now, wall = time.monotonic(), time.time()
-            self._flush_disk()  # drains the disk queue: every acknowledgement is in
+            # every request in flight completes (as QEMU drains block I/O at a stop); no
+            # flush: an fsync of the source image is no part of a migration's downtime
+            # (the destination fsyncs before READY; quit flushes here)
+            if isinstance(self.disk, QueuedDisk):
+                self.disk.drain()
             if self.ledger is not None:
                 self.ledger.flush()
             self._close_udp()
