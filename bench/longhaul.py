@@ -47,7 +47,8 @@ SOCKET = "nbd+unix:///?socket=/set-by-run_local"  # run_local replaces it
 MEASURES = ("status", "downtime_ms", "client_downtime_ms", "total_s", "workload_penalty",
             "wire_ratio", "link_utilization", "sdps_max_throttle", "rounds", "verified",
             "wire_bytes", "guest_bytes", "acknowledged_writes", "lost_acknowledged_writes",
-            "client_puts_acknowledged", "client_puts_lost", "error", "source_running")
+            "client_puts_acknowledged", "client_puts_lost", "client_gap_from_pause_ms",
+            "bulk_pending_s", "error", "source_running")
 
 PENALTY_TARGET = 0.10
 UTILIZATION_TARGET = 0.9

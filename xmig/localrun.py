@@ -85,7 +85,8 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     dest: DestResult | None = None
     addr = guest.udp_address
     assert addr is not None
-    probe = DowntimeProbe(addr, put_keys=True).start()  # a client PUTting keys throughout
+    # a client PUTting keys throughout, in a process of its own: this one is busy migrating
+    probe = DowntimeProbe(addr, put_keys=True, own_process=True).start()
     report: dict[str, Any] = {}
     try:
         before = await _rate_over(guest, run.warmup_s)

@@ -52,6 +52,7 @@ from xmig.transport import Channel, TransportSession
 from xmig.transport.driver import single_errors
 
 MiB = 1 << 20
+FLUSH_PERIOD_S = 1.0  #: the source image is flushed this often during the brownout
 
 _REFUSALS: dict[str, type[XmigError]] = {
     c.__name__: c for c in (DiskTooSmall, DiskFull, DiskNotFound, StaleEpochError, GuestError,
@@ -219,7 +220,7 @@ async def migrate(
                 await sender.digests_current()
                 await memory.precopy()
 
-        await _watched(brownout(), session, sender)
+        await _watched(brownout(), session, sender, disk)
 
         # -- blackout: from here every step counts towards the downtime -----------------
         machine.pause()
@@ -228,6 +229,8 @@ async def migrate(
         # write our own NBD server must answer: never call it on the event loop
         await guestctl.call(guest.pause)
         result.paused_at = time.monotonic()
+        # the guest's last writes reach the image's disk while FINAL and READY cross the link
+        flushing = asyncio.ensure_future(asyncio.to_thread(disk.flush))
         emit("phase", note="guest paused")
         final = await memory.final_round(digest=options.verify)
         emit("blackout", step="final pages queued", pages=final.final_pages)
@@ -263,6 +266,7 @@ async def migrate(
         if options.verify and reply.digests.get("disk") != result.disk_digest:
             raise MigrationError("destination disk digest differs from the source's")
         machine.ready(reply.epoch)
+        await flushing
         journal.append("GO", migration, epoch)
         # GO is durable: the source guest never runs again, whatever happens next
         await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
@@ -305,16 +309,24 @@ async def migrate(
 
 
 async def _watched(work: Coroutine[Any, Any, None], session: TransportSession,
-                   sender: DiskSender) -> None:
+                   sender: DiskSender, disk: RawFileBackend) -> None:
     """Run ``work``; a session that fails or a disk copy that breaks ends it at once with
-    their typed error (pre-copy alone would only notice at its timeout)."""
+    their typed error (pre-copy alone would only notice at its timeout). Meanwhile the
+    source image is flushed every second, so the fsync of the GO journal record (ext4
+    commits the image's pending data with it) finds little to write in the blackout."""
     async def watch_session() -> None:
         await session.wait_until(lambda: False)
+
+    async def flush_now_and_then() -> None:
+        while True:
+            await asyncio.to_thread(disk.flush)
+            await asyncio.sleep(FLUSH_PERIOD_S)  # a maintenance period, not a wait
 
     with single_errors():
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(work)
-            watchers = [tg.create_task(watch_session()), tg.create_task(sender.watch())]
+            watchers = [tg.create_task(watch_session()), tg.create_task(sender.watch()),
+                        tg.create_task(flush_now_and_then())]
             task.add_done_callback(lambda _: [w.cancel() for w in watchers])
 
 

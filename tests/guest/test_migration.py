@@ -131,3 +131,22 @@ def test_probe_notices_keys_a_migration_lost(guests: GuestFactory) -> None:
     with SimClient(source.udp_address) as client:
         assert len(report.acknowledged) == 64
         assert sorted(report.missing(client)) == sorted(report.acknowledged)
+
+
+def test_probe_in_its_own_process_reports_like_the_thread(guests: GuestFactory) -> None:
+    """The probe process (used where the caller's own process is busy migrating) sees the
+    pause as a gap and hands back every acknowledged key."""
+    config = small_config(workload="idle", udp_addr=("127.0.0.1", 0))
+    source = guests(config)
+    assert source.udp_address is not None
+    probe = DowntimeProbe(source.udp_address, put_keys=True, key_space=64,
+                          own_process=True).start()
+    source.wait_until(lambda p: p.udp_requests >= 100, timeout=10)
+    source.pause()
+    paused = source.progress().paused_at_mono
+    report = probe.stop()
+    assert report.answered >= 100 and len(report.acknowledged) == 64
+    assert report.gap_start_mono <= paused + 0.05 and report.max_gap_s > 0
+    source.resume()
+    with SimClient(source.udp_address) as client:
+        assert report.missing(client) == []

@@ -2,7 +2,8 @@
 
 :class:`SimClient` PUTs, GETs and PINGs, retrying until a deadline (a datagram sent while
 the guest is paused or moving gets no answer; the retry reaches the destination).
-:class:`DowntimeProbe` sends a request every few milliseconds from a thread and reports the
+:class:`DowntimeProbe` sends a request every few milliseconds from a thread (or, with
+``own_process``, from a process of its own, so a busy caller cannot delay it) and reports the
 longest gap between answers: the client-observed downtime. In PUT mode it also keeps every
 key the guest acknowledged, to read them all back after a migration (keys cycle through
 ``key_space`` names so a long run does not fill the guest's table; each value is the request
@@ -12,6 +13,7 @@ number, so a later PUT of the same key may legitimately have overwritten an ackn
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import select
 import socket
@@ -19,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from xmig.errors import GuestError
 from xmig.guest.sim.protocol import (
@@ -150,8 +153,11 @@ class DowntimeProbe:
         put_keys: bool = False,
         key_prefix: bytes = b"probe-",
         key_space: int = 1024,
+        own_process: bool = False,
     ) -> None:
         self.addr = addr
+        self.own_process = own_process
+        self._child: Any = None  # (process, pipe end, stop event) when own_process
         self.interval_s = interval_s
         self.put_keys = put_keys
         self.key_prefix = key_prefix
@@ -162,11 +168,34 @@ class DowntimeProbe:
         self._pending: dict[int, bytes] = {}
 
     def start(self) -> DowntimeProbe:
+        if self.own_process:  # a busy caller (the GIL, its event loop) cannot delay it
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            stop = ctx.Event()
+            process = ctx.Process(target=_probe_process, name="xmig-downtime-probe", args=(
+                self.addr, self.interval_s, self.put_keys, self.key_prefix, self.key_space,
+                child, stop), daemon=True)
+            process.start()
+            child.close()
+            self._child = (process, parent, stop)
+            if not parent.poll(PROBE_START_S):
+                raise GuestError("the downtime probe process did not start")
+            parent.recv()  # it runs
+            return self
         self._thread = threading.Thread(target=self._run, name="xmig-downtime-probe", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> ProbeReport:
+        if self._child is not None:
+            process, parent, stop = self._child
+            self._child = None
+            stop.set()
+            if parent.poll(PROBE_START_S):
+                self.report = parent.recv()
+            process.join(PROBE_START_S)
+            parent.close()
+            return self.report
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -226,3 +255,17 @@ class DowntimeProbe:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+PROBE_START_S = 30.0  #: a probe process answers this fast at the latest (start, report)
+
+
+def _probe_process(addr: tuple[str, int], interval_s: float, put_keys: bool,
+                   key_prefix: bytes, key_space: int, conn: Any, stop: Any) -> None:
+    """A :class:`DowntimeProbe` in a process of its own; its report goes back on ``conn``."""
+    probe = DowntimeProbe(addr, interval_s=interval_s, put_keys=put_keys,
+                          key_prefix=key_prefix, key_space=key_space).start()
+    conn.send("started")
+    stop.wait()
+    conn.send(probe.stop())
+    conn.close()
