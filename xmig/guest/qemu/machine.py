@@ -32,13 +32,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from xmig.errors import ConfigError, GuestNotFound, GuestStateError, QemuError
 from xmig.guest.qemu.progress import Progress, SerialTail, parse_error, parse_progress
@@ -267,6 +267,19 @@ class QemuGuest:
             rc = self.returncode
             gone = f" (QEMU exited with status {rc})" if rc is not None else ""
             raise QemuError(f"QMP {command} failed{gone}: {err!r}") from err
+
+    @contextlib.contextmanager
+    def listener(self, *names: str) -> Iterator[EventListener]:
+        """QMP events named ``names`` (all when none), queued from now on until read::
+
+            with guest.listener("MIGRATION") as events:
+                await guest.execute("migrate", ...)
+                event = await events.get()   # event["data"]["status"]
+        """
+        if self._qmp is None:
+            raise GuestStateError(f"guest {self.config.name} is not running (no QMP)")
+        with self._qmp.listener(names) as events:
+            yield events
 
     async def status(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ``prelaunch``, ``inmigrate``, …"""

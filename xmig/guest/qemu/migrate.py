@@ -1,0 +1,452 @@
+"""Migrate a running QEMU guest over an xmig session: the source and destination agents' sides.
+
+    source agent (migrate_qemu)                     destination agent (receive_qemu)
+    NEGOTIATE  --negotiate (QEMU config)-->         start QEMU -incoming defer -S, caps,
+                                                    migrate-incoming unix:D, DestTunnel
+               <--prepared--
+    BROWNOUT   caps (events, return-path, pause-before-switchover), downtime-limit,
+               SourceTunnel, migrate unix:S; max-bandwidth follows the delivery rate
+               (BandwidthGovernor); QEMU's stream flows MEMORY ==>, return path <== DEVICE_STATE
+    BLACKOUT   MIGRATION pre-switchover: QEMU paused the source vCPUs; migrate-continue
+                                                    MIGRATION completed: all loaded, paused
+               <--ready (stream bytes)--            READY journaled
+    PREPARE    source completed + READY: GO journaled, then sent
+               --go-->                              RUNNING journaled, cont
+               <--resumed--
+
+The commit rules are :mod:`xmig.switchover`'s (the same machines as the reference guest's):
+the destination QEMU runs only on GO; the source writes GO to its journal before sending it,
+and its QEMU, paused since ``pre-switchover``, is never continued after that. Before GO any
+failure aborts: ``migrate_cancel`` (QEMU resumes the source vCPUs itself if it had paused
+them; ``cont`` makes sure), ABORT journaled and sent; the destination quits its QEMU.
+
+The destination answers READY as soon as its QEMU completed the incoming migration: the
+stream is self-delimiting and QEMU checked it, so no FINAL message is needed, and the
+blackout crosses the link only for the last bytes, READY and GO (the source's QEMU reaches
+``completed`` when the destination's return path says SHUT, as READY arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from xmig import control
+from xmig.errors import (
+    InDoubt,
+    MigrationAborted,
+    MigrationError,
+    ProtocolError,
+    QemuError,
+    XmigError,
+)
+from xmig.guest.qemu import ramcheck
+from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
+from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, SourceTunnel
+from xmig.journal import Journal
+from xmig.switchover import DestMachine, DestPhase, SourceMachine, SourcePhase
+from xmig.transport import Channel, TransportSession
+
+BACKEND = "qemu"
+FAILED_STATES = frozenset({"failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class QemuMigrationOptions:
+    downtime_limit_ms: int = 300  #: QEMU's own switchover criterion
+    timeout_s: float = 300.0  #: pre-copy that has not reached pre-switchover by then aborts
+    reply_timeout_s: float = 60.0  #: for each answer of the destination
+    initial_bandwidth_Bps: float | None = None  #: QEMU's max-bandwidth before a rate exists
+    bandwidth_period_s: float = 0.25
+    chunk: int = CHUNK
+
+
+@dataclass
+class QemuSourceResult:
+    migration: str
+    epoch: int
+    status: str = "running"
+    error: str | None = None
+    started: float = 0.0
+    paused_at: float = 0.0  #: QEMU reported pre-switchover (it had stopped the vCPUs)
+    completed_at: float = 0.0  #: QEMU reported completed
+    committed_at: float = 0.0  #: GO sent
+    resumed_at: float = 0.0  #: the destination's RESUMED (its monotonic clock)
+    stream: dict[str, Any] = field(default_factory=dict)
+    bandwidth: list[tuple[float, int]] = field(default_factory=list)
+    qemu_info: dict[str, Any] = field(default_factory=dict)  #: query-migrate at the end
+    ram_chunks_repaired: int = 0  #: RAM chunks QEMU's stream left stale (ramcheck)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class QemuDestResult:
+    migration: str = ""
+    epoch: int = 0
+    status: str = "running"
+    error: str | None = None
+    guest: QemuGuest | None = None  #: runs here after GO; the caller owns it then
+    stream: dict[str, Any] = field(default_factory=dict)
+    ready_at: float = 0.0
+    resumed_at: float = 0.0
+    ram_chunks_repaired: int = 0
+    machine: DestMachine | None = None
+
+
+def guest_description(guest: QemuGuest) -> dict[str, Any]:
+    """What the destination needs of the source's configuration (paths are its own)."""
+    c = guest.config
+    return {"backend": BACKEND, "config": {"ram_mb": c.ram_mb, "smp": c.smp,
+                                           "append": c.append, "name": c.name}}
+
+
+async def _recv(session: TransportSession, timeout: float) -> control.Message:
+    async with asyncio.timeout(timeout):
+        return control.decode(await session.recv(Channel.CONTROL))
+
+
+async def wait_migration(events: EventListener, guest: QemuGuest, wanted: set[str],
+                         timeout: float) -> str:
+    """The next MIGRATION event whose status is in ``wanted``; QemuError when the migration
+    failed or was cancelled, or nothing came within ``timeout`` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await events.get()
+                data: Any = event.get("data", {})
+                status = str(data.get("status", ""))
+                if status in wanted:
+                    return status
+                if status in FAILED_STATES:
+                    why = ""
+                    with contextlib.suppress(XmigError):
+                        info = await guest.execute("query-migrate")
+                        why = f": {info.get('error-desc', '')}"
+                    raise QemuError(f"{guest.config.name}: migration {status}{why}")
+    except TimeoutError:
+        raise QemuError(f"{guest.config.name}: no migration status {sorted(wanted)} within "
+                        f"{timeout:g} s") from None
+
+
+async def _set_capabilities(guest: QemuGuest, **caps: bool) -> None:
+    await guest.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": name.replace("_", "-"), "state": state} for name, state in caps.items()]})
+
+
+async def _completed_or_message(completing: Awaitable[str],
+                                message: asyncio.Future[control.Message]) -> bool:
+    """Wait until QEMU's migration completes (True) or a control message arrives first
+    (False); the first error of either ends the wait."""
+    task = asyncio.ensure_future(completing)
+    try:
+        waiting: list[asyncio.Future[Any]] = [task, message]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+            return True
+        message.result()  # raises the session's error, if any
+        return False
+    finally:
+        task.cancel()
+
+
+def _unexpected(msg: control.Message, wanted: str) -> XmigError:
+    if isinstance(msg, control.Abort):
+        return MigrationError(f"peer aborted: {msg.reason}")
+    return ProtocolError(f"expected {wanted}, got {msg.type}")
+
+
+async def migrate_qemu(
+    session: TransportSession,
+    source: QemuGuest,
+    *,
+    migration: str,
+    journal: Journal,
+    workdir: Path,
+    options: QemuMigrationOptions = QemuMigrationOptions(),
+    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
+) -> QemuSourceResult:
+    """Move the running QEMU ``source`` to the destination agent at the other end of
+    ``session``. Raises MigrationAborted (the source guest runs) on any failure before GO."""
+    epoch = journal.next_epoch()
+    machine = SourceMachine(epoch)
+    result = QemuSourceResult(migration, epoch, started=time.monotonic())
+    journal.append("START", migration, epoch)
+    tunnel: SourceTunnel | None = None
+    governing: asyncio.Task[None] | None = None
+    governor: BandwidthGovernor | None = None
+    hashing: asyncio.Future[ramcheck.Digests] | None = None
+    migrating = False
+
+    def emit(kind: str, **fields: Any) -> None:
+        event = {"event": kind, "phase": machine.phase.value,
+                 "t": round(time.monotonic() - result.started, 4), **fields}
+        result.timeline.append(event)
+        on_progress(event)
+
+    try:
+        await session.send(Channel.CONTROL, control.Negotiate(
+            migration, epoch, guest_description(source), 0,
+            source.config.ram_mb << 20).encode())
+        reply = await _recv(session, options.reply_timeout_s)
+        if isinstance(reply, control.Refused):
+            raise MigrationError(f"destination refused ({reply.error}): {reply.reason}")
+        if not isinstance(reply, control.Prepared):
+            raise ProtocolError(f"expected prepared, got {reply.type}")
+        machine.negotiated()
+        emit("phase")
+
+        await _set_capabilities(source, events=True, return_path=True,
+                                pause_before_switchover=True)
+        await source.execute("migrate-set-parameters",
+                             {"downtime-limit": options.downtime_limit_ms})
+        workdir.mkdir(parents=True, exist_ok=True)
+        tunnel = SourceTunnel(session, workdir / f"{migration}.mig", chunk=options.chunk)
+        await tunnel.start()
+        governor = BandwidthGovernor(source, session, period_s=options.bandwidth_period_s,
+                                     initial_Bps=options.initial_bandwidth_Bps)
+        await governor.apply()
+        with source.listener("MIGRATION") as events:
+            await source.execute("migrate", {"uri": tunnel.uri})
+            migrating = True
+            governing = asyncio.create_task(governor.run())
+            await wait_migration(events, source, {"pre-switchover"}, options.timeout_s)
+            # QEMU stopped the vCPUs: the blackout begins
+            machine.pause()
+            result.paused_at = time.monotonic()
+            governing.cancel()
+            # the vCPUs are stopped: the source's RAM is final; hash it meanwhile
+            hashing = asyncio.ensure_future(
+                asyncio.to_thread(ramcheck.ram_digests, source.mem_path))
+            emit("phase", note="source paused (pre-switchover)")
+            await source.execute("migrate-continue", {"state": "pre-switchover"})
+            machine.final_sent()
+            emit("blackout", step="migrate-continue")
+            # READY (the destination loaded everything) and the source's completion (its
+            # return path got SHUT) arrive about together: wait for both
+            ready_task = asyncio.ensure_future(_recv(session, options.reply_timeout_s))
+            try:
+                completing = wait_migration(events, source, {"completed"},
+                                            options.reply_timeout_s)
+                if not await _completed_or_message(completing, ready_task):
+                    reply = ready_task.result()
+                    if not isinstance(reply, control.Ready):
+                        raise _unexpected(reply, "ready")
+                    emit("blackout", step="ready received")
+                    await wait_migration(events, source, {"completed"},
+                                         options.reply_timeout_s)
+                result.completed_at = time.monotonic()
+                emit("blackout", step="source completed")
+                reply = await ready_task
+            finally:
+                ready_task.cancel()
+        if not isinstance(reply, control.Ready):
+            raise _unexpected(reply, "ready")
+        sent = tunnel.sent.bytes
+        if reply.digests.get("stream_bytes") != str(sent):
+            raise MigrationError(f"the destination took {reply.digests.get('stream_bytes')} "
+                                 f"bytes of the stream, the source sent {sent}")
+        assert hashing is not None
+        stale = ramcheck.differing(await hashing,
+                                   ramcheck.decode_digests(reply.digests.get("ram_chunks", "")))
+        result.ram_chunks_repaired = len(stale)
+        fixups = await asyncio.to_thread(ramcheck.encode_fixups, source.mem_path, stale)
+        # the destination writes these into its RAM before it runs (GO waits for them)
+        await session.send(Channel.DEVICE_STATE, fixups)
+        emit("blackout", step="ram checked", repaired_chunks=len(stale))
+        machine.ready(reply.epoch)
+        journal.append("GO", migration, epoch)
+        # GO is durable: the source QEMU never runs again, whatever happens next
+        await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
+        result.committed_at = time.monotonic()
+        emit("phase", note="GO sent")
+    except (XmigError, OSError, asyncio.CancelledError) as err:
+        if governing is not None:
+            governing.cancel()
+        if hashing is not None:
+            hashing.cancel()
+        if not machine.may_resume_source:
+            machine.fail(str(err) or type(err).__name__)
+            result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
+            raise
+        aborting = asyncio.ensure_future(_abort_source(
+            machine, session, source, tunnel, journal, migration, epoch, err, migrating))
+        try:
+            await asyncio.shield(aborting)
+        except asyncio.CancelledError:
+            await asyncio.wait([aborting])
+            raise
+        result.status, result.error = "aborted", f"{type(err).__name__}: {err}"
+        emit("phase", note=f"aborted: {result.error}")
+        if isinstance(err, asyncio.CancelledError):
+            raise
+        raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+    finally:
+        if governor is not None:
+            result.bandwidth = list(governor.history)
+
+    # -- after GO: the destination runs; the source QEMU stays paused (postmigrate) -------
+    try:
+        reply = await _recv(session, options.reply_timeout_s)
+        if isinstance(reply, control.Resumed):
+            result.resumed_at = reply.at
+            machine.resumed()
+    except (XmigError, TimeoutError) as err:
+        result.error = f"no RESUMED after GO: {err}"
+    with contextlib.suppress(XmigError):
+        result.qemu_info = dict(await source.execute("query-migrate"))
+    result.stream = tunnel.stats()
+    await tunnel.close()
+    result.status = "done"
+    emit("phase", note="destination running")
+    return result
+
+
+async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
+                        tunnel: SourceTunnel | None, journal: Journal, migration: str,
+                        epoch: int, err: BaseException, migrating: bool) -> None:
+    """Before GO: cancel QEMU's migration, make sure the source runs, tell the destination."""
+    if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
+        machine.abort(str(err))
+    journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
+    if migrating:
+        with contextlib.suppress(XmigError):
+            await source.execute("migrate_cancel")
+    with contextlib.suppress(XmigError):
+        # QEMU restarts the vCPUs it stopped when the migration ends cancelled; make sure
+        for _ in range(100):
+            info = await source.execute("query-migrate")
+            if info.get("status") not in ("active", "pre-switchover", "device", "cancelling"):
+                break
+            await asyncio.sleep(0.02)  # QEMU offers no event for the cleanup's end
+        if await source.status() in ("paused", "finish-migrate"):
+            await source.cont()
+    if tunnel is not None:
+        await tunnel.close()
+    with contextlib.suppress(XmigError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            await session.send(Channel.CONTROL, control.Abort(
+                migration, epoch, f"{type(err).__name__}: {err}").encode())
+
+
+# -- the destination ---------------------------------------------------------------------
+
+
+def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
+    """The destination QEMU: ``template``'s paths and binary, the source's RAM, vCPUs and
+    command line; paused (``-S``), waiting for ``migrate-incoming`` (``-incoming defer``)."""
+    src = negotiate.guest.get("config", {})
+    return replace(template,
+                   ram_mb=int(src.get("ram_mb", template.ram_mb)),
+                   smp=int(src.get("smp", template.smp)),
+                   append=str(src.get("append", template.append)),
+                   extra=(*template.extra, "-incoming", "defer", "-S"))
+
+
+async def receive_qemu(
+    session: TransportSession,
+    template: QemuConfig,
+    *,
+    workdir: Path,
+    journal: Journal,
+    reply_timeout_s: float = 300.0,
+    popen: PopenFn | None = None,
+    launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
+    chunk: int = CHUNK,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    first: control.Negotiate | None = None,
+) -> QemuDestResult:
+    """Serve one QEMU migration arriving on ``session``: start the destination QEMU from
+    ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
+    loaded everything, run it on GO. The result holds the running guest (the caller owns
+    it). Before READY a failure discards the destination; READY and then cut off from the
+    source: InDoubt (the guest stays paused)."""
+    result = QemuDestResult()
+    msg = first or control.decode(await session.recv(Channel.CONTROL))
+    if not isinstance(msg, control.Negotiate):
+        raise ProtocolError(f"expected negotiate, got {msg.type}")
+    result.migration, result.epoch = msg.migration, msg.epoch
+    machine = DestMachine(msg.epoch)
+    tunnel: DestTunnel | None = None
+    decision_task: asyncio.Task[control.Message] | None = None
+    try:
+        if msg.guest.get("backend") != BACKEND:
+            raise MigrationError(f"unsupported guest backend {msg.guest.get('backend')!r}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = incoming_config(template, msg)
+        if launch is not None:
+            result.guest = await launch(config)
+        else:
+            result.guest = await QemuGuest.launch(config, workdir, popen=popen)
+        guest = result.guest
+        await _set_capabilities(guest, events=True, return_path=True)
+        tunnel = DestTunnel(session, workdir / f"{msg.migration}.in", chunk=chunk)
+        with guest.listener("MIGRATION") as events:
+            await guest.execute("migrate-incoming", {"uri": tunnel.uri})
+            await tunnel.start()
+            await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
+            machine.prepared()
+            on_event({"event": "phase", "phase": machine.phase.value})
+            # the source may abort meanwhile: its next message is read alongside
+            decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
+            completing = wait_migration(events, guest, {"completed"}, reply_timeout_s)
+            if not await _completed_or_message(completing, decision_task):
+                raise _unexpected(decision_task.result(), "go")
+        result.stream = tunnel.stats()
+        ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
+        machine.final_applied()
+        journal.append("READY", msg.migration, msg.epoch)
+        result.ready_at = time.monotonic()
+        await session.send(Channel.CONTROL, control.Ready(
+            msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
+                                       "ram_chunks": ramcheck.encode_digests(ram)}).encode())
+        on_event({"event": "phase", "phase": machine.phase.value})
+        decision = await decision_task
+        if not isinstance(decision, control.Go):
+            raise _unexpected(decision, "go")
+        # the source's repair of what QEMU's stream left stale was sent before GO
+        async with asyncio.timeout(reply_timeout_s):
+            fixups = await session.recv(Channel.DEVICE_STATE)
+        result.ram_chunks_repaired = await asyncio.to_thread(
+            ramcheck.apply_fixups, guest.mem_path, fixups)
+        machine.go(decision.epoch)
+    except (XmigError, OSError, TimeoutError, asyncio.CancelledError) as err:
+        if decision_task is not None:
+            decision_task.cancel()
+        result.error = f"{type(err).__name__}: {err}"
+        if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
+            result.status, result.machine = "in-doubt", machine
+            on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
+            raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut off "
+                          f"from the source before GO ({result.error}): the QEMU guest stays "
+                          "paused until the source's decision arrives",
+                          migration=msg.migration, epoch=msg.epoch, result=result) from err
+        result.status = "discarded"
+        with contextlib.suppress(XmigError):
+            machine.abort(str(err))
+        journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
+        if tunnel is not None:
+            await tunnel.close()
+        if result.guest is not None:
+            await result.guest.quit()
+            result.guest = None
+        raise
+    # GO: journaled before the guest runs here
+    journal.append("RUNNING", msg.migration, msg.epoch)
+    assert result.guest is not None
+    await result.guest.cont()
+    result.resumed_at = time.monotonic()
+    with contextlib.suppress(XmigError):
+        await session.send(Channel.CONTROL, control.Resumed(
+            msg.migration, msg.epoch, result.resumed_at).encode())
+    await tunnel.close()
+    result.status = "running"
+    on_event({"event": "phase", "phase": machine.phase.value})
+    return result

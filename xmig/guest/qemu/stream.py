@@ -1,0 +1,328 @@
+"""The memory stream tunnel: QEMU's own migration stream carried on an xmig session.
+
+::
+
+    source QEMU --migrate unix:S--> SourceTunnel ==MEMORY==> DestTunnel --> unix:D <-- dest QEMU
+               <--return path----              <==DEVICE_STATE==        <--return path--
+
+- :class:`SourceTunnel` listens on a unix socket (``uri`` for QMP ``migrate``); the source
+  QEMU connects to it, and every byte it writes is sent on :data:`~Channel.MEMORY` in chunks of
+  up to :data:`CHUNK` bytes. Bytes of the return path (capability ``return-path``: the
+  destination's acknowledgements, ``SHUT`` at the end) arrive on
+  :data:`~Channel.DEVICE_STATE` and are written back into QEMU's socket.
+- :class:`DestTunnel` connects to the destination QEMU's incoming socket (QMP
+  ``migrate-incoming`` with ``unix:D`` on a QEMU started ``-incoming defer``), writes the
+  chunks into it and sends what QEMU writes back on :data:`~Channel.DEVICE_STATE`.
+- An empty message is the end of a direction (that side's QEMU closed its end).
+- Both directions are metered (:class:`Meter`: bytes, average and recent rate).
+- :class:`BandwidthGovernor` sets the source QEMU's ``max-bandwidth`` from the session's
+  delivery-rate estimate, so QEMU's own convergence logic (its bandwidth and downtime
+  estimates) sees the rate the link really delivers instead of how fast a local socket
+  swallows bytes (measured: limited by the carrier only, QEMU's final burst queued in it and
+  it reported 307 ms of downtime; limited by ``max-bandwidth``, 20 ms).
+
+A link cut is absorbed by the session's resume: the sockets to QEMU stay open, QEMU only sees
+a pause in the flow. Each message is one frame of the session, so the memory channel's
+window bounds how much of QEMU's stream is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from xmig.errors import QemuError, XmigError
+from xmig.transport import Channel, TransportSession
+
+KiB = 1 << 10
+MiB = 1 << 20
+CHUNK = 256 * KiB
+FORWARD = Channel.MEMORY
+BACK = Channel.DEVICE_STATE
+
+
+@dataclass
+class Meter:
+    """Bytes moved in one direction and their rates (``time.monotonic()`` clock)."""
+
+    bytes: int = 0
+    chunks: int = 0
+    started: float = 0.0
+    last: float = 0.0
+    window_s: float = 1.0
+    _samples: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+
+    def add(self, nbytes: int, now: float) -> None:
+        if not self.started:
+            self.started = now
+            self._samples.append((now, 0))
+        self.bytes += nbytes
+        self.chunks += 1
+        self.last = now
+        self._samples.append((now, self.bytes))
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window_s:
+            self._samples.popleft()
+
+    def rate(self, now: float | None = None) -> float:
+        """Bytes per second over the last ``window_s`` seconds (0 before two samples)."""
+        if len(self._samples) < 2:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        t0, b0 = self._samples[0]
+        return (self.bytes - b0) / max(now - t0, 1e-3)
+
+    def average(self) -> float:
+        """Bytes per second from the first byte to the last."""
+        span = self.last - self.started
+        return self.bytes / span if span > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"bytes": self.bytes, "chunks": self.chunks,
+                "rate_Bps": round(self.rate(), 1), "average_Bps": round(self.average(), 1)}
+
+
+class _Tunnel:
+    """What both ends share: two pumps between a QEMU socket and the session."""
+
+    def __init__(self, session: TransportSession, *, out: Channel, into: Channel,
+                 chunk: int = CHUNK) -> None:
+        if chunk <= 0:
+            raise ValueError(f"chunk size {chunk}")
+        self.session = session
+        self.out_channel = out  #: what QEMU writes goes here
+        self.in_channel = into  #: what arrives here is written to QEMU
+        self.chunk = chunk
+        self.sent = Meter()  #: QEMU -> session
+        self.received = Meter()  #: session -> QEMU
+        self.sent_eof = asyncio.Event()  #: QEMU closed its end; the peer was told
+        self.received_eof = asyncio.Event()  #: the peer's QEMU closed its end
+        self.error: BaseException | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed = asyncio.Event()
+        self._moved = asyncio.Event()  #: set at each chunk written into QEMU, and at EOF
+        self._writer: asyncio.StreamWriter | None = None
+
+    def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._tasks = [asyncio.create_task(self._pump_out(reader)),
+                       asyncio.create_task(self._pump_in(writer))]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self.error is None:
+            self.error = exc
+            self._failed.set()
+
+    async def _pump_out(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                data = await reader.read(self.chunk)
+            except OSError as err:  # QEMU reset the connection (e.g. migrate_cancel)
+                raise QemuError(f"reading QEMU's migration stream: {err}") from err
+            await self.session.send(self.out_channel, data)
+            if not data:
+                self.sent_eof.set()
+                return
+            self.sent.add(len(data), time.monotonic())
+
+    async def _pump_in(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await self.session.recv(self.in_channel)
+            if not data:
+                self.received_eof.set()
+                self._moved.set()
+                with contextlib.suppress(OSError):
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                return
+            writer.write(data)
+            try:
+                await writer.drain()
+            except OSError as err:
+                raise QemuError(f"writing QEMU's migration stream: {err}") from err
+            self.received.add(len(data), time.monotonic())
+            self._moved.set()
+
+    async def wait_sent(self) -> None:
+        """Until QEMU's end closed (and the peer was told); typed error if a pump failed."""
+        await self._until(self.sent_eof)
+
+    async def wait_received_bytes(self, nbytes: int) -> None:
+        """Until ``nbytes`` of the peer's stream were written into our QEMU."""
+        while self.received.bytes < nbytes:
+            self._raise_if_failed()
+            if self.received_eof.is_set():
+                raise QemuError(f"the stream ended at {self.received.bytes} bytes, "
+                                f"{nbytes} were sent")
+            self._moved.clear()
+            await self._until(self._moved)
+
+    async def _until(self, event: asyncio.Event) -> None:
+        self._raise_if_failed()
+        done_w = asyncio.ensure_future(event.wait())
+        fail_w = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait([done_w, fail_w], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done_w.cancel()
+            fail_w.cancel()
+        if not event.is_set():
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        err = self.error
+        if err is None:
+            return
+        if isinstance(err, XmigError):
+            raise err
+        raise QemuError(f"migration stream tunnel failed: {err!r}") from err
+
+    def stats(self) -> dict[str, object]:
+        return {"sent": self.sent.as_dict(), "received": self.received.as_dict(),
+                "sent_eof": self.sent_eof.is_set(), "received_eof": self.received_eof.is_set()}
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+
+
+class SourceTunnel(_Tunnel):
+    """The source agent's end: a unix socket the source QEMU migrates into (``uri``)."""
+
+    def __init__(self, session: TransportSession, path: str | os.PathLike[str], *,
+                 chunk: int = CHUNK) -> None:
+        super().__init__(session, out=FORWARD, into=BACK, chunk=chunk)
+        self.path = Path(path).resolve()
+        if len(str(self.path)) > 100:
+            raise QemuError(f"socket path {self.path} is too long for sun_path")
+        self._server: asyncio.Server | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def uri(self) -> str:
+        """For QMP ``migrate``."""
+        return f"unix:{self.path}"
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(
+            self._accept, str(self.path), limit=2 * self.chunk)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connected.is_set():  # one migration stream per tunnel
+            writer.close()
+            return
+        self.connected.set()
+        self._run(reader, writer)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        await super().close()
+        self.path.unlink(missing_ok=True)
+
+
+class DestTunnel(_Tunnel):
+    """The destination agent's end: connects to the destination QEMU's incoming socket."""
+
+    def __init__(self, session: TransportSession, path: str | os.PathLike[str], *,
+                 chunk: int = CHUNK) -> None:
+        super().__init__(session, out=BACK, into=FORWARD, chunk=chunk)
+        self.path = Path(path).resolve()
+        if len(str(self.path)) > 100:
+            raise QemuError(f"socket path {self.path} is too long for sun_path")
+
+    @property
+    def uri(self) -> str:
+        """For QMP ``migrate-incoming``."""
+        return f"unix:{self.path}"
+
+    async def start(self, timeout: float = 5.0) -> None:
+        """Connect to QEMU's incoming socket (call after ``migrate-incoming``)."""
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(
+                    str(self.path), limit=2 * self.chunk)
+        except (OSError, TimeoutError) as err:
+            raise QemuError(f"cannot reach QEMU's incoming socket {self.path}: {err}") from err
+        self._run(reader, writer)
+
+
+class _Qmp(Protocol):
+    async def execute(self, command: str, arguments: dict[str, object] | None = None
+                      ) -> object: ...
+
+
+class BandwidthGovernor:
+    """Keeps the source QEMU's ``max-bandwidth`` at the rate the link delivers.
+
+    Every ``period_s``: ``rate`` = the session's delivery-rate estimate. While the stream's
+    backlog in the session (queued and in flight on the memory channel) stays under
+    ``probe_below`` bytes, QEMU rather than the link limits the flow, and the cap is raised
+    to ``rate × probe_gain`` so it can find a faster link; otherwise it is set to ``rate``,
+    which drains the backlog. Never below ``floor_Bps``; ``initial_Bps`` until the estimate
+    exists (None: QEMU's default). ``share`` scales the rate (the memory's part of the link
+    when a disk mirror shares it)."""
+
+    def __init__(self, qmp: _Qmp, session: TransportSession, *, period_s: float = 0.25,
+                 initial_Bps: float | None = None, floor_Bps: float = 1 * MiB,
+                 probe_gain: float = 1.25, probe_below: int = 4 * MiB,
+                 share: Callable[[], float] = lambda: 1.0) -> None:
+        self.qmp = qmp
+        self.session = session
+        self.period_s = period_s
+        self.initial_Bps = initial_Bps
+        self.floor_Bps = floor_Bps
+        self.probe_gain = probe_gain
+        self.probe_below = probe_below
+        self.share = share
+        self.current: int | None = None
+        self.history: list[tuple[float, int]] = []
+
+    def backlog(self) -> int:
+        """Bytes of the stream queued or in flight in the session."""
+        chan = self.session.session.send_channels.get(int(FORWARD))
+        return 0 if chan is None else chan.pending_bytes + chan.inflight_bytes
+
+    def target(self) -> int | None:
+        rate = float(self.session.stats().get("delivery_rate_Bps") or 0.0)
+        if rate <= 0:
+            return None if self.initial_Bps is None else int(self.initial_Bps)
+        if self.backlog() < self.probe_below:
+            rate *= self.probe_gain
+        return int(max(self.floor_Bps, rate * self.share()))
+
+    async def apply(self) -> None:
+        target = self.target()
+        if target is None or target == self.current:
+            return
+        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": target})
+        self.current = target
+        self.history.append((time.monotonic(), target))
+
+    async def run(self) -> None:
+        """Until cancelled (a QMP failure ends it with QemuError)."""
+        while True:
+            await self.apply()
+            await asyncio.sleep(self.period_s)  # a control period, not a wait for a condition
+
+
+__all__ = ["CHUNK", "BandwidthGovernor", "DestTunnel", "Meter", "SourceTunnel"]
