@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from xmig.errors import QemuError
-from xmig.guest.qemu import Progress, QemuConfig, QemuGuest
+from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage, guest_cmdline
 from xmig.guest.qemu.migrate import (
     QemuDestResult,
@@ -97,12 +99,14 @@ class Migrated:
 
 
 async def migrate_over_wan(tmp: Path, source: QemuGuest, template: QemuConfig,
-                           options: QemuMigrationOptions) -> Migrated:
+                           options: QemuMigrationOptions,
+                           on_dest_event: Callable[[dict[str, Any]], None] = lambda e: None,
+                           ) -> Migrated:
     async with wan_sessions(tmp) as s:
         started = time.monotonic()
         dst_task = asyncio.create_task(receive_qemu(
             s.dst, template, workdir=tmp / "dst", journal=Journal(tmp / "dst" / "journal"),
-            reply_timeout_s=RUN_S))
+            reply_timeout_s=RUN_S, on_event=on_dest_event))
         src_task = asyncio.create_task(migrate_qemu(
             s.src, source, migration="q1", journal=Journal(tmp / "src" / "journal"),
             workdir=tmp / "src", options=options))
@@ -161,6 +165,60 @@ async def test_memory_migrates_and_the_counter_continues(
                   f"{m.src.bandwidth[-1][1] if m.src.bandwidth else None} B/s), "
                   f"counter {m.before.counter}->{m.after.counter}, "
                   f"up_ms {m.before.up_ms}->{m.after.up_ms}")
+        finally:
+            if m.dst.guest is not None:
+                await m.dst.guest.quit()
+
+
+DISK = 16 << 20
+
+
+async def test_memory_and_disk_migrate_and_the_records_check_out(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """memdisk: the disk mirrored through xmig's NBD server; the destination image at
+    READY (its QEMU still paused) equals the source image at pause, and its records
+    check out up to the last record the source guest reported."""
+    (tmp_path / "src").mkdir()
+    disk = tmp_path / "src" / "disk.raw"
+    disk.touch()
+    os.truncate(disk, DISK)
+    params: dict[str, int | float | str] = {"mem_mb": 16, "mem_rate": 2, "disk_rate": 0.5}
+    config = guest_config(guest_image, "memdisk", disk=disk, **params)
+    template = guest_config(guest_image, "memdisk", name="dst")
+    snapshot = tmp_path / "dst-at-ready.raw"
+
+    def at_ready(event: dict[str, Any]) -> None:
+        if event.get("phase") == "ready":  # paused, applied and fsynced: copy it now
+            shutil.copyfile(tmp_path / "dst" / "q1.raw", snapshot)
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        first = await source.wait_for_progress(BOOT_S, min_counter=1)
+        m = await migrate_over_wan(tmp_path, source, template,
+                                   QemuMigrationOptions(reply_timeout_s=RUN_S), at_ready)
+        try:
+            assert m.src.status == "done" and m.dst.status == "running"
+            assert await source.status() == "postmigrate"
+            dest = m.dst.guest
+            assert dest is not None and await dest.status() == "running"
+            assert m.before.disk_seq > first.disk_seq
+            assert m.after.disk_seq >= m.before.disk_seq
+            assert 0 <= m.after.up_ms - m.before.up_ms <= 3 * REPORT_MS + 500
+            # the source image is as it was at pause (the source never ran again)
+            assert snapshot.read_bytes() == disk.read_bytes()
+            check = check_records(snapshot, m.before.disk_seq, area=DISK)
+            assert check.ok and check.checked > 0, check
+            later = await dest.wait_for_progress(10, min_counter=m.after.counter + 1)
+            assert later.disk_seq > m.after.disk_seq
+            downtime_ms = (m.dst.resumed_at - m.src.paused_at) * 1000
+            print(f"\ntotal {m.total_s:.2f} s, mirror ready after "
+                  f"{m.src.mirror_ready_at - m.src.started:.2f} s, "
+                  f"paused->resumed {downtime_ms:.0f} ms, "
+                  f"repaired {m.src.ram_chunks_repaired} chunks, disk {m.src.disk}, "
+                  f"disk_seq {m.src.disk_seq}, stream {m.src.stream['sent']}, "
+                  f"records {m.before.disk_seq}->{m.after.disk_seq}, "
+                  f"up_ms {m.before.up_ms}->{m.after.up_ms}, timeline "
+                  f"{[(e['t'], e.get('note') or e.get('step')) for e in m.src.timeline]}")
         finally:
             if m.dst.guest is not None:
                 await m.dst.guest.quit()

@@ -49,8 +49,11 @@ from xmig.errors import (
 )
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
+from xmig.guest.qemu.mirror import SourceDiskMirror, disk_size
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, SourceTunnel
 from xmig.journal import Journal
+from xmig.storage.engine import DEFAULT_BOUND, DiskReceiver
+from xmig.storage.raw import RawFileBackend
 from xmig.switchover import DestMachine, DestPhase, SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
 
@@ -66,6 +69,8 @@ class QemuMigrationOptions:
     initial_bandwidth_Bps: float | None = None  #: QEMU's max-bandwidth before a rate exists
     bandwidth_period_s: float = 0.25
     chunk: int = CHUNK
+    disk: bool = True  #: mirror the source's disk (when it has one)
+    mirror_bound: int = DEFAULT_BOUND  #: bytes of guest writes queued before acks wait
 
 
 @dataclass
@@ -83,6 +88,9 @@ class QemuSourceResult:
     bandwidth: list[tuple[float, int]] = field(default_factory=list)
     qemu_info: dict[str, Any] = field(default_factory=dict)  #: query-migrate at the end
     ram_chunks_repaired: int = 0  #: RAM chunks QEMU's stream left stale (ramcheck)
+    disk_seq: int = 0  #: the last mirrored write (FINAL)
+    disk: dict[str, Any] = field(default_factory=dict)  #: mirror figures
+    mirror_ready_at: float = 0.0
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -97,6 +105,7 @@ class QemuDestResult:
     ready_at: float = 0.0
     resumed_at: float = 0.0
     ram_chunks_repaired: int = 0
+    image: Path | None = None  #: the destination disk image (filled by the receiver)
     machine: DestMachine | None = None
 
 
@@ -184,6 +193,8 @@ async def migrate_qemu(
     governor: BandwidthGovernor | None = None
     hashing: asyncio.Future[ramcheck.Digests] | None = None
     migrating = False
+    mirror: SourceDiskMirror | None = None
+    size = disk_size(source) if options.disk else 0
 
     def emit(kind: str, **fields: Any) -> None:
         event = {"event": kind, "phase": machine.phase.value,
@@ -193,7 +204,7 @@ async def migrate_qemu(
 
     try:
         await session.send(Channel.CONTROL, control.Negotiate(
-            migration, epoch, guest_description(source), 0,
+            migration, epoch, guest_description(source), size,
             source.config.ram_mb << 20).encode())
         reply = await _recv(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
@@ -203,6 +214,13 @@ async def migrate_qemu(
         machine.negotiated()
         emit("phase")
 
+        workdir.mkdir(parents=True, exist_ok=True)
+        if size:
+            mirror = SourceDiskMirror(session, source, workdir=workdir, epoch=epoch,
+                                      bound=options.mirror_bound)
+            await mirror.start(options.timeout_s)
+            result.mirror_ready_at = time.monotonic()
+            emit("phase", note="disk mirror ready")
         await _set_capabilities(source, events=True, return_path=True,
                                 pause_before_switchover=True)
         await source.execute("migrate-set-parameters",
@@ -226,6 +244,11 @@ async def migrate_qemu(
             hashing = asyncio.ensure_future(
                 asyncio.to_thread(ramcheck.ram_digests, source.mem_path))
             emit("phase", note="source paused (pre-switchover)")
+            if mirror is not None:
+                result.disk_seq = await mirror.finish(options.reply_timeout_s)
+                emit("blackout", step="disk mirror sealed", disk_seq=result.disk_seq)
+            await session.send(Channel.CONTROL, control.Final(
+                migration, epoch, disk_seq=result.disk_seq, device_state_bytes=0).encode())
             await source.execute("migrate-continue", {"state": "pre-switchover"})
             machine.final_sent()
             emit("blackout", step="migrate-continue")
@@ -272,12 +295,15 @@ async def migrate_qemu(
             governing.cancel()
         if hashing is not None:
             hashing.cancel()
+        if mirror is not None:
+            result.disk = mirror.progress()
         if not machine.may_resume_source:
             machine.fail(str(err) or type(err).__name__)
             result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
             raise
         aborting = asyncio.ensure_future(_abort_source(
-            machine, session, source, tunnel, journal, migration, epoch, err, migrating))
+            machine, session, source, tunnel, mirror, journal, migration, epoch, err,
+            migrating))
         try:
             await asyncio.shield(aborting)
         except asyncio.CancelledError:
@@ -304,14 +330,18 @@ async def migrate_qemu(
         result.qemu_info = dict(await source.execute("query-migrate"))
     result.stream = tunnel.stats()
     await tunnel.close()
+    if mirror is not None:
+        result.disk = mirror.progress()
+        await mirror.close()
     result.status = "done"
     emit("phase", note="destination running")
     return result
 
 
 async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
-                        tunnel: SourceTunnel | None, journal: Journal, migration: str,
-                        epoch: int, err: BaseException, migrating: bool) -> None:
+                        tunnel: SourceTunnel | None, mirror: SourceDiskMirror | None,
+                        journal: Journal, migration: str, epoch: int, err: BaseException,
+                        migrating: bool) -> None:
     """Before GO: cancel QEMU's migration, make sure the source runs, tell the destination."""
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
@@ -330,6 +360,8 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
             await source.cont()
     if tunnel is not None:
         await tunnel.close()
+    if mirror is not None:
+        await mirror.close()
     with contextlib.suppress(XmigError, TimeoutError):
         async with asyncio.timeout(2.0):
             await session.send(Channel.CONTROL, control.Abort(
@@ -375,18 +407,27 @@ async def receive_qemu(
     result.migration, result.epoch = msg.migration, msg.epoch
     machine = DestMachine(msg.epoch)
     tunnel: DestTunnel | None = None
-    decision_task: asyncio.Task[control.Message] | None = None
+    decision_task: asyncio.Future[control.Message] | None = None
+    receiver: DiskReceiver | None = None
+    image: RawFileBackend | None = None
     try:
         if msg.guest.get("backend") != BACKEND:
             raise MigrationError(f"unsupported guest backend {msg.guest.get('backend')!r}")
         workdir.mkdir(parents=True, exist_ok=True)
         config = incoming_config(template, msg)
+        if msg.disk_bytes:
+            result.image = workdir / f"{msg.migration}.raw"
+            image = RawFileBackend.create(result.image, msg.disk_bytes)
+            receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
+            await receiver.start()
+            config = replace(config, disk=result.image)
         if launch is not None:
             result.guest = await launch(config)
         else:
             result.guest = await QemuGuest.launch(config, workdir, popen=popen)
         guest = result.guest
-        await _set_capabilities(guest, events=True, return_path=True)
+        await _set_capabilities(guest, events=True, return_path=True,
+                                late_block_activate=receiver is not None)
         tunnel = DestTunnel(session, workdir / f"{msg.migration}.in", chunk=chunk)
         with guest.listener("MIGRATION") as events:
             await guest.execute("migrate-incoming", {"uri": tunnel.uri})
@@ -394,11 +435,22 @@ async def receive_qemu(
             await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
             machine.prepared()
             on_event({"event": "phase", "phase": machine.phase.value})
-            # the source may abort meanwhile: its next message is read alongside
+            # FINAL (or ABORT) is read alongside
             decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
             completing = wait_migration(events, guest, {"completed"}, reply_timeout_s)
             if not await _completed_or_message(completing, decision_task):
-                raise _unexpected(decision_task.result(), "go")
+                final = decision_task.result()
+                if not isinstance(final, control.Final):
+                    raise _unexpected(final, "final")
+                await wait_migration(events, guest, {"completed"}, reply_timeout_s)
+            else:
+                final = await decision_task
+                if not isinstance(final, control.Final):
+                    raise _unexpected(final, "final")
+            decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
+        if receiver is not None:
+            await receiver.wait_applied(final.disk_seq)
+            await receiver.flush()
         result.stream = tunnel.stats()
         ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
         machine.final_applied()
@@ -437,6 +489,13 @@ async def receive_qemu(
         if result.guest is not None:
             await result.guest.quit()
             result.guest = None
+        if receiver is not None:
+            with contextlib.suppress(XmigError):
+                await receiver.stop()
+        if image is not None:
+            image.close()
+        if result.image is not None:
+            result.image.unlink(missing_ok=True)
         raise
     # GO: journaled before the guest runs here
     journal.append("RUNNING", msg.migration, msg.epoch)
@@ -447,6 +506,10 @@ async def receive_qemu(
         await session.send(Channel.CONTROL, control.Resumed(
             msg.migration, msg.epoch, result.resumed_at).encode())
     await tunnel.close()
+    if receiver is not None:
+        await receiver.stop()
+    if image is not None:
+        image.close()
     result.status = "running"
     on_event({"event": "phase", "phase": machine.phase.value})
     return result
