@@ -188,7 +188,11 @@ async def test_memory_and_disk_migrate_and_the_records_check_out(
     template = guest_config(guest_image, "memdisk", name="dst")
     snapshot = tmp_path / "dst-at-ready.raw"
 
+    steps: list[tuple[str, float]] = []
+
     def at_ready(event: dict[str, Any]) -> None:
+        if "at" in event:
+            steps.append((event["step"], event["at"]))
         if event.get("phase") == "ready":  # paused, applied and fsynced: copy it now
             shutil.copyfile(tmp_path / "dst" / "q1.raw", snapshot)
 
@@ -218,7 +222,8 @@ async def test_memory_and_disk_migrate_and_the_records_check_out(
                   f"disk_seq {m.src.disk_seq}, stream {m.src.stream['sent']}, "
                   f"records {m.before.disk_seq}->{m.after.disk_seq}, "
                   f"up_ms {m.before.up_ms}->{m.after.up_ms}, timeline "
-                  f"{[(e['t'], e.get('note') or e.get('step')) for e in m.src.timeline]}")
+                  f"{[(e['t'], e.get('note') or e.get('step')) for e in m.src.timeline]}, "
+                  f"dest {[(n, round(t - m.src.started, 3)) for n, t in steps]}")
         finally:
             if m.dst.guest is not None:
                 await m.dst.guest.quit()

@@ -448,26 +448,32 @@ async def receive_qemu(
                 if not isinstance(final, control.Final):
                     raise _unexpected(final, "final")
             decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
+        on_event({"event": "step", "step": "incoming completed", "at": time.monotonic()})
         if receiver is not None:
             await receiver.wait_applied(final.disk_seq)
             await receiver.flush()
+            on_event({"event": "step", "step": "disk applied", "at": time.monotonic()})
         result.stream = tunnel.stats()
         ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
+        on_event({"event": "step", "step": "ram hashed", "at": time.monotonic()})
         machine.final_applied()
         journal.append("READY", msg.migration, msg.epoch)
         result.ready_at = time.monotonic()
         await session.send(Channel.CONTROL, control.Ready(
             msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
                                        "ram_chunks": ramcheck.encode_digests(ram)}).encode())
+        on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await decision_task
         if not isinstance(decision, control.Go):
             raise _unexpected(decision, "go")
+        on_event({"event": "step", "step": "go", "at": time.monotonic()})
         # the source's repair of what QEMU's stream left stale was sent before GO
         async with asyncio.timeout(reply_timeout_s):
             fixups = await session.recv(Channel.DEVICE_STATE)
         result.ram_chunks_repaired = await asyncio.to_thread(
             ramcheck.apply_fixups, guest.mem_path, fixups)
+        on_event({"event": "step", "step": "ram repaired", "at": time.monotonic()})
         machine.go(decision.epoch)
     except (XmigError, OSError, TimeoutError, asyncio.CancelledError) as err:
         if decision_task is not None:
@@ -499,6 +505,7 @@ async def receive_qemu(
         raise
     # GO: journaled before the guest runs here
     journal.append("RUNNING", msg.migration, msg.epoch)
+    on_event({"event": "step", "step": "journaled", "at": time.monotonic()})
     assert result.guest is not None
     await result.guest.cont()
     result.resumed_at = time.monotonic()

@@ -274,17 +274,23 @@ class _Qmp(Protocol):
 class BandwidthGovernor:
     """Keeps the source QEMU's ``max-bandwidth`` at the rate the link delivers.
 
-    Every ``period_s``: ``rate`` = the session's delivery-rate estimate. While the stream's
-    backlog in the session (queued and in flight on the memory channel) stays under
-    ``probe_below`` bytes, QEMU rather than the link limits the flow, and the cap is raised
-    to ``rate × probe_gain`` so it can find a faster link; otherwise it is set to ``rate``,
-    which drains the backlog. Never below ``floor_Bps``; ``initial_Bps`` until the estimate
-    exists (None: QEMU's default). ``share`` scales the rate (the memory's part of the link
-    when a disk mirror shares it)."""
+    Every ``period_s``, from the session's delivery-rate estimate ``rate``, its smoothed RTT
+    and the stream's backlog in the session (queued and in flight on the memory channel),
+    against one bandwidth-delay product ``bdp = rate × srtt``:
+
+    - backlog under ``bdp + slack / 4`` (no more than the link itself holds): QEMU, not
+      the link, limits the flow: the cap is raised to ``rate × probe_gain`` so it can find
+      a faster link (and never ratchets down with a dip of the estimate);
+    - backlog over ``2 × bdp + slack``: bytes queue in the carrier, where QEMU cannot see
+      them (its downtime estimate would be short by their drain time): ``rate × drain_gain``;
+    - otherwise ``rate``.
+
+    Never below ``floor_Bps``; ``initial_Bps`` until an estimate exists (None: QEMU's
+    default). ``share`` scales the rate (the memory's part when a disk mirror shares it)."""
 
     def __init__(self, qmp: _Qmp, session: TransportSession, *, period_s: float = 0.25,
                  initial_Bps: float | None = None, floor_Bps: float = 1 * MiB,
-                 probe_gain: float = 1.25, probe_below: int = 4 * MiB,
+                 probe_gain: float = 1.25, drain_gain: float = 0.8, slack: int = 1 * MiB,
                  share: Callable[[], float] = lambda: 1.0) -> None:
         self.qmp = qmp
         self.session = session
@@ -292,7 +298,8 @@ class BandwidthGovernor:
         self.initial_Bps = initial_Bps
         self.floor_Bps = floor_Bps
         self.probe_gain = probe_gain
-        self.probe_below = probe_below
+        self.drain_gain = drain_gain
+        self.slack = slack
         self.share = share
         self.current: int | None = None
         self.history: list[tuple[float, int]] = []
@@ -303,11 +310,16 @@ class BandwidthGovernor:
         return 0 if chan is None else chan.pending_bytes + chan.inflight_bytes
 
     def target(self) -> int | None:
-        rate = float(self.session.stats().get("delivery_rate_Bps") or 0.0)
+        stats = self.session.stats()
+        rate = float(stats.get("delivery_rate_Bps") or 0.0)
         if rate <= 0:
             return None if self.initial_Bps is None else int(self.initial_Bps)
-        if self.backlog() < self.probe_below:
+        bdp = rate * float(stats.get("srtt_s") or 0.0)
+        backlog = self.backlog()
+        if backlog < bdp + self.slack / 4:
             rate *= self.probe_gain
+        elif backlog > 2 * bdp + self.slack:
+            rate *= self.drain_gain
         return int(max(self.floor_Bps, rate * self.share()))
 
     async def apply(self) -> None:
