@@ -231,6 +231,8 @@ async def migrate(
         result.paused_at = time.monotonic()
         # the guest's last writes reach the image's disk while FINAL and READY cross the link
         flushing = asyncio.ensure_future(asyncio.to_thread(disk.flush))
+        # awaited before GO; on an abort before that its outcome must not go unretrieved
+        flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
         emit("phase", note="guest paused")
         final = await memory.final_round(digest=options.verify)
         emit("blackout", step="final pages queued", pages=final.final_pages)
