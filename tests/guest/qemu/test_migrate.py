@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from xmig.errors import QemuError
+from xmig.errors import MigrationAborted, NotConverging, QemuError, XmigError
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage, guest_cmdline
 from xmig.guest.qemu.migrate import (
@@ -227,3 +227,52 @@ async def test_memory_and_disk_migrate_and_the_records_check_out(
         finally:
             if m.dst.guest is not None:
                 await m.dst.guest.quit()
+
+
+async def test_a_guest_outrunning_the_link_aborts_and_the_source_runs_on(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """memdisk dirtying memory flat out (TCG: faster than 100 Mbit/s): QEMU's pre-copy never
+    reaches its downtime limit; at the timeout the migration aborts before GO
+    (NotConverging): migrate_cancel, the mirror job cancelled, the destination QEMU quit and
+    its image deleted; the source guest runs on and its disk holds its records."""
+    (tmp_path / "src").mkdir()
+    disk = tmp_path / "src" / "disk.raw"
+    disk.touch()
+    os.truncate(disk, DISK)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=48, disk_rate=0.5)
+    template = guest_config(guest_image, "memdisk", name="dst")
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        async with wan_sessions(tmp_path) as s:
+            dst_task = asyncio.create_task(receive_qemu(
+                s.dst, template, workdir=tmp_path / "dst",
+                journal=Journal(tmp_path / "dst" / "journal"), reply_timeout_s=RUN_S))
+            src_task = asyncio.create_task(migrate_qemu(
+                s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
+                workdir=tmp_path / "src",
+                options=QemuMigrationOptions(timeout_s=6.0, reply_timeout_s=RUN_S)))
+            async with asyncio.timeout(RUN_S):
+                src_res, dst_res = await asyncio.gather(src_task, dst_task,
+                                                        return_exceptions=True)
+        assert isinstance(src_res, MigrationAborted), src_res
+        assert isinstance(src_res.__cause__, NotConverging)
+        assert isinstance(dst_res, XmigError), dst_res
+        assert await source.status() == "running"
+        info = await source.execute("query-migrate")
+        assert info.get("status") == "cancelled"
+        jobs = await source.execute("query-block-jobs")
+        assert jobs == []
+        now = await source.wait_for_progress(10)
+        later = await source.wait_for_progress(10, min_counter=now.counter + 1)
+        assert later.counter > now.counter
+        assert [r.kind for r in Journal(tmp_path / "src" / "journal").records()] == [
+            "START", "ABORT"]
+        assert [r.kind for r in Journal(tmp_path / "dst" / "journal").records()] == [
+            "DISCARDED"]
+        assert not (tmp_path / "dst" / "q1.raw").exists()
+        assert not (tmp_path / "src" / "src.mirror.raw").exists()
+        await source.stop()
+        last = await drain_console(source)
+        check = check_records(disk, last.disk_seq, area=DISK)
+        assert check.ok and check.checked > 0, check

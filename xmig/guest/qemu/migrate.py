@@ -43,6 +43,7 @@ from xmig.errors import (
     InDoubt,
     MigrationAborted,
     MigrationError,
+    NotConverging,
     ProtocolError,
     QemuError,
     XmigError,
@@ -59,6 +60,7 @@ from xmig.transport import Channel, TransportSession
 
 BACKEND = "qemu"
 FAILED_STATES = frozenset({"failed", "cancelled"})
+LIVE_STATES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling"})
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,12 @@ async def migrate_qemu(
             await source.execute("migrate", {"uri": tunnel.uri})
             migrating = True
             governing = asyncio.create_task(governor.run())
-            await wait_migration(events, source, {"pre-switchover"}, options.timeout_s)
+            try:
+                async with asyncio.timeout(options.timeout_s):
+                    await wait_migration(events, source, {"pre-switchover"}, 1e9)
+            except TimeoutError:
+                raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
+                                    f"within {options.timeout_s:g} s") from None
             # QEMU stopped the vCPUs: the blackout begins
             machine.pause()
             result.paused_at = time.monotonic()
@@ -346,16 +353,13 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
     journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
-    if migrating:
-        with contextlib.suppress(XmigError):
-            await source.execute("migrate_cancel")
     with contextlib.suppress(XmigError):
-        # QEMU restarts the vCPUs it stopped when the migration ends cancelled; make sure
-        for _ in range(100):
-            info = await source.execute("query-migrate")
-            if info.get("status") not in ("active", "pre-switchover", "device", "cancelling"):
-                break
-            await asyncio.sleep(0.02)  # QEMU offers no event for the cleanup's end
+        info = await source.execute("query-migrate") if migrating else {}
+        if info.get("status") in LIVE_STATES:
+            with source.listener("MIGRATION") as events:
+                await source.execute("migrate_cancel")
+                # QEMU restarts the vCPUs it stopped once the migration ends cancelled
+                await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
         if await source.status() in ("paused", "finish-migrate"):
             await source.cont()
     if tunnel is not None:
