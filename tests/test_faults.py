@@ -49,9 +49,10 @@ from xmig.migration import (
     send_decision,
 )
 from xmig.netem import LinkSpec, Wan
+from xmig.netem.sessions import connect_across, listen_across
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import Listener, SessionConfig, TransportSession, connect, listen
+from xmig.transport import Listener, SessionConfig, TransportSession
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -152,20 +153,10 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
         probe = DowntimeProbe(addr, put_keys=True).start()
         dest: DestResult | BaseException | None = None
         try:
-            kw: dict[str, Any] = {}
-            if not wan.approximate:
-                lsock = wan.socket("dst")
-                lsock.bind(("0.0.0.0", 0))
-                lsock.listen(16)
-                lsock.setblocking(False)
-                kw["sock"] = lsock
-            async with listen(tls=server_context(pki), config=SESSION, **kw) as lst:
-                host, port = wan.dst_endpoint(lst.port)
-                factory = None if wan.approximate else (lambda: wan.socket("src"))
+            async with listen_across(wan, tls=server_context(pki), config=SESSION) as lst:
                 async with contextlib.AsyncExitStack() as sessions:
-                    session = await sessions.enter_async_context(connect(
-                        host, port, tls=client_context(pki), server_hostname=host,
-                        streams=2, config=SESSION, socket_factory=factory))
+                    session = await sessions.enter_async_context(connect_across(
+                        wan, lst.port, tls=client_context(pki), streams=2, config=SESSION))
                     dst_session = await lst.accept()
                     rig = Rig(wan, guest, session, dst_session)
 
@@ -198,8 +189,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 if isinstance(dest, InDoubt):
                     dest = cast(DestResult, dest.result)
                     if settle:  # the link is back: the source tells its journaled decision
-                        await settle_over_a_new_session(
-                            wan, lst, pki, factory, src_dir, dst_dir, dest)
+                        await settle_over_a_new_session(wan, lst, pki, src_dir, dst_dir, dest)
             seen = probe.stop()
             dst_guest = dest.guest if isinstance(dest, DestResult) else None
             # the UDP service follows the guest: whichever side runs answers the client
@@ -244,14 +234,13 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
     raise AssertionError("unreachable")
 
 
-async def settle_over_a_new_session(wan: Wan, lst: Listener, pki: Any, factory: Any,
-                                    src_dir: Path, dst_dir: Path, dest: DestResult) -> None:
+async def settle_over_a_new_session(wan: Wan, lst: Listener, pki: Any, src_dir: Path,
+                                    dst_dir: Path, dest: DestResult) -> None:
     """Restore the link; the source connects again and sends the decision its journal
     holds; the destination agent applies it to the migration it holds in doubt."""
     wan.restore()
-    host, port = wan.dst_endpoint(lst.port)
-    async with connect(host, port, tls=client_context(pki), server_hostname=host,
-                       streams=1, config=SESSION, socket_factory=factory) as session:
+    async with connect_across(wan, lst.port, tls=client_context(pki), streams=1,
+                              config=SESSION) as session:
         dst_session = await lst.accept()
         in_doubt = {"m1": (dest, Journal(dst_dir / "journal"))}
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from xmig.netem import LinkSpec, Wan
-from xmig.transport import Channel, SessionConfig, connect, listen
+from xmig.netem.sessions import connect_across, listen_across
+from xmig.transport import Channel, SessionConfig
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -53,63 +54,54 @@ async def run_transport_demo(
     base = random.Random(seed).randbytes(CHUNK)
     with tempfile.TemporaryDirectory() as tmp, Wan(spec) as wan:
         pki = init_pki(Path(tmp) / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
-        kw: dict[str, Any] = {}
-        if not wan.approximate:
-            lsock = wan.socket("dst")
-            lsock.bind(("0.0.0.0", 0))
-            lsock.listen(16)
-            lsock.setblocking(False)
-            kw["sock"] = lsock
-        async with listen(tls=server_context(pki), config=config, **kw) as lst:
-            host, port = wan.dst_endpoint(lst.port)
-            factory = None if wan.approximate else (lambda: wan.socket("src"))
-            async with connect(host, port, tls=client_context(pki), server_hostname=host,
-                               streams=streams, config=config, socket_factory=factory) as src:
-                dst = await lst.accept()
-                sent, got = hashlib.sha256(), hashlib.sha256()
-                t0 = time.monotonic()
-                cut = asyncio.Event()
+        async with (listen_across(wan, tls=server_context(pki), config=config) as lst,
+                    connect_across(wan, lst.port, tls=client_context(pki), streams=streams,
+                                   config=config) as src):
+            dst = await lst.accept()
+            sent, got = hashlib.sha256(), hashlib.sha256()
+            t0 = time.monotonic()
+            cut = asyncio.Event()
 
-                async def produce() -> None:
-                    for i in range(total_bytes // CHUNK):
-                        chunk = i.to_bytes(8, "big") + base[8:]
-                        sent.update(chunk)
-                        await src.send(Channel.MEMORY, chunk)
+            async def produce() -> None:
+                for i in range(total_bytes // CHUNK):
+                    chunk = i.to_bytes(8, "big") + base[8:]
+                    sent.update(chunk)
+                    await src.send(Channel.MEMORY, chunk)
 
-                async def consume() -> int:
-                    n = 0
-                    while n < total_bytes // CHUNK * CHUNK:
-                        got.update(await dst.recv(Channel.MEMORY))
-                        n += CHUNK
-                        if n == total_bytes // 2 // CHUNK * CHUNK and cut_seconds > 0:
-                            cut.set()
-                    return n
+            async def consume() -> int:
+                n = 0
+                while n < total_bytes // CHUNK * CHUNK:
+                    got.update(await dst.recv(Channel.MEMORY))
+                    n += CHUNK
+                    if n == total_bytes // 2 // CHUNK * CHUNK and cut_seconds > 0:
+                        cut.set()
+                return n
 
-                async def cutter() -> None:
-                    await cut.wait()
-                    wan.cut()
-                    await asyncio.sleep(cut_seconds)  # the length of the outage, by design
-                    wan.restore()
+            async def cutter() -> None:
+                await cut.wait()
+                wan.cut()
+                await asyncio.sleep(cut_seconds)  # the length of the outage, by design
+                wan.restore()
 
-                async def report() -> None:
-                    while True:
-                        st = src.stats()
-                        on_progress(DemoProgress(
-                            time.monotonic() - t0, st["acked_bytes"], total_bytes,
-                            st["delivery_rate_Bps"],
-                            st["min_rtt_s"] * 1000 if st["min_rtt_s"] else None,
-                            st["connections"], st["reconnects"], wan.stats()["cut"]))
-                        await asyncio.sleep(0.25)  # a display refresh period
+            async def report() -> None:
+                while True:
+                    st = src.stats()
+                    on_progress(DemoProgress(
+                        time.monotonic() - t0, st["acked_bytes"], total_bytes,
+                        st["delivery_rate_Bps"],
+                        st["min_rtt_s"] * 1000 if st["min_rtt_s"] else None,
+                        st["connections"], st["reconnects"], wan.stats()["cut"]))
+                    await asyncio.sleep(0.25)  # a display refresh period
 
-                tasks = [asyncio.create_task(c) for c in (report(), cutter())]
-                try:
-                    _, received = await asyncio.gather(produce(), consume())
-                    await src.drain()
-                finally:
-                    for t in tasks:
-                        t.cancel()
-                elapsed = time.monotonic() - t0
-                st = src.stats()
+            tasks = [asyncio.create_task(c) for c in (report(), cutter())]
+            try:
+                _, received = await asyncio.gather(produce(), consume())
+                await src.drain()
+            finally:
+                for t in tasks:
+                    t.cancel()
+            elapsed = time.monotonic() - t0
+            st = src.stats()
     return {
         "mode": "transport-demo",
         "link": spec.to_dict(),

@@ -31,10 +31,11 @@ from xmig.guest.sim import (
 from xmig.journal import Journal
 from xmig.migration import MigrationOptions, SourceResult, migrate
 from xmig.netem import LinkSpec, Wan
+from xmig.netem.sessions import connect_across, listen_across
 from xmig.report import ledger_check, source_report
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import SessionConfig, connect, listen
+from xmig.transport import SessionConfig
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -90,21 +91,11 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     report: dict[str, Any] = {}
     try:
         before = await _rate_over(guest, run.warmup_s)
-        kw: dict[str, Any] = {}
-        if not wan.approximate:
-            lsock = wan.socket("dst")
-            lsock.bind(("0.0.0.0", 0))
-            lsock.listen(16)
-            lsock.setblocking(False)
-            kw["sock"] = lsock
         scfg = SessionConfig(idle_timeout=5.0, resume_deadline=30.0)
-        async with listen(tls=server_context(pki), config=scfg, **kw) as lst:
-            host, port = wan.dst_endpoint(lst.port)
-            factory = None if wan.approximate else (lambda: wan.socket("src"))
+        async with listen_across(wan, tls=server_context(pki), config=scfg) as lst:
             t0 = time.monotonic()
-            async with connect(host, port, tls=client_context(pki), server_hostname=host,
-                               streams=run.streams, config=scfg,
-                               socket_factory=factory) as session:
+            async with connect_across(wan, lst.port, tls=client_context(pki),
+                                      streams=run.streams, config=scfg) as session:
                 dst_session = await lst.accept()
                 dst_task = asyncio.create_task(receive_migration(
                     dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal")))
