@@ -149,13 +149,15 @@ def test_ram_check_finds_and_repairs_stale_chunks(tmp_path: Path) -> None:
     theirs = ramcheck.decode_digests(ramcheck.encode_digests(ramcheck.ram_digests(dst)))
     stale = ramcheck.differing(mine, theirs)
     assert list(stale) == [0, size // ramcheck.CHUNK - 1]
-    fix = ramcheck.encode_fixups(src, stale)
-    assert ramcheck.apply_fixups(dst, fix) == 2
+    fix = ramcheck.encode_fixups(src, stale, message_bytes=ramcheck.CHUNK)  # one per message
+    assert len(fix) == 2
+    assert [ramcheck.apply_fixups(dst, f) for f in fix] == [(1, True), (1, False)]
     assert dst.read_bytes() == src.read_bytes()
     assert not ramcheck.differing(mine, ramcheck.ram_digests(dst)).size
-    assert ramcheck.apply_fixups(dst, ramcheck.encode_fixups(src, np.array([], np.int64))) == 0
+    (empty,) = ramcheck.encode_fixups(src, np.array([], np.int64))
+    assert ramcheck.apply_fixups(dst, empty) == (0, False)
     with pytest.raises(ProtocolError):
-        ramcheck.apply_fixups(dst, fix[:-1])
+        ramcheck.apply_fixups(dst, fix[0][:-1])
     with pytest.raises(QemuError, match="sizes differ"):
         ramcheck.differing(mine, mine[:-1])
     with pytest.raises(ProtocolError):

@@ -32,7 +32,8 @@ from xmig.errors import ProtocolError, QemuError
 #: (the pages QEMU lost, ~35 per migration in the tests) both stay small; at 64 KiB the
 #: repair was 2.3 MB, 185 ms at 100 Mbit/s, in the blackout
 CHUNK = 8 * 1024
-_HEAD = struct.Struct("<II")  # chunk size, count
+_HEAD = struct.Struct("<III")  # chunk size, count, more messages follow (0/1)
+MESSAGE_BYTES = 2 << 20  #: a fixup message's size at most (under the session's max payload)
 _ITEM = struct.Struct("<QI")  # offset, length
 
 Digests = npt.NDArray[np.uint64]
@@ -76,23 +77,30 @@ def differing(mine: Digests, theirs: Digests) -> npt.NDArray[np.int64]:
 
 
 def encode_fixups(path: str | os.PathLike[str], chunks: npt.NDArray[np.int64],
-                  chunk: int = CHUNK) -> bytes:
-    """The bytes of ``chunks`` of the RAM file, as one message (blocking)."""
-    parts = [_HEAD.pack(chunk, len(chunks))]
+                  chunk: int = CHUNK, message_bytes: int = MESSAGE_BYTES) -> list[bytes]:
+    """The bytes of ``chunks`` of the RAM file, as messages of at most about
+    ``message_bytes`` (at least one; the last says no more follow). Blocking."""
+    per = max(1, message_bytes // (chunk + _ITEM.size))
+    groups = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [chunks[:0]]
+    out = []
     with open(path, "rb") as ram:
-        for c in chunks:
-            offset = int(c) * chunk
-            data = os.pread(ram.fileno(), chunk, offset)
-            parts += [_ITEM.pack(offset, len(data)), data]
-    return b"".join(parts)
+        for k, group in enumerate(groups):
+            parts = [_HEAD.pack(chunk, len(group), int(k + 1 < len(groups)))]
+            for c in group:
+                offset = int(c) * chunk
+                data = os.pread(ram.fileno(), chunk, offset)
+                parts += [_ITEM.pack(offset, len(data)), data]
+            out.append(b"".join(parts))
+    return out
 
 
-def apply_fixups(path: str | os.PathLike[str], message: bytes | bytearray) -> int:
-    """Write a fixup message's chunks into the RAM file; how many (blocking)."""
+def apply_fixups(path: str | os.PathLike[str], message: bytes | bytearray) -> tuple[int, bool]:
+    """Write a fixup message's chunks into the RAM file: how many, and whether more
+    messages follow (blocking)."""
     view = memoryview(message)
     if len(view) < _HEAD.size:
         raise ProtocolError("truncated RAM fixup message")
-    _chunk, count = _HEAD.unpack_from(view, 0)
+    _chunk, count, more = _HEAD.unpack_from(view, 0)
     pos = _HEAD.size
     size = Path(path).stat().st_size
     fd = os.open(path, os.O_WRONLY)
@@ -110,4 +118,4 @@ def apply_fixups(path: str | os.PathLike[str], message: bytes | bytearray) -> in
         os.close(fd)
     if pos != len(view):
         raise ProtocolError("trailing bytes in a RAM fixup message")
-    return int(count)
+    return int(count), bool(more)

@@ -1,0 +1,128 @@
+"""SDPS for a QEMU guest: its vCPU threads' CPU quota (cgroup v1 ``cpu`` controller).
+
+:class:`CgroupThrottle` moves the vCPU threads (``query-cpus-fast``) into a cgroup of their own
+and sets ``cpu.cfs_quota_us`` to ``(1 − throttle) × period × vCPUs``: guest progress falls in
+proportion (measured here: 100 % → 18.4 k/s, 50 % → 9.2 k/s, 10 % → 1.75 k/s), while QEMU's
+other threads (the migration thread, QMP, I/O) keep full speed. :class:`QemuSdps` feeds the
+reference guest's controller (:class:`~xmig.memory.sdps.ProportionalThrottle`) with QEMU's own
+dirty rate (``query-migrate``: ``ram.dirty-pages-rate`` × ``ram.page-size``) and the
+session's delivery rate, every ``period_s``. Released at switchover and on abort (threads
+back in the root group, the group removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from xmig.errors import QemuError, XmigError
+from xmig.guest.qemu.machine import QemuGuest
+from xmig.memory.sdps import ProportionalThrottle, ThrottleController
+from xmig.transport import TransportSession
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+PERIOD_US = 100_000
+MIN_QUOTA_US = 1_000  #: the kernel's floor
+
+
+class CgroupThrottle:
+    """A cgroup v1 cpu group holding some threads; :meth:`set` throttles them."""
+
+    def __init__(self, name: str, *, root: Path = CGROUP_CPU, period_us: int = PERIOD_US
+                 ) -> None:
+        self.root = root
+        self.path = root / name
+        self.period_us = period_us
+        self.threads: list[int] = []
+        self.throttle = 0.0
+
+    def _write(self, path: Path, value: str) -> None:
+        try:
+            path.write_text(value)
+        except OSError as err:
+            raise QemuError(f"cgroup {path}: {err} (cgroup v1 cpu controller, root needed)"
+                            ) from err
+
+    def attach(self, threads: list[int]) -> None:
+        if not (self.root / "cpu.cfs_quota_us").exists():
+            raise QemuError(f"no cgroup v1 cpu controller at {self.root}")
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as err:
+            raise QemuError(f"cannot create cgroup {self.path}: {err}") from err
+        self._write(self.path / "cpu.cfs_period_us", str(self.period_us))
+        for tid in threads:
+            self._write(self.path / "tasks", str(tid))
+        self.threads = list(threads)
+
+    def set(self, throttle: float) -> None:
+        """0.0 = no limit … 0.99."""
+        self.throttle = throttle
+        if throttle <= 0:
+            quota = -1
+        else:
+            per_cpu = max(MIN_QUOTA_US, round((1.0 - throttle) * self.period_us))
+            quota = per_cpu * max(1, len(self.threads))
+        self._write(self.path / "cpu.cfs_quota_us", str(quota))
+
+    def release(self) -> None:
+        """Full speed, threads back in the root group, the group removed (idempotent;
+        a thread that has exited is skipped)."""
+        if not self.path.exists():
+            return
+        with contextlib.suppress(QemuError):
+            self.set(0.0)
+        for tid in self.threads:
+            with contextlib.suppress(OSError):
+                (self.root / "tasks").write_text(str(tid))
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)
+        self.throttle = 0.0
+
+
+class QemuSdps:
+    """SDPS for one source QEMU during its migration."""
+
+    def __init__(self, guest: QemuGuest, session: TransportSession, *,
+                 controller: ThrottleController | None = None, period_s: float = 0.5) -> None:
+        self.guest = guest
+        self.session = session
+        self.controller = controller or ProportionalThrottle()
+        self.period_s = period_s
+        self.cgroup = CgroupThrottle(f"xmig-{guest.config.name}-{os.getpid()}")
+        self.max_throttle = 0.0
+        self.samples: list[dict[str, float]] = []
+
+    async def start(self) -> None:
+        threads = await self.guest.vcpu_threads()
+        await asyncio.to_thread(self.cgroup.attach, threads)
+
+    async def step(self) -> float:
+        info: Any = await self.guest.execute("query-migrate")
+        ram = info.get("ram", {})
+        dirty = float(ram.get("dirty-pages-rate", 0)) * float(ram.get("page-size", 4096))
+        rate = float(self.session.stats().get("delivery_rate_Bps") or 0.0)
+        if rate <= 0:
+            return self.cgroup.throttle
+        throttle = self.controller.update(now=time.monotonic(), delivery_rate=rate,
+                                          dirty_rate=dirty)
+        if abs(throttle - self.cgroup.throttle) > 0.005:
+            await asyncio.to_thread(self.cgroup.set, throttle)
+        self.max_throttle = max(self.max_throttle, throttle)
+        self.samples.append({"dirty_Bps": dirty, "rate_Bps": rate, "throttle": throttle})
+        return throttle
+
+    async def run(self) -> None:
+        """Until cancelled."""
+        while True:
+            with contextlib.suppress(XmigError):  # a missed sample is not fatal
+                await self.step()
+            await asyncio.sleep(self.period_s)  # a control period, not a wait for a condition
+
+    def release(self) -> None:
+        self.controller.release()
+        self.cgroup.release()
