@@ -101,6 +101,8 @@ class Migrated:
 async def migrate_over_wan(tmp: Path, source: QemuGuest, template: QemuConfig,
                            options: QemuMigrationOptions,
                            on_dest_event: Callable[[dict[str, Any]], None] = lambda e: None,
+                           on_source_event: Callable[[Wan, dict[str, Any]], None] = (
+                               lambda wan, e: None),
                            ) -> Migrated:
     async with wan_sessions(tmp) as s:
         started = time.monotonic()
@@ -109,7 +111,8 @@ async def migrate_over_wan(tmp: Path, source: QemuGuest, template: QemuConfig,
             reply_timeout_s=RUN_S, on_event=on_dest_event))
         src_task = asyncio.create_task(migrate_qemu(
             s.src, source, migration="q1", journal=Journal(tmp / "src" / "journal"),
-            workdir=tmp / "src", options=options))
+            workdir=tmp / "src", options=options,
+            on_progress=lambda e: on_source_event(s.wan, e)))
         try:
             async with asyncio.timeout(RUN_S):
                 src_res, dst_res = await asyncio.gather(src_task, dst_task)
@@ -276,3 +279,40 @@ async def test_a_guest_outrunning_the_link_aborts_and_the_source_runs_on(
         last = await drain_console(source)
         check = check_records(disk, last.disk_seq, area=DISK)
         assert check.ok and check.checked > 0, check
+
+
+async def test_a_link_cut_in_the_memory_stream_is_absorbed(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """The link is cut for 6 s once 20 MB of QEMU's stream crossed it (longer than the
+    session's 5 s idle timeout, so its connections die): the session resumes
+    on new connections, QEMU on either side never notices, the migration completes."""
+    config = guest_config(guest_image, "mem", mem_mb=32, mem_rate=4)
+    template = guest_config(guest_image, "mem", name="dst")
+    cut: dict[str, Any] = {}
+
+    def cut_once(wan: Wan, event: dict[str, Any]) -> None:
+        sent = event.get("stream", {}).get("sent", {}).get("bytes", 0)
+        if event["event"] == "progress" and sent > 20_000_000 and not cut:
+            cut["at_bytes"] = sent
+            wan.cut()
+            asyncio.get_running_loop().call_later(6.0, wan.restore)  # > the 5 s idle timeout
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        m = await migrate_over_wan(tmp_path, source, template,
+                                   QemuMigrationOptions(reply_timeout_s=RUN_S),
+                                   on_source_event=cut_once)
+        try:
+            assert cut, "the stream never reached 20 MB"
+            assert m.src.status == "done" and m.dst.status == "running"
+            assert m.after.counter >= m.before.counter
+            assert 0 <= m.after.up_ms - m.before.up_ms <= 3 * REPORT_MS + 500
+            progress = [e for e in m.src.timeline if e["event"] == "progress"]
+            assert progress[-1]["session"]["connections_lost"] >= 1
+            print(f"\ncut at {cut['at_bytes']} B: total {m.total_s:.2f} s, "
+                  f"paused->resumed {(m.dst.resumed_at - m.src.paused_at) * 1000:.0f} ms, "
+                  f"session {progress[-1]['session']}")
+        finally:
+            if m.dst.guest is not None:
+                await m.dst.guest.quit()

@@ -246,7 +246,12 @@ async def migrate_qemu(
         with source.listener("MIGRATION") as events:
             await source.execute("migrate", {"uri": tunnel.uri})
             migrating = True
-            governing = asyncio.create_task(governor.run())
+            def report() -> None:
+                assert tunnel is not None and governor is not None
+                emit("progress", stream=tunnel.stats(), max_bandwidth=governor.current,
+                     session=session.stats())
+
+            governing = asyncio.create_task(governor.run(report))
             if options.sdps:
                 sdps = QemuSdps(source, session)
                 await sdps.start()

@@ -330,10 +330,12 @@ class BandwidthGovernor:
         self.current = target
         self.history.append((time.monotonic(), target))
 
-    async def run(self) -> None:
-        """Until cancelled (a QMP failure ends it with QemuError)."""
+    async def run(self, on_period: Callable[[], None] = lambda: None) -> None:
+        """Until cancelled (a QMP failure ends it with QemuError); ``on_period`` is called
+        after each adjustment (a progress report)."""
         while True:
             await self.apply()
+            on_period()
             await asyncio.sleep(self.period_s)  # a control period, not a wait for a condition
 
 
