@@ -59,3 +59,22 @@ def test_bad_flags_are_one_red_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith("xmig: ConfigError:")
     assert "\n" not in err
+
+
+@pytest.mark.root
+@pytest.mark.qemu
+def test_demo_migrates_a_qemu_guest(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.guest.qemu.helpers import guest_build_dir
+
+    monkeypatch.setenv("XMIG_GUEST_BUILD", str(guest_build_dir()))
+    rc = main(["demo", "--guest", "qemu", "--json", "--ram", "128MiB", "--disk", "16MiB",
+               "--rate", "1gbit", "--rtt", "10ms", "--report", str(tmp_path / "r.json")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    report = lines[-1]
+    assert rc == 0
+    assert report["status"] == "done" and report["verified"] is True
+    assert report["counter"]["destination_first"] >= report["counter"]["source_last"] > 0
+    assert report["disk_records_checked"] > 0
+    assert 0 < report["downtime_ms"] < 5000 and report["wire_bytes"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "done"
