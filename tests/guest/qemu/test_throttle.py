@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from xmig.guest.qemu.throttle import CGROUP_CPU, CgroupThrottle
+from xmig.guest.qemu.throttle import CGROUP_CPU, PERIOD_US, CgroupThrottle, QemuSdps
 
 pytestmark = pytest.mark.root
 
@@ -37,3 +40,53 @@ def test_quota_throttles_the_thread_and_release_undoes_it() -> None:
     finally:
         spin.kill()
         spin.wait()
+
+
+class FakeGuest:
+    """QMP of a guest dirtying 40 MiB/s, whose vCPU is ``pid``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.config = SimpleNamespace(name="fake")
+        self.calls: list[str] = []
+        self.polls = 0
+
+    async def vcpu_threads(self) -> list[int]:
+        return [self.pid]
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.calls.append(command)
+        if command == "query-dirty-rate":
+            self.polls += 1
+            status = "measuring" if self.polls % 2 else "measured"
+            return {"status": status, "dirty-rate": 40}
+        return {}
+
+
+class FakeSession:
+    def stats(self) -> dict[str, Any]:
+        return {"delivery_rate_Bps": 12.5e6}
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+async def test_sdps_throttles_a_guest_outrunning_the_link_and_releases(sleeper: int) -> None:
+    guest: Any = FakeGuest(sleeper)
+    sdps = QemuSdps(guest, cast(Any, FakeSession()))
+    await sdps.start()
+    for _ in range(6):
+        await sdps.step()
+    # every other poll finds a measurement: 2 samples of 40 MiB/s against 0.7 × 12.5 MB/s
+    assert len(sdps.samples) == 2 and sdps.samples[0]["dirty_Bps"] == 40 << 20
+    assert sdps.max_throttle > 0.7
+    quota = int((sdps.cgroup.path / "cpu.cfs_quota_us").read_text())
+    assert 0 < quota < 0.3 * PERIOD_US
+    assert guest.calls.count("calc-dirty-rate") == 3  # the first, then after each result
+    sdps.release()
+    assert not sdps.cgroup.path.exists()

@@ -76,10 +76,10 @@ class QemuMigrationOptions:
     mirror_bound: int = DEFAULT_BOUND  #: bytes of guest writes queued before acks wait
     sdps: bool = False
     """Throttle the vCPUs (cgroup CPU quota, :mod:`~xmig.guest.qemu.throttle`) when they
-    outrun the link. Off by default for now: QEMU's ``dirty-pages-rate`` counts distinct
-    pages per bitmap sync, which saturates at the working set for a guest that rewrites it
-    faster than an iteration lasts, so the controller under-throttles (a flat-out 48 MiB
-    writer did not converge in 60 s at 100 Mbit/s)."""
+    outrun the link. Off by default for now: the test guest's writer dirties a whole page
+    per 64-byte store, so even at the 1 % quota floor it dirtied 8-20 MiB/s (its rate
+    limiter catches up within each period) and a 24 MiB/s writer did not converge in 60 s
+    at 100 Mbit/s (the throttle sat at 0.99)."""
 
 
 @dataclass
