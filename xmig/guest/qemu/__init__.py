@@ -7,6 +7,12 @@
   serial console to a file) and drives it: status, stop, cont, quit, progress from the console.
 - :mod:`~xmig.guest.qemu.progress` parses the workload's progress lines;
   :mod:`~xmig.guest.qemu.records` checks the disk records it writes.
+- Migration (imported from their modules): :mod:`~xmig.guest.qemu.migrate` (the source and
+  destination agents' sides, the commit protocol), :mod:`~xmig.guest.qemu.stream` (QEMU's
+  migration stream on the session, max-bandwidth from the delivery rate),
+  :mod:`~xmig.guest.qemu.mirror` (the disk through ``blockdev-mirror`` into xmig's NBD
+  server), :mod:`~xmig.guest.qemu.ramcheck` (RAM digests at READY, repair before GO),
+  :mod:`~xmig.guest.qemu.throttle` (SDPS through the vCPU threads' CPU quota).
 """
 
 from xmig.guest.qemu.machine import QemuConfig, QemuGuest
