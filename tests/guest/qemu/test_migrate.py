@@ -34,7 +34,8 @@ from xmig.guest.qemu.migrate import (
 )
 from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan
-from xmig.transport import TransportSession, connect, listen
+from xmig.netem.sessions import connect_across, listen_across
+from xmig.transport import TransportSession
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -58,20 +59,10 @@ async def wan_sessions(tmp: Path, link: LinkSpec = LINK) -> AsyncIterator[Sessio
     """A TLS session between a source and a destination agent across the emulated link."""
     with Wan(link) as wan:
         pki = init_pki(tmp / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
-        kw: dict[str, Any] = {}
-        if not wan.approximate:
-            lsock = wan.socket("dst")
-            lsock.bind(("0.0.0.0", 0))
-            lsock.listen(16)
-            lsock.setblocking(False)
-            kw["sock"] = lsock
-        async with listen(tls=server_context(pki), **kw) as lst:
-            host, port = wan.dst_endpoint(lst.port)
-            factory = None if wan.approximate else (lambda: wan.socket("src"))
-            async with connect(host, port, tls=client_context(pki), server_hostname=host,
-                               streams=2, socket_factory=factory) as src:
-                dst = await lst.accept()
-                yield Sessions(wan, src, dst)
+        async with (listen_across(wan, tls=server_context(pki)) as lst,
+                    connect_across(wan, lst.port, tls=client_context(pki), streams=2) as src):
+            dst = await lst.accept()
+            yield Sessions(wan, src, dst)
 
 
 def guest_config(image: GuestImage, workload: str, *, disk: Path | None = None,
