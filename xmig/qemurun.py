@@ -83,6 +83,7 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
                    src_dir: Path, dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
                    ) -> dict[str, Any]:
     scfg = SessionConfig(idle_timeout=5.0, resume_deadline=30.0)
+    link_before = link_bytes(wan)
     started = time.monotonic()
     async with (listen_across(wan, tls=server_context(pki), config=scfg) as lst,
                 connect_across(wan, lst.port, tls=client_context(pki), streams=run.streams,
@@ -105,6 +106,7 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         dst = await receiving
         wire = session.stats()
     total = time.monotonic() - started
+    on_link = link_bytes(wan) - link_before
     assert dst.guest is not None
     try:
         before = await _last_progress(source)
@@ -127,6 +129,7 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         "wire_bytes": wire_bytes,
         "guest_bytes": guest_bytes,
         "wire_ratio": round(wire_bytes / guest_bytes, 4),
+        "link_bytes": on_link,
         "verified": continues and (records is None or (records.ok and records.checked > 0)),
         "counter": {"source_last": before.counter, "destination_first": after.counter},
         "disk_records_checked": records.checked if records is not None else None,
@@ -143,6 +146,13 @@ async def _last_progress(guest: QemuGuest) -> Progress:
     if not guest.history:
         raise QemuError(f"guest {guest.config.name} printed no progress line")
     return guest.history[-1]
+
+
+def link_bytes(wan: Wan) -> int:
+    """Bytes the emulated link has forwarded so far, both directions (IP bytes in TUN mode:
+    headers, TLS and retransmissions included)."""
+    stats = wan.stats()
+    return int(stats["fwd"]["forwarded_bytes"]) + int(stats["rev"]["forwarded_bytes"])
 
 
 def default_build_dir() -> Path:
