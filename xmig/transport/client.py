@@ -34,11 +34,17 @@ from xmig.transport.driver import (
     single_errors,
     tune_socket,
 )
+from xmig.transport.redial import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    Redial,
+    attempt_timeout,
+    redial_interval,
+)
 from xmig.transport.session import Session, SessionConfig
 from xmig.transport.tls import start_tls_client
 
 DEFAULT_STREAMS = 2
-MAX_BACKOFF = 1.0  # seconds between reconnection attempts, at most
 DEFAULT_CONGESTION = "bbr"
 
 
@@ -130,37 +136,91 @@ async def connect(
             async with asyncio.timeout(seconds):
                 await handle._finished.wait()
 
-    def attempt_timeout() -> float:
-        # once established, a SYN lost in an outage is not waited for through the kernel's
-        # exponential SYN retries: attempts are retried, so the session is back soon after
-        # the link
-        if not session._established:
-            return connect_timeout
-        srtt = session.rtt.srtt or 0.0
-        return min(connect_timeout, max(1.0, 3 * srtt))
+    def discard(task: asyncio.Task[ConnProtocol]) -> None:
+        # an attempt that lost the race: close what it opened, retrieve what it raised
+        if not task.cancelled() and task.exception() is None:
+            task.result().abort(ConnectionClosed("another attempt connected first"))
+
+    async def redial() -> ConnProtocol | None:
+        """Reconnect an established session: overlapping attempts (:mod:`.redial`), the
+        first to complete wins; None once the session finished. Raises only what retrying
+        cannot help (AuthenticationError)."""
+        plan = Redial(redial_interval(session.rtt.min_rtt), time.monotonic())
+        attempts: dict[asyncio.Task[ConnProtocol], float] = {}
+        finished: asyncio.Future[Any] = asyncio.ensure_future(handle._finished.wait())
+        try:
+            while not handle._finished.is_set():
+                now = time.monotonic()
+                wait = plan.due(now)
+                if wait == 0.0:
+                    task = asyncio.ensure_future(_open_connection(
+                        host, port, tls=tls, server_hostname=server_hostname,
+                        socket_factory=socket_factory, congestion=congestion,
+                        timeout=attempt_timeout(session.rtt.srtt, connect_timeout),
+                        max_payload=config.max_payload,
+                    ))
+                    attempts[task] = now
+                    plan.started(now)
+                    continue
+                done, _ = await asyncio.wait(
+                    [*attempts, finished], timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                for fut in done:
+                    if fut is finished:
+                        continue
+                    ended = cast(asyncio.Task[ConnProtocol], fut)
+                    began = attempts.pop(ended)
+                    err = ended.exception()
+                    if err is None:
+                        plan.connected()
+                        return ended.result()
+                    if isinstance(err, AuthenticationError) or not isinstance(
+                        err, TransportError
+                    ):
+                        raise err
+                    errors.append(err)
+                    handle.connection_errors.append(err)
+                    plan.failed(time.monotonic(), began)
+            return None
+        finally:
+            finished.cancel()
+            for task in attempts:
+                task.cancel()
+                task.add_done_callback(discard)
 
     async def keeper() -> None:
-        backoff = 0.05
+        backoff = MIN_BACKOFF
         while not handle._finished.is_set():
-            try:
-                proto = await _open_connection(
-                    host, port, tls=tls, server_hostname=server_hostname,
-                    socket_factory=socket_factory, congestion=congestion,
-                    timeout=attempt_timeout(), max_payload=config.max_payload,
-                )
-            except AuthenticationError as err:  # retrying cannot help
-                handle.connection_errors.append(err)
-                give_up(err)
-                return
-            except TransportError as err:
-                errors.append(err)
-                handle.connection_errors.append(err)
-                if not session._established and time.monotonic() - t0 > connect_timeout:
+            if session._established:
+                try:
+                    maybe = await redial()
+                except AuthenticationError as err:  # retrying cannot help
+                    handle.connection_errors.append(err)
                     give_up(err)
                     return
-                await pause(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
+                if maybe is None:
+                    return
+                proto = maybe
+            else:
+                try:
+                    proto = await _open_connection(
+                        host, port, tls=tls, server_hostname=server_hostname,
+                        socket_factory=socket_factory, congestion=congestion,
+                        timeout=connect_timeout, max_payload=config.max_payload,
+                    )
+                except AuthenticationError as err:  # retrying cannot help
+                    handle.connection_errors.append(err)
+                    give_up(err)
+                    return
+                except TransportError as err:
+                    errors.append(err)
+                    handle.connection_errors.append(err)
+                    if time.monotonic() - t0 > connect_timeout:
+                        give_up(err)
+                        return
+                    await pause(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF)
+                    continue
             if handle._finished.is_set():
                 proto.abort(ConnectionClosed("session finished"))
                 return
@@ -176,7 +236,7 @@ async def connect(
             if not proto.closed.done():
                 return
             if conn_id in handle.ready_conns:
-                backoff = 0.05
+                backoff = MIN_BACKOFF
                 continue
             # closed before WELCOME: under TLS 1.3 this is how a server refuses our certificate
             why = proto.closed.result()
