@@ -8,10 +8,11 @@ import pytest
 
 from xmig.errors import ConnectionClosed, ProtocolError, SessionExpired, StateError
 from xmig.transport.channels import Channel
-from xmig.transport.frames import FrameType, encode_frame
+from xmig.transport.frames import FrameDecoder, FrameType, encode_frame
 from xmig.transport.session import (
     ConnectionDead,
     ConnectionReady,
+    Hello,
     MessageReceived,
     PeerClosed,
     SessionConfig,
@@ -379,3 +380,45 @@ def test_lost_frames_wait_for_a_connection_heard_from_lately() -> None:
     pair.wire.clear()
     pair.flush(2)
     assert received(pair, Channel.MEMORY) == [b"0", b"1", b"2", b"3"]
+
+
+def test_new_data_follows_hello_before_welcome_and_lost_frames_wait_for_it() -> None:
+    """On a resuming connection new data goes right behind HELLO (a round trip earlier,
+    so slow start begins sooner); what was lost waits for WELCOME's account of what the
+    peer holds, so nothing the peer has is sent again, and all arrives once, in order."""
+    pair = MemoryPair(SessionConfig(idle_timeout=2.0, ping_interval=10.0))
+    pair.connect(1)
+    for i in range(4):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    pair.flush(1)  # 0-3 delivered, their acks not yet sent
+    for i in range(4, 6):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    pair.flush(1, drop=True)  # 4 and 5 vanish with the link
+    pair.now = 2.5
+    pair.client.connection_lost(1, pair.now)
+    pair.server.connection_lost(1, pair.now)
+    for i in range(6, 8):
+        pair.client.send(Channel.MEMORY, b"%d" % i)
+    pair.client.add_connection(2, pair.now)
+    out = []
+    while (frame := pair.client.frame_to_send(2, pair.now)) is not None:
+        out.append(frame[0] + frame[1])
+    dec = FrameDecoder()
+    for data in out:
+        dec.feed(data)
+    frames = list(iter(dec.next_frame, None))
+    # HELLO, then only the never-sent 6 and 7: not 4 and 5 (lost: they wait), nor 0-3
+    assert [(f.type, f.seq) for f in frames] == [
+        (FrameType.HELLO, 0), (FrameType.DATA, 6), (FrameType.DATA, 7)
+    ]
+    hello = Hello.decode(frames[0])
+    pair.server.add_connection(2, pair.now, hello=hello)
+    for data in out[1:]:
+        pair.server.receive_data(2, data, pair.now)
+    pair.wire.clear()
+    pair.flush(2)
+    resent = [f.seq for d, f in pair.wire if d == "c->s" and f.type is FrameType.DATA]
+    assert resent == [4, 5]
+    assert received(pair, Channel.MEMORY) == [b"%d" % i for i in range(8)]
+    assert pair.server.recv_channels[Channel.MEMORY].duplicates == 0
+    assert pair.client.send_channels[Channel.MEMORY].resent_bytes == 2

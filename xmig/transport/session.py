@@ -463,8 +463,15 @@ class Session:
             frame = c.control.popleft()
             self.wire_bytes_out += len(frame)
             return frame, b""
-        if not c.ready or self.state is SessionState.ERROR:
+        if self.state is SessionState.ERROR:
             return None
+        if not c.ready:
+            # HELLO went out and WELCOME is a round trip away: new data may follow HELLO at
+            # once (the server takes DATA right after HELLO), so the connection's slow start
+            # begins a round trip earlier; frames sent before wait for the peer's state
+            if not self.client or self.state is SessionState.CLOSED:
+                return None
+            return self._data_frame(c, now, retransmit=False)
         for rc in self.recv_channels.values():
             if rc.ack_due is not None and rc.ack_due <= now:
                 frame = encode_frame(FrameType.ACK, rc.spec.channel, rc.take_ack())
@@ -475,14 +482,18 @@ class Session:
             return self.frame_to_send(conn, now)
         if self.state is SessionState.CLOSED:
             return None
-        capped = self.bucket is not None and not self.bucket.allows(now)
         # frames lost with a dead connection go again only on a connection heard from
         # lately: one silent as long is likely cut off by the same outage
         fresh = now - c.last_rx <= max(self.config.idle_timeout / 2, 2 * (self.rtt.srtt or 0))
-        chan = self._scheduler.pick(allow_bulk=not capped, retransmit=fresh)
+        return self._data_frame(c, now, retransmit=fresh)
+
+    def _data_frame(self, c: _Conn, now: float, *, retransmit: bool) -> tuple[bytes, bytes] | None:
+        """The next DATA frame for ``c`` (``retransmit``: frames to send again too)."""
+        capped = self.bucket is not None and not self.bucket.allows(now)
+        chan = self._scheduler.pick(allow_bulk=not capped, retransmit=retransmit)
         if chan is None:
             return None
-        out = chan.take(conn, retransmit=fresh)
+        out = chan.take(c.id, retransmit=retransmit)
         self._scheduler.charge(chan, len(out.payload))
         if self.bucket is not None and chan.spec.priority > 0:
             self.bucket.spend(len(out.header) + len(out.payload), now)
