@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from xmig import errors
 from xmig.errors import ProtocolError
 
 
@@ -51,6 +52,20 @@ class Refused(Message):
     migration: str
     error: str  #: the typed error's class name
     reason: str
+
+    def as_error(self) -> errors.XmigError:
+        """The typed error the destination named (MigrationError for a name xmig does not
+        know, or one that is not a refusal: nothing else is instantiated from the wire)."""
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.XmigError)) or (
+                cls in _NOT_REFUSALS):
+            cls = errors.MigrationError
+        return cls(f"destination refused: {self.reason}")
+
+
+#: errors whose constructors want more than a message, or that only a source raises
+_NOT_REFUSALS = (errors.StaleEpochError, errors.InDoubt, errors.SequenceError,
+                 errors.OversizedFrameError)
 
 
 @dataclass(frozen=True)

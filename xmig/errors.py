@@ -31,8 +31,10 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      │    ├── GuestNotFound          no such guest (socket, process, file)
      │    ├── GuestStateError        the guest cannot do that now (not paused, already gone)
      │    └── QemuError              QEMU, its QMP or the test-guest build failed
+     │         └── QemuCapabilityError  this QEMU lacks a command or capability xmig needs
      ├── StorageError
      │    ├── DiskNotFound           the disk image is missing
+     │    ├── DiskFormatError        a disk format xmig cannot mirror (not raw or qcow2)
      │    ├── DiskTooSmall           the destination image cannot hold the source disk
      │    ├── DiskFull               ENOSPC writing the destination
      │    ├── StaleEpochError        a write from an older migration epoch (fencing, I3)
@@ -164,12 +166,21 @@ class QemuError(GuestError):
     (kernel, initramfs) could not be built."""
 
 
+class QemuCapabilityError(QemuError):
+    """The QEMU at hand lacks a QMP command or migration capability xmig needs (too old, or
+    built without it); nothing was changed."""
+
+
 class StorageError(XmigError):
     """Disk copy, mirroring or applying failed."""
 
 
 class DiskNotFound(StorageError):
     """The disk image does not exist or cannot be opened."""
+
+
+class DiskFormatError(StorageError):
+    """The disk's format is not one xmig migrates (raw or qcow2)."""
 
 
 class DiskTooSmall(StorageError):

@@ -26,16 +26,9 @@ import xxhash
 
 from xmig import control, guestctl
 from xmig.errors import (
-    DiskFull,
-    DiskNotFound,
-    DiskTooSmall,
-    GuestError,
-    GuestNotFound,
     MigrationAborted,
     MigrationError,
     ProtocolError,
-    StaleEpochError,
-    StorageError,
     TransportError,
     XmigError,
 )
@@ -53,11 +46,6 @@ from xmig.transport.driver import single_errors
 
 MiB = 1 << 20
 FLUSH_PERIOD_S = 1.0  #: the source image is flushed this often during the brownout
-
-_REFUSALS: dict[str, type[XmigError]] = {
-    c.__name__: c for c in (DiskTooSmall, DiskFull, DiskNotFound, StaleEpochError, GuestError,
-                            GuestNotFound, StorageError, ProtocolError)
-}
 
 
 @dataclass(frozen=True)
@@ -121,14 +109,10 @@ async def send_decision(session: TransportSession, journal: Journal, migration: 
     if isinstance(decision, control.Go):
         reply = await _recv_control(session, timeout)
         if isinstance(reply, control.Refused):
-            raise _refusal(reply)
+            raise reply.as_error()
         if not isinstance(reply, control.Resumed):
             raise ProtocolError(f"expected resumed, got {reply.type}")
     return decision
-
-
-def _refusal(msg: control.Refused) -> XmigError:
-    return _REFUSALS.get(msg.error, MigrationError)(f"destination refused: {msg.reason}")
 
 
 async def _recv_control(session: TransportSession, timeout: float) -> control.Message:
@@ -169,7 +153,7 @@ async def migrate(
             disk.size, guest.config.ram_bytes).encode())
         reply = await _recv_control(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
-            raise _refusal(reply)
+            raise reply.as_error()
         if not isinstance(reply, control.Prepared):
             raise ProtocolError(f"expected prepared, got {reply.type}")
         machine.negotiated()

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from xmig.errors import ConfigError, GuestNotFound, GuestStateError, QemuError
 from xmig.guest.qemu.progress import Progress, SerialTail, parse_error, parse_progress
@@ -94,6 +94,25 @@ class QemuGuest:
         self._tail = SerialTail(self.serial_log)
         self._gone = False
         self._owns_files = False
+        self._adopted_pid: int | None = None
+        self.disk_device = "d0"  #: the drive whose writes are mirrored (``-drive id=``)
+        self.disk_bytes: int | None = None  #: its virtual size, when known from QMP
+
+    @classmethod
+    def adopt(cls, config: QemuConfig, workdir: str | os.PathLike[str], client: QMPClient, *,
+              qmp_socket: Path, pid: int | None, serial_log: Path | None,
+              disk_device: str, disk_bytes: int | None) -> QemuGuest:
+        """A QEMU xmig did not start, driven through ``client`` (connected to its QMP at
+        ``qmp_socket``); see :func:`xmig.guest.qemu.attach.attach_qemu`. Its files are never
+        removed by :meth:`quit`."""
+        guest = cls(config, workdir)
+        guest.qmp_socket, guest._qmp, guest._adopted_pid = qmp_socket, client, pid
+        if serial_log is not None:
+            guest.serial_log = serial_log
+            guest._tail = SerialTail(serial_log)
+        guest.disk_device, guest.disk_bytes = disk_device, disk_bytes
+        guest.launched_at = time.monotonic()
+        return guest
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -202,12 +221,14 @@ class QemuGuest:
         try:
             if qmp is not None:
                 with contextlib.suppress(QMPError, OSError, TimeoutError):
-                    if proc is not None and proc.poll() is None:
+                    if proc is None or proc.poll() is None:  # adopted, or still alive
                         await asyncio.wait_for(qmp.execute("quit"), timeout)
                 # after ``quit`` the bottom half re-raises the EOF it met: expected, not news
                 with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
                     await asyncio.wait_for(qmp.disconnect(), timeout)
             if proc is not None and proc.poll() is None:
+                if qmp is None:  # detached: no QMP to ask; QEMU quits on SIGTERM
+                    proc.terminate()
                 try:
                     await asyncio.to_thread(proc.wait, timeout)
                 except subprocess.TimeoutExpired:
@@ -218,6 +239,28 @@ class QemuGuest:
                 proc.kill()
                 proc.wait()
             self._cleanup()
+
+    async def detach(self) -> None:
+        """Close the QMP connection and leave QEMU running (it serves one QMP client at a
+        time: another may connect now). :meth:`quit` still stops a QEMU started here."""
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+                await asyncio.wait_for(qmp.disconnect(), 5.0)
+
+    async def wait_gone(self, stop: asyncio.Event) -> None:
+        """Host this guest: return when QEMU is gone (its QMP connection ended: it quit or
+        was killed), or quit it first when ``stop`` is set."""
+        qmp = self._qmp
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while qmp is not None and qmp.runstate is Runstate.RUNNING and not stop.is_set():
+                changed = asyncio.ensure_future(qmp.runstate_changed())
+                await asyncio.wait([changed, stopping], return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+        finally:
+            stopping.cancel()
+        await self.quit()
 
     def kill(self) -> None:
         """Kill QEMU at once (no QMP), e.g. from a synchronous teardown."""
@@ -247,7 +290,7 @@ class QemuGuest:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._proc.pid if self._proc is not None else self._adopted_pid
 
     @property
     def returncode(self) -> int | None:

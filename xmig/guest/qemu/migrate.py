@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from qemu.qmp import EventListener
 
 from xmig import control
 from xmig.errors import (
+    DiskTooSmall,
     InDoubt,
     MigrationAborted,
     MigrationError,
@@ -220,7 +222,7 @@ async def migrate_qemu(
             source.config.ram_mb << 20).encode())
         reply = await _recv(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
-            raise MigrationError(f"destination refused ({reply.error}): {reply.reason}")
+            raise reply.as_error()
         if not isinstance(reply, control.Prepared):
             raise ProtocolError(f"expected prepared, got {reply.type}")
         machine.negotiated()
@@ -405,6 +407,16 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
 # -- the destination ---------------------------------------------------------------------
 
 
+def check_room(workdir: Path, disk_bytes: int) -> None:
+    """DiskTooSmall unless the filesystem of ``workdir`` has room for the whole disk: the
+    image is sparse, but the mirror's full copy writes every block of it."""
+    st = os.statvfs(workdir)
+    free = st.f_bavail * st.f_frsize
+    if free < disk_bytes:
+        raise DiskTooSmall(f"the destination's {workdir} has {free} bytes free, the source "
+                           f"disk is {disk_bytes} bytes")
+
+
 def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
     """The destination QEMU: ``template``'s paths and binary, the source's RAM, vCPUs and
     command line; paused (``-S``), waiting for ``migrate-incoming`` (``-incoming defer``)."""
@@ -450,6 +462,7 @@ async def receive_qemu(
         workdir.mkdir(parents=True, exist_ok=True)
         config = incoming_config(template, msg)
         if msg.disk_bytes:
+            check_room(workdir, msg.disk_bytes)
             result.image = workdir / f"{msg.migration}.raw"
             image = RawFileBackend.create(result.image, msg.disk_bytes)
             receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
@@ -516,6 +529,12 @@ async def receive_qemu(
         if decision_task is not None:
             decision_task.cancel()
         result.error = f"{type(err).__name__}: {err}"
+        if machine.phase is DestPhase.NEGOTIATE and isinstance(err, XmigError):
+            # typed, before PREPARED: the source learns why at once (and nothing was made)
+            with contextlib.suppress(XmigError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await session.send(Channel.CONTROL, control.Refused(
+                        msg.migration, type(err).__name__, str(err)).encode())
         if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
             result.status, result.machine = "in-doubt", machine
             on_event({"event": "phase", "phase": "in-doubt", "error": result.error})

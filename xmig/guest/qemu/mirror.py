@@ -45,6 +45,8 @@ JOB_EVENTS = ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
 
 def disk_size(guest: QemuGuest) -> int:
     """Bytes of the source QEMU's disk (0 without one)."""
+    if guest.disk_bytes is not None:
+        return guest.disk_bytes
     disk = guest.config.disk
     if disk is None:
         return 0
@@ -59,10 +61,10 @@ class SourceDiskMirror:
     """Mirrors ``guest``'s disk (drive ``device``) to the destination agent."""
 
     def __init__(self, session: TransportSession, guest: QemuGuest, *, workdir: Path,
-                 epoch: int, device: str = "d0", bound: int = DEFAULT_BOUND) -> None:
+                 epoch: int, device: str | None = None, bound: int = DEFAULT_BOUND) -> None:
         self.session = session
         self.guest = guest
-        self.device = device
+        self.device = device or guest.disk_device
         self.size = disk_size(guest)
         self.shadow_path = workdir / f"{guest.config.name}.mirror.raw"
         self.socket = workdir / f"{guest.config.name}.nbd"
