@@ -55,7 +55,8 @@ MiB = 1 << 20
 LINKS = ("1gbit:100ms", "100mbit:50ms")
 QUICK_LINKS = ("1gbit:100ms",)
 TARGETS = {"ratio_total": 0.7, "ratio_downtime": 0.5}
-KEYS = ("total_s", "downtime_ms", "wire_bytes", "guest_gap_ms")
+KEYS = ("total_s", "downtime_ms", "wire_bytes", "guest_gap_ms", "guest_counter_per_s",
+        "guest_disk_MiBps")
 
 
 # -- side (a): QEMU's own migration ------------------------------------------------------
@@ -83,7 +84,7 @@ async def run_native(run: QemuRun, options: NativeOptions, workdir: Path) -> dic
     with Wan(run.link) as wan:
         async with await QemuGuest.launch(config, src_dir,
                                           popen=functools.partial(wan.popen, "src")) as source:
-            await source.wait_for_progress(BOOT_S, min_counter=1)
+            first = await source.wait_for_progress(BOOT_S, min_counter=1)
             on_link = link_bytes(wan)
             res = await migrate_native(source, replace(config, name="dst", disk=None),
                                        dst_addr=wan.dst_addr, workdir=dst_dir,
@@ -109,24 +110,25 @@ async def run_native(run: QemuRun, options: NativeOptions, workdir: Path) -> dic
                 "source_state": await source.status()}
             if res.destination is not None:
                 try:
-                    report.update(await _verify(run, source, res.destination, res.image))
+                    report.update(await _verify(run, source, first, res.destination,
+                                                res.image))
                 finally:
                     await res.destination.quit()
             return report
 
 
-async def _verify(run: QemuRun, source: QemuGuest, dest: QemuGuest, image: Path | None
-                  ) -> dict[str, Any]:
+async def _verify(run: QemuRun, source: QemuGuest, first: Progress, dest: QemuGuest,
+                  image: Path | None) -> dict[str, Any]:
     """qemurun's ``verified``: the serial counter continues and the disk records read back.
     A destination that crashed (QEMU 7.2 TCG loses dirty pages, see ramcheck) is recorded."""
     before = await _drain(source)
-    try:
-        after: Progress | None = await dest.wait_for_progress(30)
-    except QemuError as err:
-        return {"verified": False, "verify_error": f"destination: {err}"}
-    assert after is not None
     if before is None:
         return {"verified": False, "verify_error": "the source printed no progress"}
+    rates = guest_rates(run, _progress(first), _progress(before))
+    try:
+        after = await dest.wait_for_progress(30)
+    except QemuError as err:
+        return {"verified": False, "verify_error": f"destination: {err}", **rates}
     continues = after.counter >= before.counter
     records = None
     if image is not None and run.workload in ("disk", "memdisk"):
@@ -138,7 +140,24 @@ async def _verify(run: QemuRun, source: QemuGuest, dest: QemuGuest, image: Path 
         "counter": {"source_last": before.counter, "destination_first": after.counter},
         "disk_records_checked": records.checked if records is not None else None,
         "disk_records_bad": records.bad_count if records is not None else None,
+        **rates,
     }
+
+
+def _progress(p: Progress) -> dict[str, int]:
+    return {"counter": p.counter, "up_ms": p.up_ms, "disk_seq": p.disk_seq}
+
+
+def guest_rates(run: QemuRun, first: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """The source guest's own pace from its first progress line (migration starts) to its
+    last (paused), on its own clock: loop iterations and disk MiB written per second."""
+    secs = (last["up_ms"] - first["up_ms"]) / 1000
+    if secs <= 0:
+        return {}
+    bs = int(run.params.get("disk_bs", 4096))
+    return {"guest_counter_per_s": round((last["counter"] - first["counter"]) / secs, 1),
+            "guest_disk_MiBps": round((last["disk_seq"] - first["disk_seq"]) * bs / MiB / secs,
+                                      3)}
 
 
 # -- side (b): xmig ------------------------------------------------------------------------
@@ -159,6 +178,9 @@ async def run_xmig(run: QemuRun, workdir: Path) -> dict[str, Any]:
                                       "disk_records_checked", "ram_chunks_repaired")}
     out.update(converged=converged, wire_bytes=report.get("link_bytes"),
                session_wire_bytes=report.get("wire_bytes"))
+    booted = next((e for e in events if e.get("event") == "booted"), None)
+    if booted is not None and "up_ms" in booted and report.get("source_last"):
+        out.update(guest_rates(run, booted, report["source_last"]))
     return out
 
 
@@ -210,7 +232,7 @@ def summarize_side(runs: list[dict[str, Any]]) -> dict[str, Any]:
                            "verified": bool(runs) and all(r.get("verified") for r in runs)}
     for key in KEYS:
         values = [r[key] for r in done if r.get(key) is not None]
-        out[key] = statistics.median(values) if values else None
+        out[key] = round(statistics.median(values), 3) if values else None
     out["runs"] = runs
     return out
 
@@ -287,7 +309,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     heads = ("link", "side", "converged", "verified", "total s", "down ms", "wire MB",
-             "gap ms")
+             "gap ms", "guest disk MiB/s")
     rows: list[tuple[str, ...]] = [heads]
 
     def cell(v: Any) -> str:
@@ -299,12 +321,12 @@ def table(result: dict[str, Any]) -> str:
             wire = None if s["wire_bytes"] is None else round(s["wire_bytes"] / 1e6, 1)
             rows.append((p["name"], side, f"{s['converged_runs']}/{len(s['runs'])}",
                          cell(s["verified"]), cell(s["total_s"]), cell(s["downtime_ms"]),
-                         cell(wire), cell(s["guest_gap_ms"])))
+                         cell(wire), cell(s["guest_gap_ms"]), cell(s["guest_disk_MiBps"])))
         for key in TARGETS:
             t = p["targets"][key]
             verdict = {True: "met", False: "NOT met", None: "n/a"}[t["pass"]]
             rows.append((p["name"], key, cell(t["value"]), f"<= {t['limit']}", verdict,
-                         "", "", ""))
+                         "", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)

@@ -73,7 +73,8 @@ async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
         pki = init_pki(workdir / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
         async with await QemuGuest.launch(config, src_dir) as source:
             first = await source.wait_for_progress(BOOT_S, min_counter=1)
-            on_event({"event": "booted", "counter": first.counter})
+            on_event({"event": "booted", "counter": first.counter, "up_ms": first.up_ms,
+                      "disk_seq": first.disk_seq})
             return await _migrate(run, wan, pki, source, replace(config, name="dst", disk=None),
                                   src_dir, dst_dir, on_event)
     raise AssertionError("unreachable")
@@ -132,6 +133,8 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         "link_bytes": on_link,
         "verified": continues and (records is None or (records.ok and records.checked > 0)),
         "counter": {"source_last": before.counter, "destination_first": after.counter},
+        "source_last": {"counter": before.counter, "up_ms": before.up_ms,
+                        "disk_seq": before.disk_seq},
         "disk_records_checked": records.checked if records is not None else None,
         "ram_chunks_repaired": src.ram_chunks_repaired,
         "link": run.link.to_dict(),

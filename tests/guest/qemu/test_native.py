@@ -28,6 +28,8 @@ async def test_native_migration_completes_and_the_source_ends_paused(
     disk = tmp_path / "src" / "disk.raw"
     disk.touch()
     os.truncate(disk, DISK)
+    # a record every 80 ms, longer than a round trip: the background mirror becomes READY
+    # only when no chunk is dirty and no copy is in flight (bench/README.md, vs_qemu.py)
     append = guest_cmdline("memdisk", report_ms=100, mem_mb=16, mem_rate=2, disk_rate=0.05)
     config = QemuConfig(kernel=guest_image.kernel, initrd=guest_image.initrd, disk=disk,
                         ram_mb=128, name="src", append=append)
