@@ -29,11 +29,14 @@ import secrets
 import signal
 import socket
 import ssl
+from dataclasses import replace
 from pathlib import Path
 
 from xmig import control
 from xmig.agent import DestResult, first_message, receive_migration, settle
 from xmig.errors import ConfigError, GuestStateError, InDoubt, XmigError
+from xmig.guest.qemu import migrate as qemu_migrate
+from xmig.guest.qemu.machine import QemuConfig
 from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.journal import Journal
@@ -43,9 +46,11 @@ from xmig.transport.tls import server_context
 
 
 async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, once: bool,
-                      emit: Emit) -> int:
+                      emit: Emit, qemu: QemuConfig | None = None) -> int:
     """Run the agent until it is told to stop (or, with ``once``, its guest has gone);
-    returns the process's exit status. Bad PKI, address or directory: ConfigError."""
+    returns the process's exit status. Bad PKI, address or directory: ConfigError.
+    ``qemu``: how to start a destination QEMU (binary, kernel, initrd; the source's RAM,
+    vCPUs and command line are its own); without it QEMU migrations are refused."""
     tls = server_context(PkiPaths.in_dir(pki_dir, role="server"))
     workdir = workdir.absolute()
     try:
@@ -56,12 +61,12 @@ async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, onc
         raise ConfigError(f"cannot listen on {host}:{port} (workdir {workdir}): "
                           f"{err.strerror or err}") from err
     sock.setblocking(False)
-    return await _Agent(workdir, once, emit).run(sock, tls)
+    return await _Agent(workdir, once, emit, qemu).run(sock, tls)
 
 
 class _Agent:
-    def __init__(self, workdir: Path, once: bool, emit: Emit) -> None:
-        self.workdir, self.once, self.emit = workdir, once, emit
+    def __init__(self, workdir: Path, once: bool, emit: Emit, qemu: QemuConfig | None) -> None:
+        self.workdir, self.once, self.emit, self.qemu = workdir, once, emit, qemu
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
@@ -118,6 +123,9 @@ class _Agent:
                 sdir = self.workdir / f"incoming-{secrets.token_hex(4)}"
                 journal = Journal(sdir / "journal")
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
+                if first.guest.get("backend") == qemu_migrate.BACKEND:
+                    await self._receive_qemu(session, first, sdir, journal)
+                    return
                 dest = await self._negotiated(session, first, sdir, journal)
             else:  # a source settling a migration left in doubt here
                 held = self.in_doubt.get(first.migration)
@@ -164,6 +172,45 @@ class _Agent:
                        "error": f"{type(err).__name__}: {err}"})
             self._ended(1)
             return None
+
+    async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
+                            sdir: Path, journal: Journal) -> None:
+        """A QEMU guest: received by :func:`~xmig.guest.qemu.migrate.receive_qemu` into a
+        QEMU this agent starts, then hosted until it quits (its QMP for the operator is
+        ``DIR/incoming-*/NAME.qmp``) or the agent stops."""
+        if self.qemu is None:
+            await session.send(Channel.CONTROL, control.Refused(
+                first.migration, "ConfigError", "this agent was not told how to start QEMU "
+                "(xmig agent --qemu-kernel K --qemu-initrd I)").encode())
+            self.emit({"event": "refused", "peer": session.peer,
+                       "note": "a QEMU guest, and no --qemu-kernel/--qemu-initrd"})
+            self._ended(1)
+            return
+        template = replace(self.qemu, name=first.migration if NAME_RE.match(first.migration)
+                           else "guest", mem_path=sdir / "guest.ram")
+        try:
+            dest = await qemu_migrate.receive_qemu(
+                session, template, workdir=sdir, journal=journal, first=first,
+                on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        except InDoubt as err:
+            # paused, READY, cut off before GO: kept (never run) until an operator decides;
+            # settling a QEMU guest by the source's decision is not built yet
+            self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
+                       "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
+            return
+        except XmigError as err:
+            self.emit({"event": "discarded", "dir": str(sdir),
+                       "error": f"{type(err).__name__}: {err}"})
+            self._ended(1)
+            return
+        guest = dest.guest
+        assert guest is not None
+        self.emit({"event": "hosting", "backend": "qemu", "name": template.name,
+                   "qmp": str(guest.qmp_socket), "pid": guest.pid, "dir": str(sdir)})
+        await guest.detach()  # its QMP is the operator's now
+        await guest.wait_gone(self.stopping)
+        self.emit({"event": "exit", "name": template.name, "backend": "qemu", "rc": 0})
+        self._ended(0)
 
     async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:
         assert dest.guest is not None and dest.image is not None and dest.nbd is not None

@@ -106,7 +106,18 @@ def add_parsers(sub: Any) -> None:
         "on a terminal, JSON lines with --json, nothing otherwise; then the report. "
         "Exit status: 0 migrated, 2 bad input, 3 not migrated or aborted (the source guest "
         "runs on), 4 failed after GO.")
-    mig.add_argument("--guest", required=True, type=Path, metavar="CTL")
+    which = mig.add_mutually_exclusive_group(required=True)
+    which.add_argument("--guest", type=Path, metavar="CTL",
+                       help="the control socket of a guest's host (xmig guest start)")
+    which.add_argument("--qemu-qmp", type=Path, metavar="SOCKET",
+                       help="a running QEMU's QMP socket: this process migrates it (the "
+                       "agent needs --qemu-kernel/--qemu-initrd)")
+    mig.add_argument("--workdir", type=Path, metavar="DIR",
+                     help="with --qemu-qmp: the source's journal and mirror files (default: "
+                     "SOCKET's directory/xmig)")
+    mig.add_argument("--keep-source", action="store_true",
+                     help="with --qemu-qmp: leave the source QEMU paused after the "
+                     "migration (default: tell it to quit)")
     mig.add_argument("--to", required=True, type=endpoint, metavar="HOST:PORT")
     mig.add_argument("--pki", required=True, type=Path, metavar="DIR",
                      help="CA and client certificate (xmig certs init)")
@@ -116,7 +127,9 @@ def add_parsers(sub: Any) -> None:
                      help="abandon a pre-copy not converged by then (default 300s)")
     mig.add_argument("--connect-timeout", type=duration, default="10s")
     mig.add_argument("--streams", type=positive, default=2, help="parallel TCP connections")
-    mig.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
+    mig.add_argument("--sdps", choices=["on", "off", "autoconverge"],
+                     help="throttle a guest that outruns the link (default: on; with "
+                     "--qemu-qmp off, where on is the vCPUs' cgroup CPU quota)")
     mig.add_argument("--no-sdps", dest="sdps", action="store_const", const="off",
                      help="same as --sdps off")
     mig.add_argument("--bandwidth", type=bit_rate, metavar="RATE",
@@ -143,6 +156,10 @@ def add_parsers(sub: Any) -> None:
     agent.add_argument("--pki", required=True, type=Path, metavar="DIR")
     agent.add_argument("--workdir", required=True, type=Path, metavar="DIR")
     agent.add_argument("--once", action="store_true")
+    agent.add_argument("--qemu-kernel", type=Path, metavar="FILE",
+                       help="accept QEMU guests: the kernel their QEMU boots with")
+    agent.add_argument("--qemu-initrd", type=Path, metavar="FILE")
+    agent.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH")
     agent.add_argument("--json", action="store_true", help="events as JSON lines")
     agent.set_defaults(func=_agent)
 
@@ -201,9 +218,21 @@ def _agent(args: argparse.Namespace) -> int:
     from xmig.agentd import serve_agent
 
     host, port = hostctl.parse_endpoint(args.listen)
+    qemu = None
+    if args.qemu_kernel or args.qemu_initrd:
+        from xmig.guest.qemu.machine import QemuConfig
+
+        if not (args.qemu_kernel and args.qemu_initrd):
+            raise ConfigError("--qemu-kernel and --qemu-initrd go together")
+        for path in (args.qemu_kernel, args.qemu_initrd):
+            if not path.is_file():
+                raise ConfigError(f"{path}: no such file")
+        qemu = QemuConfig(kernel=args.qemu_kernel.absolute(),
+                          initrd=args.qemu_initrd.absolute(), append="",
+                          qemu=args.qemu_binary)
     return asyncio.run(serve_agent(host=host, port=port, pki_dir=args.pki,
                                    workdir=args.workdir, once=args.once,
-                                   emit=_printer(args.json)))
+                                   emit=_printer(args.json), qemu=qemu))
 
 
 # -- the clients ------------------------------------------------------------------------
@@ -236,12 +265,14 @@ def _migrate(args: argparse.Namespace) -> int:
     from xmig.transport.certs import PkiPaths
 
     pki = PkiPaths.in_dir(args.pki.absolute(), role="client")  # bad PKI: nothing asked yet
+    if args.qemu_qmp is not None:
+        return _migrate_qemu(args)
     if not args.guest.exists():
         raise GuestNotFound(f"no guest host at {args.guest}: no such socket")
     req = hostctl.MigrateRequest(
         to=args.to, pki=str(pki.directory), server_name=args.server_name,
         max_downtime_s=args.max_downtime, timeout_s=args.timeout, streams=args.streams,
-        sdps=args.sdps, verify=not args.no_verify, bandwidth_bps=args.bandwidth,
+        sdps=args.sdps or "on", verify=not args.no_verify, bandwidth_bps=args.bandwidth,
         link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout)
     try:
         return _run_migrate(args, req)
@@ -285,4 +316,58 @@ def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
         if outcome.after_go:
             return EXIT_AFTER_GO
         return EXIT_BAD_INPUT if isinstance(outcome.error, ConfigError) else EXIT_NOT_MIGRATED
+    return 0
+
+
+def _migrate_qemu(args: argparse.Namespace) -> int:
+    from xmig.errors import MigrationAborted
+    from xmig.guest.qemu.migrate import QemuMigrationOptions
+    from xmig.qemusource import QemuMigrateRequest, migrate_attached
+
+    options = QemuMigrationOptions(downtime_limit_ms=max(1, round(args.max_downtime * 1000)),
+                                   timeout_s=args.timeout, sdps=args.sdps == "on")
+    if args.sdps == "autoconverge":
+        raise ConfigError("--sdps autoconverge is for reference guests (a QEMU has its own "
+                          "auto-converge)")
+    req = QemuMigrateRequest(
+        qmp=args.qemu_qmp, to=args.to, pki=args.pki, server_name=args.server_name,
+        workdir=args.workdir or args.qemu_qmp.absolute().parent / "xmig",
+        streams=args.streams, bandwidth_bps=args.bandwidth,
+        connect_timeout_s=args.connect_timeout, keep_source=args.keep_source, options=options)
+    console = Console()
+    view = ProgressView(f"{args.qemu_qmp.name} → {args.to}", budget_s=args.max_downtime)
+    on_event: Any = _printer(True) if args.json else (lambda e: None)
+    try:
+        if console.is_terminal and not args.json:
+            from rich.live import Live
+
+            with Live(view.render(), console=console, refresh_per_second=4) as live:
+                def show(event: dict[str, Any]) -> None:
+                    view.update(event)
+                    live.update(view.render())
+
+                report = asyncio.run(migrate_attached(req, show))
+        else:
+            report = asyncio.run(migrate_attached(req, on_event))
+    except MigrationAborted as err:
+        cause = err.__cause__
+        _red_line(cause if isinstance(cause, XmigError) else err)
+        Console(stderr=True).print("[yellow]not migrated: the source QEMU runs on[/]")
+        return EXIT_NOT_MIGRATED
+    except XmigError as err:
+        _red_line(err)
+        return EXIT_BAD_INPUT if isinstance(err, ConfigError | GuestNotFound) else (
+            EXIT_NOT_MIGRATED)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if args.json:
+        print(hostctl.encode({k: v for k, v in report.items() if k != "timeline"})
+              .decode().rstrip(), flush=True)
+    elif console.is_terminal and report["status"] == "done":
+        console.print(summary(report))
+    if report["status"] != "done":
+        Console(stderr=True, soft_wrap=True).print(Text(
+            f"xmig: {report['status']}: {report['error']} (the source QEMU stays paused)",
+            style="bold red"))
+        return EXIT_AFTER_GO
     return 0

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from xmig.errors import ConfigError, GuestNotFound, GuestStateError, QemuError
 from xmig.guest.qemu.progress import Progress, SerialTail, parse_error, parse_progress
@@ -249,18 +249,19 @@ class QemuGuest:
                 await asyncio.wait_for(qmp.disconnect(), 5.0)
 
     async def wait_gone(self, stop: asyncio.Event) -> None:
-        """Host this guest: return when QEMU is gone (its QMP connection ended: it quit or
-        was killed), or quit it first when ``stop`` is set."""
-        qmp = self._qmp
+        """Host this guest (started here): return once its QEMU process has exited (it quit
+        or was killed), or stop it first when ``stop`` is set."""
+        proc = self._proc
+        if proc is None:
+            raise GuestStateError(f"guest {self.config.name} was not started here")
+        exited = asyncio.ensure_future(asyncio.to_thread(proc.wait))
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            while qmp is not None and qmp.runstate is Runstate.RUNNING and not stop.is_set():
-                changed = asyncio.ensure_future(qmp.runstate_changed())
-                await asyncio.wait([changed, stopping], return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
+            await asyncio.wait([exited, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-        await self.quit()
+            await self.quit()
+            await asyncio.wait([exited])
 
     def kill(self) -> None:
         """Kill QEMU at once (no QMP), e.g. from a synchronous teardown."""

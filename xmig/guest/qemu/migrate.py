@@ -95,6 +95,7 @@ class QemuSourceResult:
     completed_at: float = 0.0  #: QEMU reported completed
     committed_at: float = 0.0  #: GO sent
     resumed_at: float = 0.0  #: the destination's RESUMED (its monotonic clock)
+    resumed_seen_at: float = 0.0  #: when RESUMED arrived here
     stream: dict[str, Any] = field(default_factory=dict)
     bandwidth: list[tuple[float, int]] = field(default_factory=list)
     qemu_info: dict[str, Any] = field(default_factory=dict)  #: query-migrate at the end
@@ -361,7 +362,7 @@ async def migrate_qemu(
     try:
         reply = await _recv(session, options.reply_timeout_s)
         if isinstance(reply, control.Resumed):
-            result.resumed_at = reply.at
+            result.resumed_at, result.resumed_seen_at = reply.at, time.monotonic()
             machine.resumed()
     except (XmigError, TimeoutError) as err:
         result.error = f"no RESUMED after GO: {err}"

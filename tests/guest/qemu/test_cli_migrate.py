@@ -1,0 +1,122 @@
+"""``xmig migrate --qemu-qmp`` and ``xmig agent --qemu-kernel``: a running QEMU that xmig did
+not start is migrated by operator processes across the emulated WAN (issue 4, section 3).
+
+The source QEMU runs in the emulator's source namespace (launched here, then let go: its QMP
+is free); ``xmig migrate`` attaches to it from that namespace; the agent in the destination
+namespace starts the destination QEMU and hosts it until it quits."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.opsproc import Proc, is_ready, spawn, xmig
+from xmig.guest.qemu import QemuConfig, QemuGuest
+from xmig.guest.qemu.attach import attach_qemu
+from xmig.guest.qemu.image import GuestImage, guest_cmdline
+from xmig.netem import LinkSpec, Wan
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def _report(e: dict[str, Any]) -> bool:
+    return "status" in e and "event" not in e
+
+
+async def test_migrate_attaches_to_a_running_qemu_and_the_agent_hosts_it(
+        guest_image: GuestImage, tmp_path: Path, procs: list[Proc]) -> None:
+    with Wan(LinkSpec.symmetric(rate_bps=100_000_000, rtt_s=0.02)) as wan:
+        pki = tmp_path / "pki"
+        r = await asyncio.to_thread(xmig, "certs", "init", str(pki), "--server-name",
+                                    wan.dst_addr)
+        assert r.returncode == 0, r.stderr
+        agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
+                       "--workdir", str(tmp_path / "dst"), "--once", "--json",
+                       "--qemu-kernel", str(guest_image.kernel),
+                       "--qemu-initrd", str(guest_image.initrd)],
+                      tmp_path, "agent", functools.partial(wan.popen, "dst"))
+        procs.append(agent)
+        disk = tmp_path / "vm1.raw"
+        disk.touch()
+        os.truncate(disk, 32 * MiB)
+        config = QemuConfig(kernel=guest_image.kernel, initrd=guest_image.initrd, disk=disk,
+                            ram_mb=128, name="vm1",
+                            append=guest_cmdline("memdisk", report_ms=100, mem_mb=16,
+                                                 mem_rate=4, disk_rate=1))
+        async with await QemuGuest.launch(config, tmp_path / "src",
+                                          popen=functools.partial(wan.popen, "src")) as source:
+            before = await source.wait_for_progress(60, min_counter=1)
+            await source.detach()  # an operator's QEMU: xmig migrate attaches to its QMP
+            port = (await asyncio.to_thread(agent.expect, is_ready("agent"), 30))["port"]
+            mig = spawn(["migrate", "--qemu-qmp", str(source.qmp_socket),
+                         "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki), "--json",
+                         "--workdir", str(tmp_path / "src-xmig"), "--max-downtime", "500ms"],
+                        tmp_path, "migrate", functools.partial(wan.popen, "src"))
+            procs.append(mig)
+            report = await asyncio.to_thread(mig.expect, _report, 240)
+            assert await asyncio.to_thread(mig.wait, 30) == 0, mig.stderr.read_text()
+            assert report["status"] == "done" and report["backend"] == "qemu"
+            assert 0 < report["downtime_ms"] < 10_000 and report["wire_bytes"] > 32 * MiB
+            assert report["source"] == "quit"
+            events = [e.get("event") for e in mig.seen]
+            assert "attached" in events and "progress" in events
+            # the source QEMU was told to quit: it never runs again
+            assert source.pid is not None
+            assert await asyncio.to_thread(os.waitpid, source.pid, 0)
+            # the destination agent hosts the guest; its counter went on from the source's
+            hosting = await asyncio.to_thread(
+                agent.expect, lambda e: e.get("event") == "hosting", 30)
+            dest = await attach_qemu(Path(hosting["qmp"]), workdir=tmp_path / "dst-view")
+            try:
+                assert await dest.status() == "running"
+                after = await dest.wait_for_progress(30, min_counter=before.counter + 1)
+                assert after.counter > before.counter
+            finally:
+                await dest.quit()
+            # the guest quit there: the --once agent is done
+            assert await asyncio.to_thread(agent.wait, 30) == 0
+
+
+async def test_an_agent_not_told_how_to_start_qemu_refuses_and_the_source_runs_on(
+        guest_image: GuestImage, tmp_path: Path, procs: list[Proc]) -> None:
+    pki = tmp_path / "pki"
+    r = await asyncio.to_thread(xmig, "certs", "init", str(pki), "--server-name", "127.0.0.1")
+    assert r.returncode == 0, r.stderr
+    agent = spawn(["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir",
+                   str(tmp_path / "dst"), "--once", "--json"], tmp_path, "agent")
+    procs.append(agent)
+    config = QemuConfig(kernel=guest_image.kernel, initrd=guest_image.initrd, ram_mb=128,
+                        name="vm2", append=guest_cmdline("mem", report_ms=100, mem_mb=8,
+                                                         mem_rate=2))
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        first = await source.wait_for_progress(60, min_counter=1)
+        await source.detach()
+        port = (await asyncio.to_thread(agent.expect, is_ready("agent"), 30))["port"]
+        r = await asyncio.to_thread(
+            xmig, "migrate", "--qemu-qmp", str(source.qmp_socket), "--to", f"127.0.0.1:{port}",
+            "--pki", str(pki), "--workdir", str(tmp_path / "src-xmig"), timeout=60)
+        assert r.returncode == 3, r.stderr
+        assert "ConfigError" in r.stderr and "--qemu-kernel" in r.stderr
+        dest = await attach_qemu(source.qmp_socket, workdir=tmp_path / "view")
+        try:
+            assert await dest.status() == "running"  # untouched: it runs on
+            later = await dest.wait_for_progress(30, min_counter=first.counter + 5)
+            assert later.counter > first.counter
+        finally:
+            await dest.detach()

@@ -1,0 +1,121 @@
+"""``xmig migrate --qemu-qmp SOCKET``: this process is the source agent of a running QEMU.
+
+It attaches to the QEMU by its QMP socket (:func:`~xmig.guest.qemu.attach.attach_qemu`:
+nothing is changed by that), connects to the destination agent (``xmig agent --qemu-kernel
+…``) over mutually authenticated TLS and migrates the guest with
+:func:`~xmig.guest.qemu.migrate.migrate_qemu`. Its journal and the mirror's shadow image go to
+``workdir``. Once the destination runs the guest, the source QEMU (paused since
+pre-switchover, never run again) is told to quit, unless ``keep_source``. Before GO any
+failure leaves the source QEMU running (MigrationAborted); after GO one is reported and the
+source QEMU stays paused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmig import hostctl
+from xmig.errors import XmigError
+from xmig.guest.qemu.attach import attach_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
+from xmig.journal import Journal
+from xmig.report import downtime_estimate
+from xmig.transport import SessionConfig, connect
+from xmig.transport.certs import PkiPaths
+from xmig.transport.tls import client_context
+
+
+@dataclass(frozen=True)
+class QemuMigrateRequest:
+    """What ``xmig migrate --qemu-qmp`` was asked."""
+
+    qmp: Path
+    to: str
+    pki: Path
+    workdir: Path
+    server_name: str | None = None
+    streams: int = 2
+    bandwidth_bps: int | None = None
+    connect_timeout_s: float = 10.0
+    keep_source: bool = False
+    options: QemuMigrationOptions = field(default_factory=QemuMigrationOptions)
+
+
+async def migrate_attached(req: QemuMigrateRequest,
+                           on_event: Callable[[dict[str, Any]], None] = lambda e: None
+                           ) -> dict[str, Any]:
+    """Migrate the QEMU at ``req.qmp`` to the agent at ``req.to``; the report. Typed errors:
+    attaching (GuestNotFound, QemuError, QemuCapabilityError, DiskFormatError, ...), the
+    PKI (ConfigError), the agent (PeerUnreachable, its refusal), the migration
+    (MigrationAborted: the source runs on)."""
+    tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
+    host, port = hostctl.parse_endpoint(req.to)
+    workdir = req.workdir.absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = await attach_qemu(req.qmp, workdir=workdir)
+    name = source.config.name
+    result: QemuSourceResult | None = None
+    wire: dict[str, Any] = {}
+    try:
+        on_event({"event": "attached", "name": name, "pid": source.pid,
+                  "ram_mb": source.config.ram_mb, "disk_bytes": source.disk_bytes})
+        config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
+                               if req.bandwidth_bps else None)
+        on_event({"event": "connecting", "to": req.to})
+        started = time.monotonic()
+        try:
+            async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                               streams=req.streams, config=config,
+                               connect_timeout=req.connect_timeout_s) as session:
+                on_event({"event": "connected", "peer": f"{host}:{port}"})
+                journal = Journal(workdir / "journal")
+                result = await migrate_qemu(session, source, migration=name, journal=journal,
+                                            workdir=workdir, options=req.options,
+                                            on_progress=on_event)
+                wire = session.stats()
+        except XmigError as err:
+            if result is None and not _go_journaled(workdir, name):
+                raise
+            if result is None:  # failed after GO: the destination has the guest
+                return {"status": "failed-after-go", "name": name, "to": req.to,
+                        "backend": "qemu", "error": f"{type(err).__name__}: {err}",
+                        "source": "kept paused", "timeline": []}
+            # the session failed as it closed, after the migration had ended: nothing lost
+        total_s = time.monotonic() - started
+        srtt = wire.get("srtt_s")
+        downtime, basis = downtime_estimate(
+            last_progress=result.paused_at, paused_at=result.paused_at,
+            peer_resumed_at=result.resumed_at, resumed_seen_at=result.resumed_seen_at,
+            srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
+        wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
+        guest_bytes = (source.config.ram_mb << 20) + (source.disk_bytes or 0)
+        return {
+            "status": result.status, "name": name, "to": req.to, "backend": "qemu",
+            "downtime_ms": round(downtime * 1000, 1) if downtime is not None else None,
+            "downtime_basis": basis, "qemu_downtime_ms": result.qemu_info.get("downtime"),
+            "total_s": round(total_s, 3), "wire_bytes": wire_bytes,
+            "guest_bytes": guest_bytes, "wire_ratio": round(wire_bytes / guest_bytes, 4),
+            "disk_seq": result.disk_seq, "ram_chunks_repaired": result.ram_chunks_repaired,
+            "sdps_max_throttle": result.sdps_max_throttle, "error": result.error,
+            "source": "kept paused" if req.keep_source else "quit",
+            "timeline": result.timeline,
+        }
+    finally:
+        if result is not None and result.status == "done" and not req.keep_source:
+            await source.quit()  # the destination runs it: this copy never runs again
+        else:
+            with contextlib.suppress(XmigError):
+                await source.detach()
+
+
+def _go_journaled(workdir: Path, migration: str) -> bool:
+    """Whether the newest record of ``migration`` in the source's journal is GO."""
+    for rec in reversed(Journal(workdir / "journal").records()):
+        if rec.migration == migration:
+            return rec.kind == "GO"
+    return False
