@@ -170,6 +170,8 @@ async def run_xmig(args: argparse.Namespace, wan: Wan | None, host: str, pki: Pa
     factory = (lambda: wan.socket("src")) if wan else None
     data = os.urandom(args.frame_bytes)
     cuts: list[float] = []
+    restores: list[float] = []  # monotonic times the link came back
+    back: list[float | None] = []  # seconds from each restore to all streams ready again
     async with connect(dst_host, dst_port, tls=ctx, server_hostname=dst_host,
                        insecure_plaintext=ctx is None, streams=args.streams, config=config,
                        socket_factory=factory, connect_timeout=30,
@@ -186,6 +188,15 @@ async def run_xmig(args: argparse.Namespace, wan: Wan | None, host: str, pki: Pa
                 cuts.append(time.monotonic() - t0)
                 await asyncio.sleep(args.cut_seconds)
                 wan.restore()
+                restores.append(time.monotonic())
+                upto = t0 + (i + 2) * args.seconds / (args.cuts + 1)  # the next cut
+                try:
+                    async with asyncio.timeout(max(0.0, upto - time.monotonic())):
+                        await session.wait_until(
+                            lambda: len(session.session.connections) >= args.streams)
+                    back.append(time.monotonic() - restores[-1])
+                except TimeoutError:
+                    back.append(None)
 
         cut_task = asyncio.create_task(cutter()) if args.cuts else None
         while time.monotonic() < deadline:
@@ -210,7 +221,28 @@ async def run_xmig(args: argparse.Namespace, wan: Wan | None, host: str, pki: Pa
         "duplicates_dropped": rx.stats.get("duplicates_dropped"),
         "min_rtt_ms": (stats["min_rtt_s"] or 0) * 1000,
         "cuts_at_s": [round(c, 2) for c in cuts],
+        **_recovery(rx, restores, back, t1, args.cut_seconds),
     }
+
+
+def _recovery(rx: Receiver, restores: list[float], back: list[float | None], t1: float,
+              cut_seconds: float) -> dict[str, Any]:
+    """After each restore: seconds until every stream was ready again, until the receiving
+    application consumed data again (to the receiver's 0.25 s sampling), and the goodput
+    (bits/s) from the restore to the next cut or the end of sending."""
+    if not restores:
+        return {}
+    first: list[float | None] = []
+    rates: list[float] = []
+    for i, r in enumerate(restores):
+        end = restores[i + 1] - cut_seconds if i + 1 < len(restores) else t1  # the next cut
+        at_r = next((b for ts, b in rx.samples if ts >= r), None)
+        later = [ts for ts, b in rx.samples if ts > r and at_r is not None and b > at_r]
+        first.append(round(later[0] - r, 2) if later else None)
+        rates.append(rx.rate(r, end) * 8)
+    return {"ready_after_restore_s": [None if b is None else round(b, 2) for b in back],
+            "data_after_restore_s": first,
+            "goodput_after_restore_bps": [round(x) for x in rates]}
 
 
 def _default_cc() -> str:
