@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from xmig.control import Abort, Final, Go, Negotiate, Ready, Resumed, decode
+from xmig.control import Abort, Final, Go, Negotiate, Ready, Refused, Resumed, decode
 from xmig.errors import ProtocolError
 
 
@@ -40,3 +40,17 @@ def test_round_trip(msg: object) -> None:
 def test_malformed_is_a_protocol_error(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode(raw)
+
+
+def test_a_refusal_becomes_the_typed_error_it_names_and_nothing_else() -> None:
+    from xmig.errors import DiskTooSmall, MigrationError, QemuCapabilityError
+
+    def err(name: str) -> Exception:
+        return Refused("m", name, "why").as_error()
+
+    assert type(err("DiskTooSmall")) is DiskTooSmall
+    assert type(err("QemuCapabilityError")) is QemuCapabilityError
+    assert "destination refused: why" in str(err("DiskTooSmall"))
+    # unknown names, non-errors, and errors whose constructors want context: MigrationError
+    for name in ("NoSuchError", "Path", "StaleEpochError", "InDoubt", "__class__"):
+        assert type(err(name)) is MigrationError

@@ -25,8 +25,8 @@ from typing import Any
 import xxhash
 
 from xmig import control, guestctl
+from xmig.aborting import run_abort
 from xmig.errors import (
-    MigrationAborted,
     MigrationError,
     ProtocolError,
     TransportError,
@@ -265,18 +265,12 @@ async def migrate(
             raise
         # cancelled (source agent stopped, Ctrl-C, an outer deadline) aborts like a
         # failure, shielded from a second cancellation, then the cancellation goes on
-        aborting = asyncio.ensure_future(_abort(machine, session, guest, memory, sender, nbd,
-                                                journal, migration, epoch, err))
-        try:
-            await asyncio.shield(aborting)
-        except asyncio.CancelledError:
-            await asyncio.wait([aborting])
-            raise
-        result.status, result.error = "aborted", f"{type(err).__name__}: {err}"
-        emit("phase", note=f"aborted: {result.error}")
-        if isinstance(err, asyncio.CancelledError):
-            raise
-        raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+        def aborted(error: str) -> None:
+            result.status, result.error = "aborted", error
+            emit("phase", note=f"aborted: {error}")
+
+        await run_abort(_abort(machine, session, guest, memory, sender, nbd, journal,
+                               migration, epoch, err), err, aborted)
 
     # -- after GO: wait for the destination to run; the source is discarded ---------------
     nbd.hook = None

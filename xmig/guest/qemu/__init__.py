@@ -12,7 +12,8 @@
   migration stream on the session, max-bandwidth from the delivery rate),
   :mod:`~xmig.guest.qemu.mirror` (the disk through ``blockdev-mirror`` into xmig's NBD
   server), :mod:`~xmig.guest.qemu.ramcheck` (RAM digests at READY, repair before GO),
-  :mod:`~xmig.guest.qemu.throttle` (SDPS through the vCPU threads' CPU quota).
+  :mod:`~xmig.guest.qemu.throttle` (SDPS through the vCPU threads' CPU quota),
+  :mod:`~xmig.guest.qemu.attach` (a running QEMU taken by its QMP socket, checked).
 """
 
 from xmig.guest.qemu.machine import QemuConfig, QemuGuest

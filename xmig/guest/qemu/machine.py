@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from xmig.errors import ConfigError, GuestNotFound, GuestStateError, QemuError
 from xmig.guest.qemu.progress import Progress, SerialTail, parse_error, parse_progress
@@ -198,7 +198,7 @@ class QemuGuest:
         last: Exception | None = None
         while True:
             if proc.poll() is not None:
-                raise QemuError(f"QEMU exited with status {proc.returncode}: {self._log_tail()}")
+                raise QemuError(f"QEMU exited with status {proc.returncode}: {self.log_tail()}")
             if self.qmp_socket.exists():
                 client = QMPClient(self.config.name)
                 try:
@@ -294,6 +294,13 @@ class QemuGuest:
         return self._proc.pid if self._proc is not None else self._adopted_pid
 
     @property
+    def alive(self) -> bool:
+        """QEMU runs and its QMP is connected."""
+        qmp = self._qmp
+        return (qmp is not None and qmp.runstate is Runstate.RUNNING
+                and (self._proc is None or self._proc.poll() is None))
+
+    @property
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc is not None else None
 
@@ -368,7 +375,7 @@ class QemuGuest:
                 return latest
             rc = self.returncode
             if rc is not None:
-                raise QemuError(f"QEMU exited with status {rc}: {self._log_tail()}")
+                raise QemuError(f"QEMU exited with status {rc}: {self.log_tail()}")
             if now >= deadline:
                 seen = f"last counter {latest.counter}" if latest else "no progress line"
                 raise QemuError(
@@ -376,7 +383,7 @@ class QemuGuest:
                 )
             await asyncio.sleep(POLL_S)
 
-    def _log_tail(self) -> str:
+    def log_tail(self) -> str:
         try:
             text = self.qemu_log.read_text(errors="replace").strip()
         except OSError:

@@ -40,10 +40,10 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from xmig import control
+from xmig.aborting import run_abort
 from xmig.errors import (
     DiskTooSmall,
     InDoubt,
-    MigrationAborted,
     MigrationError,
     NotConverging,
     ProtocolError,
@@ -141,7 +141,13 @@ async def wait_migration(events: EventListener, guest: QemuGuest, wanted: set[st
     try:
         async with asyncio.timeout(timeout):
             while True:
-                event = await events.get()
+                try:  # a QEMU that died sends no event: look at it every second
+                    event = await asyncio.wait_for(events.get(), 1.0)
+                except TimeoutError:
+                    if not guest.alive:
+                        raise QemuError(f"{guest.config.name}: QEMU is gone (exit status "
+                                        f"{guest.returncode}): {guest.log_tail()}") from None
+                    continue
                 data: Any = event.get("data", {})
                 status = str(data.get("status", ""))
                 if status in wanted:
@@ -209,6 +215,7 @@ async def migrate_qemu(
     mirror: SourceDiskMirror | None = None
     sdps: QemuSdps | None = None
     throttling: asyncio.Task[None] | None = None
+    ready_task: asyncio.Future[control.Message] | None = None
     size = disk_size(source) if options.disk else 0
 
     def emit(kind: str, **fields: Any) -> None:
@@ -259,9 +266,14 @@ async def migrate_qemu(
                 sdps = QemuSdps(source, session)
                 await sdps.start()
                 throttling = asyncio.create_task(sdps.run())
+            # the destination's next word is READY; an ABORT (or a broken session) before
+            # then ends pre-copy at once
+            ready_task = asyncio.ensure_future(_recv(session, 1e9))
             try:
                 async with asyncio.timeout(options.timeout_s):
-                    await wait_migration(events, source, {"pre-switchover"}, 1e9)
+                    paused = wait_migration(events, source, {"pre-switchover"}, 1e9)
+                    if not await _completed_or_message(paused, ready_task):
+                        raise _unexpected(ready_task.result(), "ready")
             except TimeoutError:
                 raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
                                     f"within {options.timeout_s:g} s") from None
@@ -288,7 +300,6 @@ async def migrate_qemu(
             emit("blackout", step="migrate-continue")
             # READY (the destination loaded everything) and the source's completion (its
             # return path got SHUT) arrive about together: wait for both
-            ready_task = asyncio.ensure_future(_recv(session, options.reply_timeout_s))
             try:
                 completing = wait_migration(events, source, {"completed"},
                                             options.reply_timeout_s)
@@ -301,7 +312,8 @@ async def migrate_qemu(
                                          options.reply_timeout_s)
                 result.completed_at = time.monotonic()
                 emit("blackout", step="source completed")
-                reply = await ready_task
+                async with asyncio.timeout(options.reply_timeout_s):
+                    reply = await ready_task
             finally:
                 ready_task.cancel()
         if not isinstance(reply, control.Ready):
@@ -326,6 +338,8 @@ async def migrate_qemu(
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
+        if ready_task is not None:
+            ready_task.cancel()
         if governing is not None:
             governing.cancel()
         if throttling is not None:
@@ -341,19 +355,12 @@ async def migrate_qemu(
             machine.fail(str(err) or type(err).__name__)
             result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
             raise
-        aborting = asyncio.ensure_future(_abort_source(
-            machine, session, source, tunnel, mirror, journal, migration, epoch, err,
-            migrating))
-        try:
-            await asyncio.shield(aborting)
-        except asyncio.CancelledError:
-            await asyncio.wait([aborting])
-            raise
-        result.status, result.error = "aborted", f"{type(err).__name__}: {err}"
-        emit("phase", note=f"aborted: {result.error}")
-        if isinstance(err, asyncio.CancelledError):
-            raise
-        raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+        def aborted(error: str) -> None:
+            result.status, result.error = "aborted", error
+            emit("phase", note=f"aborted: {error}")
+
+        await run_abort(_abort_source(machine, session, source, tunnel, mirror, journal,
+                                      migration, epoch, err, migrating), err, aborted)
     finally:
         if governor is not None:
             result.bandwidth = list(governor.history)
@@ -530,7 +537,8 @@ async def receive_qemu(
         if decision_task is not None:
             decision_task.cancel()
         result.error = f"{type(err).__name__}: {err}"
-        if machine.phase is DestPhase.NEGOTIATE and isinstance(err, XmigError):
+        prepared = machine.phase is not DestPhase.NEGOTIATE
+        if not prepared and isinstance(err, XmigError):
             # typed, before PREPARED: the source learns why at once (and nothing was made)
             with contextlib.suppress(XmigError, TimeoutError):
                 async with asyncio.timeout(2.0):
@@ -547,6 +555,12 @@ async def receive_qemu(
         with contextlib.suppress(XmigError):
             machine.abort(str(err))
         journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
+        if prepared and not isinstance(err, MigrationError | asyncio.CancelledError):
+            # the source hears it at once (its QEMU runs on), not at its timeout
+            with contextlib.suppress(XmigError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await session.send(Channel.CONTROL, control.Abort(
+                        msg.migration, msg.epoch, f"destination: {result.error}").encode())
         if tunnel is not None:
             await tunnel.close()
         if result.guest is not None:

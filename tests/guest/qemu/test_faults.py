@@ -1,0 +1,209 @@
+"""QEMU migrations that meet trouble (issue 4, section 4): a link cut while the disk is being
+mirrored, the destination QEMU killed in pre-copy, a destination that cannot start QEMU or
+has no room for the disk. After each: the migration completes, or it aborts with a typed
+error and the source guest runs on with its disk intact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xmig.errors import DiskTooSmall, MigrationAborted, QemuError, XmigError
+from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
+from xmig.guest.qemu.image import GuestImage
+from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
+from xmig.journal import Journal
+from xmig.netem import Wan
+
+from .test_migrate import (
+    BOOT_S,
+    DISK,
+    RUN_S,
+    drain_console,
+    guest_config,
+    migrate_over_wan,
+    wan_sessions,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
+
+
+def source_disk(tmp: Path) -> Path:
+    (tmp / "src").mkdir(parents=True, exist_ok=True)
+    disk = tmp / "src" / "disk.raw"
+    disk.touch()
+    os.truncate(disk, DISK)
+    return disk
+
+
+async def assert_runs_on_with_its_records(source: QemuGuest, disk: Path) -> None:
+    """The source guest runs (its counter moves), and its disk holds every record it wrote."""
+    assert await source.status() == "running"
+    now = await source.wait_for_progress(10)
+    later = await source.wait_for_progress(10, min_counter=now.counter + 1)
+    assert later.counter > now.counter
+    assert await source.execute("query-block-jobs") == []
+    await source.stop()
+    last = await drain_console(source)
+    check = check_records(disk, last.disk_seq, area=DISK)
+    assert check.ok and check.checked > 0, check
+
+
+async def test_a_link_cut_while_the_disk_is_mirrored_is_absorbed(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    """memdisk writing its disk through the mirror; the link is cut for 6 s (past the
+    session's idle timeout) once the mirror runs and the stream is under way: the guest's
+    writes queue in the mirror, the session resumes, the migration completes and the
+    destination image holds every record the source wrote."""
+    disk = source_disk(tmp_path)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=1)
+    template = guest_config(guest_image, "memdisk", name="dst")
+    cut: dict[str, Any] = {}
+
+    def cut_once(wan: Wan, event: dict[str, Any]) -> None:
+        if event.get("note") == "disk mirror ready":
+            cut["mirror_ready"] = True
+        sent = event.get("stream", {}).get("sent", {}).get("bytes", 0)
+        if event["event"] == "progress" and cut.get("mirror_ready") and sent > 4_000_000 \
+                and "at_bytes" not in cut:
+            cut["at_bytes"] = sent
+            wan.cut()
+            asyncio.get_running_loop().call_later(6.0, wan.restore)
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        m = await migrate_over_wan(tmp_path, source, template,
+                                   QemuMigrationOptions(reply_timeout_s=RUN_S),
+                                   on_source_event=cut_once)
+        try:
+            assert "at_bytes" in cut, "the link was never cut"
+            assert m.src.status == "done" and m.dst.status == "running"
+            progress = [e for e in m.src.timeline if e["event"] == "progress"]
+            assert progress[-1]["session"]["connections_lost"] >= 1
+            assert m.src.disk_seq > 0  # guest writes went through the mirror
+            assert m.after.disk_seq >= m.before.disk_seq > 0
+            assert m.dst.image is not None
+            check = check_records(m.dst.image, m.before.disk_seq, area=DISK)
+            assert check.ok and check.checked > 0, check
+        finally:
+            if m.dst.guest is not None:
+                await m.dst.guest.quit()
+
+
+async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_runs_on(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    disk = source_disk(tmp_path)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=0.5)
+    template = guest_config(guest_image, "memdisk", name="dst")
+    started: list[QemuGuest] = []
+    killed = asyncio.Event()
+
+    async def launch(cfg: QemuConfig) -> QemuGuest:
+        guest = await QemuGuest.launch(cfg, tmp_path / "dst")
+        started.append(guest)
+        return guest
+
+    def kill_in_pre_copy(event: dict[str, Any]) -> None:
+        sent = event.get("stream", {}).get("sent", {}).get("bytes", 0)
+        if event["event"] == "progress" and sent > 4_000_000 and not killed.is_set():
+            started[0].kill()
+            killed.set()
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        async with wan_sessions(tmp_path) as s:
+            dst_task = asyncio.create_task(receive_qemu(
+                s.dst, template, workdir=tmp_path / "dst", launch=launch,
+                journal=Journal(tmp_path / "dst" / "journal"), reply_timeout_s=RUN_S))
+            src_task = asyncio.create_task(migrate_qemu(
+                s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
+                workdir=tmp_path / "src", on_progress=kill_in_pre_copy,
+                options=QemuMigrationOptions(reply_timeout_s=RUN_S)))
+            async with asyncio.timeout(60):  # told by the destination, not at a timeout
+                src_res, dst_res = await asyncio.gather(src_task, dst_task,
+                                                        return_exceptions=True)
+        assert killed.is_set()
+        assert isinstance(src_res, MigrationAborted), src_res
+        # the destination's ABORT, or QEMU's own failure as its stream's far end goes
+        assert isinstance(src_res.__cause__, XmigError), src_res.__cause__
+        # its QEMU gone (QemuError), or the source's ABORT came first (MigrationError)
+        assert isinstance(dst_res, XmigError), dst_res
+        assert [r.kind for r in Journal(tmp_path / "src" / "journal").records()] == [
+            "START", "ABORT"]
+        assert [r.kind for r in Journal(tmp_path / "dst" / "journal").records()] == [
+            "DISCARDED"]
+        assert not (tmp_path / "dst" / "q1.raw").exists()
+        await assert_runs_on_with_its_records(source, disk)
+
+
+async def refused_by(tmp_path: Path, source: QemuGuest, template: QemuConfig,
+                     dst_workdir: Path) -> tuple[BaseException, BaseException]:
+    async with wan_sessions(tmp_path) as s:
+        dst_task = asyncio.create_task(receive_qemu(
+            s.dst, template, workdir=dst_workdir,
+            journal=Journal(tmp_path / "dst-journal"), reply_timeout_s=RUN_S))
+        src_task = asyncio.create_task(migrate_qemu(
+            s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
+            workdir=tmp_path / "src", options=QemuMigrationOptions(reply_timeout_s=RUN_S)))
+        async with asyncio.timeout(60):
+            src_res, dst_res = await asyncio.gather(src_task, dst_task,
+                                                    return_exceptions=True)
+    assert isinstance(src_res, BaseException) and isinstance(dst_res, BaseException)
+    return src_res, dst_res
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB filesystem (tmpfs) for the destination: the 16 MiB disk does not fit."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "xmig-test", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_destination_without_room_for_the_disk_refuses_typed(
+        guest_image: GuestImage, tmp_path: Path, small_fs: Path) -> None:
+    disk = source_disk(tmp_path)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=0.5)
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        src_res, dst_res = await refused_by(tmp_path, source,
+                                            guest_config(guest_image, "memdisk", name="dst"),
+                                            small_fs)
+        assert isinstance(src_res, MigrationAborted), src_res
+        assert isinstance(src_res.__cause__, DiskTooSmall), src_res.__cause__
+        assert isinstance(dst_res, DiskTooSmall)
+        assert list(small_fs.iterdir()) == []  # nothing was made there
+        await assert_runs_on_with_its_records(source, disk)
+
+
+async def test_a_destination_that_cannot_start_qemu_refuses_typed(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    disk = source_disk(tmp_path)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=0.5)
+    broken = replace(guest_config(guest_image, "memdisk", name="dst"),
+                     qemu="/nonexistent/qemu-system-x86_64")
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        src_res, dst_res = await refused_by(tmp_path, source, broken, tmp_path / "dst")
+        assert isinstance(src_res, MigrationAborted), src_res
+        assert isinstance(src_res.__cause__, QemuError), src_res.__cause__
+        assert "qemu-system-x86_64 not found" in str(src_res.__cause__)
+        assert isinstance(dst_res, XmigError)
+        assert not (tmp_path / "dst" / "q1.raw").exists()
+        await assert_runs_on_with_its_records(source, disk)

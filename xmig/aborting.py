@@ -1,0 +1,28 @@
+"""Abort before GO, the same way for every backend: run the abort to its end even when the
+migration is cancelled meanwhile (source agent stopped, Ctrl-C, an outer deadline), then
+raise what the caller must see."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+from xmig.errors import MigrationAborted
+
+
+async def run_abort(abort: Awaitable[None], err: BaseException,
+                    on_aborted: Callable[[str], None]) -> NoReturn:
+    """Await ``abort`` shielded (a second cancellation waits for it, then propagates);
+    call ``on_aborted`` with the error's text; re-raise ``err`` if it is a cancellation, else raise
+    MigrationAborted from it (the source guest runs)."""
+    aborting = asyncio.ensure_future(abort)
+    try:
+        await asyncio.shield(aborting)
+    except asyncio.CancelledError:
+        await asyncio.wait([aborting])
+        raise
+    on_aborted(f"{type(err).__name__}: {err}")
+    if isinstance(err, asyncio.CancelledError):
+        raise err
+    raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
