@@ -94,8 +94,8 @@ async def migrate_over_wan(tmp: Path, source: QemuGuest, template: QemuConfig,
                            on_dest_event: Callable[[dict[str, Any]], None] = lambda e: None,
                            on_source_event: Callable[[Wan, dict[str, Any]], None] = (
                                lambda wan, e: None),
-                           ) -> Migrated:
-    async with wan_sessions(tmp) as s:
+                           link: LinkSpec = LINK) -> Migrated:
+    async with wan_sessions(tmp, link) as s:
         started = time.monotonic()
         dst_task = asyncio.create_task(receive_qemu(
             s.dst, template, workdir=tmp / "dst", journal=Journal(tmp / "dst" / "journal"),

@@ -78,10 +78,12 @@ class QemuMigrationOptions:
     mirror_bound: int = DEFAULT_BOUND  #: bytes of guest writes queued before acks wait
     sdps: bool = False
     """Throttle the vCPUs (cgroup CPU quota, :mod:`~xmig.guest.qemu.throttle`) when they
-    outrun the link. Off by default for now: the test guest's writer dirties a whole page
-    per 64-byte store, so even at the 1 % quota floor it dirtied 8-20 MiB/s (its rate
-    limiter catches up within each period) and a 24 MiB/s writer did not converge in 60 s
-    at 100 Mbit/s (the throttle sat at 0.99)."""
+    outrun the link. Off by default: it slows a writer in proportion to the CPU time its
+    dirtying costs, and its floor is 1 % of the CPU (the controller's 0.99): that converges
+    a 1 GB/s writer of whole pages over 200 Mbit/s (tests/guest/qemu/test_sdps.py), where
+    1 % of it is 11 MB/s, but not reliably over 100 Mbit/s; a writer dirtying a page per
+    64-byte store under TCG dirtied 8-20 MiB/s at that floor."""
+    sdps_period_us: int = 100_000  #: the CPU quota's period (cfs_period_us)
 
 
 @dataclass
@@ -263,7 +265,7 @@ async def migrate_qemu(
 
             governing = asyncio.create_task(governor.run(report))
             if options.sdps:
-                sdps = QemuSdps(source, session)
+                sdps = QemuSdps(source, session, cfs_period_us=options.sdps_period_us)
                 await sdps.start()
                 throttling = asyncio.create_task(sdps.run())
             # the destination's next word is READY; an ABORT (or a broken session) before

@@ -8,11 +8,13 @@
  * Arguments are key=value (the init script passes the kernel's xmig.* parameters):
  *   workload=mem|disk|cpu|memdisk|idle  mem_mb=64  mem_rate=0 (MiB/s dirtied, 0 = flat out)
  *   disk=/dev/vda  disk_bs=4096 (record bytes, multiple of 512)  disk_mb=0 (area, 0 = all)
- *   disk_rate=0 (MiB/s, 0 = flat out)  report_ms=200
+ *   disk_rate=0 (MiB/s, 0 = flat out)  report_ms=200  mem_fill=0 (1: rewrite whole pages)
  * Disk record k (bytes disk_bs, at offset (k mod records) * disk_bs, O_DIRECT) holds 64-bit
  * little-endian words: "XMIGREC1", k, disk_bs, then mix(k << 24 | i) for word i >= 3.
  * Memory: mem_mb MiB filled with mix(...) once (incompressible), then every pass rewrites
- * one 64-byte line per 4 KiB page. Built static by xmig/guest/qemu/image.py. */
+ * one 64-byte line per 4 KiB page, or with mem_fill=1 the whole page (a writer whose
+ * dirtying costs CPU time, as a database's page writes do: a CPU quota then slows it).
+ * Built static by xmig/guest/qemu/image.py. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdint.h>
@@ -64,6 +66,7 @@ int main(int argc, char **argv) {
     int do_cpu = !strcmp(wl, "cpu");
     uint64_t mem_pages = (uint64_t)atol(arg(argc, argv, "mem_mb", "64")) * (1 << 20) / PAGE;
     double mem_rate = atof(arg(argc, argv, "mem_rate", "0")) * (1 << 20);
+    int words = atoi(arg(argc, argv, "mem_fill", "0")) ? PAGE / 8 : 8;
     const char *disk = arg(argc, argv, "disk", "/dev/vda");
     uint64_t bs = (uint64_t)atol(arg(argc, argv, "disk_bs", "4096"));
     uint64_t disk_mb = (uint64_t)atol(arg(argc, argv, "disk_mb", "0"));
@@ -109,8 +112,8 @@ int main(int argc, char **argv) {
         int worked = 0;
         if (do_mem && behind(mem_rate, t0, t, &mem_units, (double)CHUNK_PAGES * PAGE)) {
             for (int k = 0; k < CHUNK_PAGES; k++) {
-                uint64_t *line = (uint64_t *)(mem + page * PAGE + (pass % 64) * 64);
-                for (int j = 0; j < 8; j++) line[j] = mix(pass << 40 ^ page << 8 ^ (uint64_t)j);
+                uint64_t *line = (uint64_t *)(mem + page * PAGE + (words == 8 ? (pass % 64) * 64 : 0));
+                for (int j = 0; j < words; j++) line[j] = mix(pass << 40 ^ page << 8 ^ (uint64_t)j);
                 if (++page == mem_pages) { page = 0; pass++; }
             }
             pages_done += CHUNK_PAGES;
