@@ -19,6 +19,11 @@ process, which then does not exit by itself, even with ``once``, until the sourc
 it again with a session that opens with its journaled decision
 (:func:`xmig.migration.send_decision`, which the source host retries on its own): GO runs
 and hosts the guest here, ABORT discards it.
+
+A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is received by
+:func:`~xmig.guest.qemu.migrate.receive_qemu` into a QEMU this agent starts, and hosted
+until that QEMU quits (its QMP socket, in the ``hosting`` line, is the operator's); in doubt,
+it is settled by :func:`~xmig.guest.qemu.settle.resolve_qemu`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from xmig.agent import DestResult, first_message, receive_migration, settle
 from xmig.errors import ConfigError, GuestStateError, InDoubt, XmigError
 from xmig.guest.qemu import migrate as qemu_migrate
 from xmig.guest.qemu.machine import QemuConfig
+from xmig.guest.qemu.settle import resolve_qemu
 from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.journal import Journal
@@ -71,6 +77,7 @@ class _Agent:
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
         self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
+        self.qemu_in_doubt: dict[str, tuple[qemu_migrate.QemuDestResult, Journal, Path]] = {}
         self.stopping = asyncio.Event()
         self.taken = False  #: a migration was accepted (with once, the only one)
         self.rc = 0
@@ -87,8 +94,9 @@ class _Agent:
                 acceptor = tg.create_task(self._accept(lst, tg))
                 await self.stopping.wait()
                 acceptor.cancel()
-                if self.in_doubt:
-                    self.emit({"event": "warning", "in_doubt": sorted(self.in_doubt),
+                if self.in_doubt or self.qemu_in_doubt:
+                    self.emit({"event": "warning",
+                               "in_doubt": sorted([*self.in_doubt, *self.qemu_in_doubt]),
                                "note": "stopping: guests in doubt are lost with this process"})
                 for task in list(self.receiving):
                     task.cancel()
@@ -127,6 +135,9 @@ class _Agent:
                     await self._receive_qemu(session, first, sdir, journal)
                     return
                 dest = await self._negotiated(session, first, sdir, journal)
+            elif first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
+                await self._settle_qemu(session, first)
+                return
             else:  # a source settling a migration left in doubt here
                 held = self.in_doubt.get(first.migration)
                 sdir = held[2] if held else self.workdir
@@ -142,7 +153,7 @@ class _Agent:
                     return
         except Exception as err:  # typed, or a bug: either way this session is over
             self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
-            if not self.in_doubt:
+            if not (self.in_doubt or self.qemu_in_doubt):
                 self._ended(1)
             return
         finally:
@@ -193,8 +204,10 @@ class _Agent:
                 session, template, workdir=sdir, journal=journal, first=first,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         except InDoubt as err:
-            # paused, READY, cut off before GO: kept (never run) until an operator decides;
-            # settling a QEMU guest by the source's decision is not built yet
+            # paused, READY, cut off before GO: kept (never run) until the source's decision
+            held = err.result
+            assert isinstance(held, qemu_migrate.QemuDestResult)
+            self.qemu_in_doubt[err.migration] = (held, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
             return
@@ -203,13 +216,33 @@ class _Agent:
                        "error": f"{type(err).__name__}: {err}"})
             self._ended(1)
             return
+        await self._host_qemu(dest, sdir)
+
+    async def _settle_qemu(self, session: TransportSession,
+                           decision: control.Go | control.Abort) -> None:
+        held, journal, sdir = self.qemu_in_doubt[decision.migration]
+        self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
+                   "migration": decision.migration, "backend": "qemu"})
+        try:
+            await resolve_qemu(held, decision, journal=journal, session=session)
+        except XmigError as err:
+            self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
+            return
+        del self.qemu_in_doubt[decision.migration]
+        if held.status != "running":  # ABORT: discarded
+            self._ended(1)
+            return
+        await self._host_qemu(held, sdir)
+
+    async def _host_qemu(self, dest: qemu_migrate.QemuDestResult, sdir: Path) -> None:
         guest = dest.guest
         assert guest is not None
-        self.emit({"event": "hosting", "backend": "qemu", "name": template.name,
+        name = guest.config.name
+        self.emit({"event": "hosting", "backend": "qemu", "name": name,
                    "qmp": str(guest.qmp_socket), "pid": guest.pid, "dir": str(sdir)})
         await guest.detach()  # its QMP is the operator's now
         await guest.wait_gone(self.stopping)
-        self.emit({"event": "exit", "name": template.name, "backend": "qemu", "rc": 0})
+        self.emit({"event": "exit", "name": name, "backend": "qemu", "rc": 0})
         self._ended(0)
 
     async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:

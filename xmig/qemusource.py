@@ -6,12 +6,14 @@ nothing is changed by that), connects to the destination agent (``xmig agent --q
 :func:`~xmig.guest.qemu.migrate.migrate_qemu`. Its journal and the mirror's shadow image go to
 ``workdir``. Once the destination runs the guest, the source QEMU (paused since
 pre-switchover, never run again) is told to quit, unless ``keep_source``. Before GO any
-failure leaves the source QEMU running (MigrationAborted); after GO one is reported and the
-source QEMU stays paused.
+failure leaves the source QEMU running (MigrationAborted). After GO without RESUMED the
+destination may be waiting in doubt: this process reaches its agent again with the
+journaled GO (and the RAM repair) until it answers (:mod:`~xmig.guest.qemu.settle`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -20,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from xmig import hostctl
-from xmig.errors import XmigError
+from xmig.errors import GuestNotFound, XmigError
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
+from xmig.guest.qemu.settle import send_qemu_decision
 from xmig.journal import Journal
 from xmig.report import downtime_estimate
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import client_context
+
+SETTLE_MAX_BACKOFF_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ async def migrate_attached(req: QemuMigrateRequest,
     name = source.config.name
     result: QemuSourceResult | None = None
     wire: dict[str, Any] = {}
+    arrived = False  #: the destination runs the guest (RESUMED, or settled)
     try:
         on_event({"event": "attached", "name": name, "pid": source.pid,
                   "ram_mb": source.config.ram_mb, "disk_bytes": source.disk_bytes})
@@ -81,12 +87,18 @@ async def migrate_attached(req: QemuMigrateRequest,
         except XmigError as err:
             if result is None and not _go_journaled(workdir, name):
                 raise
-            if result is None:  # failed after GO: the destination has the guest
-                return {"status": "failed-after-go", "name": name, "to": req.to,
-                        "backend": "qemu", "error": f"{type(err).__name__}: {err}",
-                        "source": "kept paused", "timeline": []}
-            # the session failed as it closed, after the migration had ended: nothing lost
+            if result is None:
+                on_event({"event": "in-doubt", "error": f"{type(err).__name__}: {err}"})
+            # GO is journaled: the destination has the guest (or will, once it hears GO)
+        settled = result is None or not result.resumed_at
+        if settled:
+            # no RESUMED: the destination may wait in doubt; tell it GO until it answers
+            await _settle(req, name, source.mem_path, on_event)
+        arrived = True
         total_s = time.monotonic() - started
+        if result is None:
+            return {"status": "done", "name": name, "to": req.to, "backend": "qemu",
+                    "settled": True, "total_s": round(total_s, 3), "timeline": []}
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(
             last_progress=result.paused_at, paused_at=result.paused_at,
@@ -102,11 +114,11 @@ async def migrate_attached(req: QemuMigrateRequest,
             "guest_bytes": guest_bytes, "wire_ratio": round(wire_bytes / guest_bytes, 4),
             "disk_seq": result.disk_seq, "ram_chunks_repaired": result.ram_chunks_repaired,
             "sdps_max_throttle": result.sdps_max_throttle, "error": result.error,
-            "source": "kept paused" if req.keep_source else "quit",
+            "source": "kept paused" if req.keep_source else "quit", "settled": settled,
             "timeline": result.timeline,
         }
     finally:
-        if result is not None and result.status == "done" and not req.keep_source:
+        if arrived and not req.keep_source:
             await source.quit()  # the destination runs it: this copy never runs again
         else:
             with contextlib.suppress(XmigError):
@@ -119,3 +131,29 @@ def _go_journaled(workdir: Path, migration: str) -> bool:
         if rec.migration == migration:
             return rec.kind == "GO"
     return False
+
+
+async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
+                  on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Reach the agent again and tell it the journaled GO (with the RAM repair), retrying
+    with backoff until it answers RESUMED. A refusal (nothing in doubt there: it had GO
+    and runs the guest) ends it too."""
+    tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
+    host, port = hostctl.parse_endpoint(req.to)
+    journal = Journal(req.workdir.absolute() / "journal")
+    delay = 1.0
+    while True:
+        try:
+            async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                               streams=1, connect_timeout=req.connect_timeout_s) as session:
+                decision = await send_qemu_decision(session, journal, name, mem_path)
+            on_event({"event": "settled", "decision": decision.type})
+            return
+        except GuestNotFound as err:  # not in doubt there: GO had arrived
+            on_event({"event": "settled", "note": str(err)})
+            return
+        except XmigError as err:
+            on_event({"event": "settle-retry", "in_s": delay,
+                      "error": f"{type(err).__name__}: {err}"})
+        await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
+        delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)

@@ -122,6 +122,8 @@ class QemuDestResult:
     ram_chunks_repaired: int = 0
     image: Path | None = None  #: the destination disk image (filled by the receiver)
     machine: DestMachine | None = None
+    receiver: DiskReceiver | None = None  #: kept while in doubt
+    backend: RawFileBackend | None = None  #: the image, open, while in doubt
 
 
 def guest_description(guest: QemuGuest) -> dict[str, Any]:
@@ -334,7 +336,9 @@ async def migrate_qemu(
             await session.send(Channel.DEVICE_STATE, message)
         emit("blackout", step="ram checked", repaired_chunks=len(stale))
         machine.ready(reply.epoch)
-        journal.append("GO", migration, epoch)
+        # the repaired chunks are journaled with GO: settling a destination left in doubt
+        # sends them again (xmig.guest.qemu.settle)
+        journal.append("GO", migration, epoch, ram_repair=[int(c) for c in stale])
         # GO is durable: the source QEMU never runs again, whatever happens next
         await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
         result.committed_at = time.monotonic()
@@ -548,6 +552,9 @@ async def receive_qemu(
                         msg.migration, type(err).__name__, str(err)).encode())
         if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
             result.status, result.machine = "in-doubt", machine
+            result.receiver, result.backend = receiver, image
+            if tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
+                await tunnel.close()
             on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
             raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut off "
                           f"from the source before GO ({result.error}): the QEMU guest stays "

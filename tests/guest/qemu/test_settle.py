@@ -1,0 +1,99 @@
+"""A QEMU migration left in doubt is settled by the source's journaled decision.
+
+The link is cut as the source journals GO (after READY, before GO reaches the destination)
+and stays cut past the session's resume deadline: the destination raises InDoubt and keeps
+its QEMU paused; the source has GO in its journal and never runs its QEMU again. With the
+link back, the source opens a new session with its decision and sends the RAM repair again;
+the destination runs the guest, whose counter continues from the source's."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xmig import control
+from xmig.agent import first_message
+from xmig.errors import InDoubt
+from xmig.guest.qemu import QemuGuest
+from xmig.guest.qemu.image import GuestImage
+from xmig.guest.qemu.migrate import (
+    QemuDestResult,
+    QemuMigrationOptions,
+    migrate_qemu,
+    receive_qemu,
+)
+from xmig.guest.qemu.settle import resolve_qemu, send_qemu_decision
+from xmig.journal import Journal
+from xmig.netem import Wan
+from xmig.netem.sessions import connect_across, listen_across
+from xmig.transport import SessionConfig
+from xmig.transport.certs import init_pki
+from xmig.transport.tls import client_context, server_context
+
+from .test_migrate import BOOT_S, LINK, drain_console, guest_config
+
+pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
+
+SHORT = SessionConfig(idle_timeout=1.0, resume_deadline=3.0)
+
+
+async def test_a_destination_in_doubt_runs_the_guest_on_the_sources_journaled_go(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    config = guest_config(guest_image, "mem", mem_mb=16, mem_rate=2)
+    template = guest_config(guest_image, "mem", name="dst")
+    src_journal, dst_journal = Journal(tmp_path / "src.journal"), Journal(tmp_path / "dst.j")
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        with Wan(LINK) as wan:
+            pki = init_pki(tmp_path / "pki", server_names=(wan.dst_addr,))
+
+            def cut_before_go(event: dict[str, Any]) -> None:
+                if event.get("step") == "ram checked":  # GO is journaled next, then sent
+                    wan.cut()
+
+            async with (listen_across(wan, tls=server_context(pki), config=SHORT) as lst,
+                        connect_across(wan, lst.port, tls=client_context(pki),
+                                       config=SHORT) as src_session):
+                dst_session = await lst.accept()
+                receiving = asyncio.create_task(receive_qemu(
+                    dst_session, template, workdir=tmp_path / "dst", journal=dst_journal,
+                    reply_timeout_s=60))
+                src = await migrate_qemu(
+                    src_session, source, migration="q1", journal=src_journal,
+                    workdir=tmp_path / "src", on_progress=cut_before_go,
+                    options=QemuMigrationOptions(reply_timeout_s=8))
+                with pytest.raises(InDoubt) as caught:
+                    async with asyncio.timeout(60):
+                        await receiving
+            held = caught.value.result
+            assert isinstance(held, QemuDestResult) and held.guest is not None
+            try:
+                # GO is journaled, RESUMED never came; both QEMUs are paused
+                assert src.resumed_at == 0 and src.error
+                assert await source.status() == "postmigrate"
+                assert await held.guest.status() == "paused"
+                assert [r.kind for r in dst_journal.records()] == ["READY"]
+                wan.restore()
+                async with (listen_across(wan, tls=server_context(pki)) as lst,
+                            connect_across(wan, lst.port, tls=client_context(pki)) as again):
+                    back = await lst.accept()
+                    sending = asyncio.create_task(send_qemu_decision(
+                        again, src_journal, "q1", source.mem_path))
+                    decision = await first_message(back)
+                    assert isinstance(decision, control.Go)
+                    await resolve_qemu(held, decision, journal=dst_journal, session=back)
+                    assert isinstance(await sending, control.Go)
+                assert held.status == "running"
+                assert [r.kind for r in dst_journal.records()] == ["READY", "RUNNING"]
+                assert [r.kind for r in src_journal.records()] == ["START", "GO"]
+                assert held.ram_chunks_repaired == len(
+                    src_journal.records()[-1].fields["ram_repair"])
+                before = await drain_console(source)
+                after = await held.guest.wait_for_progress(30, min_counter=before.counter)
+                assert after.counter >= before.counter
+                assert await source.status() == "postmigrate"  # never ran again
+            finally:
+                await held.guest.quit()
