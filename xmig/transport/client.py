@@ -3,8 +3,9 @@
     async with connect("dst.example", 7800, tls=client_ctx, streams=2) as session:
         await session.send(Channel.MEMORY, data)
 
-One keeper task per stream connects, and reconnects with backoff when its connection
-breaks; the session resumes from the last frame the peer consumed on each channel.
+One keeper task per stream connects, and reconnects when its connection breaks
+(overlapping attempts, :mod:`xmig.transport.redial`); the session resumes from the last
+frame the peer consumed on each channel.
 """
 
 from __future__ import annotations
@@ -107,8 +108,10 @@ async def connect(
     """Open a session to a listening agent with ``streams`` parallel connections.
 
     Yields once the first connection completed its handshake. Broken connections are
-    re-established with backoff; the session fails with :class:`SessionExpired` when no
-    connection could be kept for ``config.resume_deadline`` seconds.
+    re-established by overlapping attempts (a new one every max(0.25 s, 1.5 min RTT) while
+    the earlier ones wait, up to 8; refusals back off 50 ms doubling to 1 s); the session
+    fails with :class:`SessionExpired` when no connection could be kept for
+    ``config.resume_deadline`` seconds.
 
     ``congestion`` is the TCP congestion control of the session's sockets (ignored where the
     kernel lacks it; ``None``: the system's). Defaults chosen by measurement
