@@ -14,6 +14,13 @@ guest's acknowledgement -- goes out when the hook's awaitable completes (and, wi
 the fsync). A protocol violation (bad magic, an oversized WRITE, a malformed option) is an
 :class:`~xmig.errors.NbdProtocolError`, recorded in :attr:`NbdServer.errors`, and the
 connection is closed with nothing written. Bad ranges get the errno the spec asks for.
+
+Why xmig's own and not nbdkit or qemu-nbd: the server is where the asynchronous mirror
+lives -- each write's acknowledgement is held or released by the mirror's congestion
+control, in the same event loop as the session that ships it. qemu-nbd has no such hook;
+an nbdkit filter would need a plugin in C or Python inside another process, and a second
+queue between it and the session. The protocol subset is small, and libnbd's ``nbdcopy``
+and ``nbdsh`` check it (tests/storage).
 """
 
 from __future__ import annotations
