@@ -216,3 +216,14 @@ def test_progress_view_rates_and_an_honest_eta() -> None:
                     "sdps_max_throttle": 0.1, "rounds": 4, "acknowledged_writes": 9,
                     "lost_acknowledged_writes": 0, "verified": True})
     assert "downtime 120 ms" in line and "verified" in line
+
+
+def test_progress_view_of_a_qemu_guest_shows_its_stream() -> None:
+    view = ProgressView("vm1.qmp → dst:1", budget_s=0.3)
+    view.update({"event": "progress", "phase": "brownout", "t": 2.0,
+                 "stream": {"sent": {"bytes": 50 << 20}}, "max_bandwidth": 12_500_000,
+                 "session": {"wire_bytes_out": 52 << 20, "delivery_rate_Bps": 1.2e7}})
+    cells = [str(c) for c in view.render().columns[0]._cells]
+    values = [str(c) for c in view.render().columns[1]._cells]
+    assert "QEMU stream" in cells and "round" not in cells
+    assert "50.0 MiB sent  max-bandwidth 12.5 MB/s" in values

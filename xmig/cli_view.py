@@ -140,6 +140,11 @@ class ProgressView:
                                 if e.get("predicted_downtime_ms") is not None else "—")
              + budget),
         ]
+        stream = e.get("stream")
+        if isinstance(stream, dict):  # a QEMU guest: its own migration stream, not rounds
+            sent = stream.get("sent") or {}
+            rows[3:5] = [("QEMU stream", f"{_f(sent.get('bytes')) / MiB:.1f} MiB sent  "
+                                         f"max-bandwidth {_mbps(e.get('max_bandwidth'))}")]
         for key, value in rows:
             table.add_row(key, value)
         return table
