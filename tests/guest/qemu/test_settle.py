@@ -9,14 +9,16 @@ the destination runs the guest, whose counter continues from the source's."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.transport.stacks import make_stack, session_pair
 from xmig import control
 from xmig.agent import first_message
-from xmig.errors import InDoubt
+from xmig.errors import GuestNotFound, InDoubt
 from xmig.guest.qemu import QemuGuest
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import (
@@ -97,3 +99,64 @@ async def test_a_destination_in_doubt_runs_the_guest_on_the_sources_journaled_go
                 assert await source.status() == "postmigrate"  # never ran again
             finally:
                 await held.guest.quit()
+
+
+async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResult:
+    """A paused QEMU with its image, held in doubt at epoch 3 of migration q2."""
+    from xmig.switchover import DestMachine
+
+    image = tmp_path / "q2.raw"
+    image.write_bytes(b"\0" * 4096)
+    config = guest_config(guest_image, "mem", name="held", disk=image)
+    guest = await QemuGuest.launch(replace(config, extra=("-S",)), tmp_path / "held")
+    machine = DestMachine(3)
+    machine.prepared()
+    machine.final_applied()
+    return QemuDestResult(migration="q2", epoch=3, status="in-doubt", guest=guest,
+                          image=image, machine=machine)
+
+
+async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestImage,
+                                                           tmp_path: Path) -> None:
+    held = await in_doubt_here(guest_image, tmp_path)
+    guest = held.guest
+    assert guest is not None
+    src_journal, dst_journal = Journal(tmp_path / "src.j"), Journal(tmp_path / "dst.j")
+    src_journal.append("START", "q2", 3)
+    src_journal.append("ABORT", "q2", 3, reason="no READY in time")
+    try:
+        with make_stack("plain", tmp_path) as stack:
+            async with session_pair(stack) as (src, dst):
+                sent = await send_qemu_decision(src, src_journal, "q2", guest.mem_path)
+                decision = await first_message(dst)
+                assert isinstance(sent, control.Abort) and decision == sent
+                await resolve_qemu(held, decision, journal=dst_journal, session=dst)
+        assert held.status == "discarded" and held.guest is None
+        assert guest.returncode is not None  # its QEMU quit
+        assert not (tmp_path / "q2.raw").exists()
+        assert [r.kind for r in dst_journal.records()] == ["DISCARDED"]
+    finally:
+        await guest.quit()
+
+
+async def test_a_decision_for_another_epoch_is_refused_and_changes_nothing(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    held = await in_doubt_here(guest_image, tmp_path)
+    assert held.guest is not None
+    src_journal, dst_journal = Journal(tmp_path / "src.j"), Journal(tmp_path / "dst.j")
+    src_journal.append("START", "q2", 4)
+    src_journal.append("GO", "q2", 4, ram_repair=[])
+    try:
+        with make_stack("plain", tmp_path) as stack:
+            async with session_pair(stack) as (src, dst):
+                sending = asyncio.create_task(send_qemu_decision(
+                    src, src_journal, "q2", held.guest.mem_path, timeout=10))
+                decision = await first_message(dst)
+                with pytest.raises(GuestNotFound, match="not in doubt"):
+                    await resolve_qemu(held, decision, journal=dst_journal, session=dst)
+                with pytest.raises(GuestNotFound, match="destination refused"):
+                    await sending
+        assert held.status == "in-doubt" and await held.guest.status() == "prelaunch"
+        assert (tmp_path / "q2.raw").exists() and dst_journal.records() == []
+    finally:
+        await held.guest.quit()
