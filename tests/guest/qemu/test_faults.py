@@ -6,6 +6,7 @@ error and the source guest runs on with its disk intact."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from xmig.errors import DiskTooSmall, MigrationAborted, QemuError, XmigError
+from xmig.errors import DiskFull, DiskTooSmall, MigrationAborted, QemuError, XmigError
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
@@ -207,3 +208,46 @@ async def test_a_destination_that_cannot_start_qemu_refuses_typed(
         assert isinstance(dst_res, XmigError)
         assert not (tmp_path / "dst" / "q1.raw").exists()
         await assert_runs_on_with_its_records(source, disk)
+
+
+async def test_a_destination_disk_filling_up_mid_copy_aborts_typed(
+        guest_image: GuestImage, tmp_path: Path, small_fs: Path) -> None:
+    """The destination's filesystem has room for the disk at negotiate (4 MiB disk, 4 MiB
+    tmpfs), then something else takes it: the mirror's writes meet ENOSPC, DiskFull travels
+    back to the source, which aborts; its guest runs on with its records."""
+    (tmp_path / "src").mkdir()
+    disk = tmp_path / "src" / "disk.raw"
+    disk.touch()
+    os.truncate(disk, 4 << 20)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=0.5)
+
+    def fill(event: dict[str, Any]) -> None:
+        if event.get("phase") == "receiving":  # PREPARED sent: the image exists, sparse
+            with contextlib.suppress(OSError):
+                (small_fs / "filler").write_bytes(b"\1" * (4 << 20))
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        async with wan_sessions(tmp_path) as s:
+            dst_task = asyncio.create_task(receive_qemu(
+                s.dst, guest_config(guest_image, "memdisk", name="dst"), workdir=small_fs,
+                journal=Journal(tmp_path / "dst-journal"), reply_timeout_s=RUN_S,
+                on_event=fill))
+            src_task = asyncio.create_task(migrate_qemu(
+                s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
+                workdir=tmp_path / "src", options=QemuMigrationOptions(reply_timeout_s=RUN_S)))
+            async with asyncio.timeout(60):
+                src_res, dst_res = await asyncio.gather(src_task, dst_task,
+                                                        return_exceptions=True)
+        assert (small_fs / "filler").exists()
+        assert isinstance(src_res, MigrationAborted), src_res
+        assert "DiskFull" in str(src_res) or isinstance(src_res.__cause__, DiskFull), src_res
+        assert isinstance(dst_res, XmigError), dst_res
+        assert not (small_fs / "q1.raw").exists()
+        assert await source.status() == "running"
+        assert await source.execute("query-block-jobs") == []
+        await source.stop()
+        last = await drain_console(source)
+        check = check_records(disk, last.disk_seq, area=4 << 20)
+        assert check.ok and check.checked > 0, check
