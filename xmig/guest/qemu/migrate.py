@@ -64,6 +64,9 @@ from xmig.transport import Channel, TransportSession
 BACKEND = "qemu"
 FAILED_STATES = frozenset({"failed", "cancelled"})
 LIVE_STATES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling"})
+#: QEMU's first max-bandwidth when neither the options nor the session's rate cap say more:
+#: a few doublings (BandwidthGovernor) from a fast link's rate, a little over a slow one's
+INITIAL_BANDWIDTH_Bps = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ class QemuMigrationOptions:
     downtime_limit_ms: int = 300  #: QEMU's own switchover criterion
     timeout_s: float = 300.0  #: pre-copy that has not reached pre-switchover by then aborts
     reply_timeout_s: float = 60.0  #: for each answer of the destination
-    initial_bandwidth_Bps: float | None = None  #: QEMU's max-bandwidth before a rate exists
+    #: QEMU's max-bandwidth until the stream's rate is known (None: the session's rate cap,
+    #: else :data:`INITIAL_BANDWIDTH_Bps`)
+    initial_bandwidth_Bps: float | None = None
     bandwidth_period_s: float = 0.25
     chunk: int = CHUNK
     disk: bool = True  #: mirror the source's disk (when it has one)
@@ -131,6 +136,14 @@ def guest_description(guest: QemuGuest) -> dict[str, Any]:
     c = guest.config
     return {"backend": BACKEND, "config": {"ram_mb": c.ram_mb, "smp": c.smp,
                                            "append": c.append, "name": c.name}}
+
+
+def initial_bandwidth(session: TransportSession, options: QemuMigrationOptions) -> float:
+    """QEMU's max-bandwidth before the stream's delivery rate is known."""
+    if options.initial_bandwidth_Bps is not None:
+        return options.initial_bandwidth_Bps
+    cap_bps = session.session.config.rate_cap_bps
+    return cap_bps / 8 if cap_bps else INITIAL_BANDWIDTH_Bps
 
 
 async def _recv(session: TransportSession, timeout: float) -> control.Message:
@@ -255,7 +268,8 @@ async def migrate_qemu(
         tunnel = SourceTunnel(session, workdir / f"{migration}.mig", chunk=options.chunk)
         await tunnel.start()
         governor = BandwidthGovernor(source, session, period_s=options.bandwidth_period_s,
-                                     initial_Bps=options.initial_bandwidth_Bps)
+                                     initial_Bps=initial_bandwidth(session, options),
+                                     sent=lambda: tunnel.sent.bytes if tunnel else 0)
         await governor.apply()
         with source.listener("MIGRATION") as events:
             await source.execute("migrate", {"uri": tunnel.uri})

@@ -16,7 +16,8 @@
 - An empty message is the end of a direction (that side's QEMU closed its end).
 - Both directions are metered (:class:`Meter`: bytes, average and recent rate).
 - :class:`BandwidthGovernor` sets the source QEMU's ``max-bandwidth`` from the session's
-  delivery-rate estimate, so QEMU's own convergence logic (its bandwidth and downtime
+  delivery-rate estimate when the link limits the flow (a backlog in the session), and
+  raises it while QEMU uses all of it, so QEMU's own convergence logic (its bandwidth and downtime
   estimates) sees the rate the link really delivers instead of how fast a local socket
   swallows bytes (measured: limited by the carrier only, QEMU's final burst queued in it and
   it reported 307 ms of downtime; limited by ``max-bandwidth``, 20 ms).
@@ -274,24 +275,38 @@ class _Qmp(Protocol):
 class BandwidthGovernor:
     """Keeps the source QEMU's ``max-bandwidth`` at the rate the link delivers.
 
-    Every ``period_s``, from the session's delivery-rate estimate ``rate``, its smoothed RTT
-    and the stream's backlog in the session (queued and in flight on the memory channel),
-    against one bandwidth-delay product ``bdp = rate × srtt``:
+    Every ``period_s``, from the session's delivery-rate estimate ``rate`` (with ``sent``,
+    QEMU's bytes into the tunnel: once the stream has flowed for one window of it, or for
+    a period and two round trips; then at least the rate acknowledged over the last period),
+    the session's minimum RTT (the path's own: the smoothed RTT grows with the very queue
+    to be seen; measured at 100 Mbit × 50 ms with ``rate × srtt``: srtt 0.35-0.45 s, a
+    standing queue of ~4 MB, and the last pass waited 1.3 s behind it) and the stream's
+    backlog in the session (queued and in flight on the memory channel), against one
+    bandwidth-delay product ``bdp = rate × min_rtt``:
 
-    - backlog under ``bdp + slack / 4`` (no more than the link itself holds): QEMU, not
-      the link, limits the flow: the cap is raised to ``rate × probe_gain`` so it can find
-      a faster link (and never ratchets down with a dip of the estimate);
     - backlog over ``2 × bdp + slack``: bytes queue in the carrier, where QEMU cannot see
-      them (its downtime estimate would be short by their drain time): ``rate × drain_gain``;
-    - otherwise ``rate``.
+      them (its downtime estimate would be short by their drain time): the link limits the
+      flow and ``rate`` is its rate: ``rate × drain_gain``;
+    - backlog over ``bdp`` and over what the cap itself keeps in flight (a round trip of
+      it), ``+ slack / 4``: the link limits: ``rate``;
+    - otherwise QEMU, not the link, limits the flow. If QEMU used the cap over the last
+      period (``sent`` reached ``use`` × the cap), the cap is what holds it back: raised
+      ×``startup_gain`` until the link has limited the flow once, ×``probe_gain`` after
+      (finding a faster link). Else ``rate × probe_gain``, but never lower than the cap:
+      a rate under the cap says how fast QEMU had pages to send, not how fast the link is.
 
-    Never below ``floor_Bps``; ``initial_Bps`` until an estimate exists (None: QEMU's
-    default). ``share`` scales the rate (the memory's part when a disk mirror shares it)."""
+    ``initial_Bps`` until the rate is known (None: QEMU's default). Measured at 1 Gbit ×
+    100 ms with the cap following ``rate × probe_gain`` from QEMU's first bytes: it started
+    at the 1 MiB/s floor (the first acks' rate) and took 10 s to reach 26 MB/s, QEMU's
+    pre-copy running at a fraction of the link all along. Never below ``floor_Bps``;
+    ``share`` scales the rate (the memory's part when a disk mirror shares it)."""
 
     def __init__(self, qmp: _Qmp, session: TransportSession, *, period_s: float = 0.25,
                  initial_Bps: float | None = None, floor_Bps: float = 1 * MiB,
-                 probe_gain: float = 1.25, drain_gain: float = 0.8, slack: int = 1 * MiB,
-                 share: Callable[[], float] = lambda: 1.0) -> None:
+                 probe_gain: float = 1.25, drain_gain: float = 0.8, startup_gain: float = 2.0,
+                 use: float = 0.8, slack: int = 1 * MiB,
+                 share: Callable[[], float] = lambda: 1.0,
+                 sent: Callable[[], int] | None = None, rate_window_s: float = 1.0) -> None:
         self.qmp = qmp
         self.session = session
         self.period_s = period_s
@@ -299,28 +314,86 @@ class BandwidthGovernor:
         self.floor_Bps = floor_Bps
         self.probe_gain = probe_gain
         self.drain_gain = drain_gain
+        self.startup_gain = startup_gain
+        self.use = use
         self.slack = slack
         self.share = share
+        self.sent = sent
+        self.rate_window_s = rate_window_s  #: the session's delivery-rate window
         self.current: int | None = None
+        self.link_limited = False  #: the link has limited the flow at least once
         self.history: list[tuple[float, int]] = []
+        self._mark: tuple[float, int] | None = None
+        self._flowing: float | None = None  #: when QEMU's first bytes went into the tunnel
+        self._acked: tuple[float, int] | None = None
 
     def backlog(self) -> int:
         """Bytes of the stream queued or in flight in the session."""
         chan = self.session.session.send_channels.get(int(FORWARD))
         return 0 if chan is None else chan.pending_bytes + chan.inflight_bytes
 
+    def _sending(self, now: float, fallback: float) -> float:
+        """QEMU's rate into the tunnel since the last call (``fallback`` without ``sent``)."""
+        if self.sent is None:
+            return fallback
+        nbytes, mark = self.sent(), self._mark
+        self._mark = (now, nbytes)
+        if mark is None or now <= mark[0]:
+            return 0.0
+        return (nbytes - mark[1]) / (now - mark[0])
+
+    def _acked_rate(self, now: float, stats: dict[str, object]) -> float | None:
+        """Bytes the peer acknowledged per second since the last call (None: unknown)."""
+        acked = stats.get("acked_bytes")
+        if not isinstance(acked, int):
+            return None
+        mark, self._acked = self._acked, (now, acked)
+        if mark is None or now - mark[0] < self.period_s / 2:
+            return None
+        return (acked - mark[1]) / (now - mark[0])
+
     def target(self) -> int | None:
+        now = time.monotonic()
         stats = self.session.stats()
         rate = float(stats.get("delivery_rate_Bps") or 0.0)
-        if rate <= 0:
-            return None if self.initial_Bps is None else int(self.initial_Bps)
-        bdp = rate * float(stats.get("srtt_s") or 0.0)
+        srtt = float(stats.get("srtt_s") or 0.0)
+        sending = self._sending(now, rate)
+        if self._flowing is None and sending > 0:
+            self._flowing = now
         backlog = self.backlog()
-        if backlog < bdp + self.slack / 4:
-            rate *= self.probe_gain
-        elif backlog > 2 * bdp + self.slack:
-            rate *= self.drain_gain
-        return int(max(self.floor_Bps, rate * self.share()))
+        current = self.current or 0
+        # the delivery rate is a window's average: only once QEMU's stream has flowed for
+        # one window (and a round trip) does it measure the stream, not its first acks;
+        # the acks of the last period say sooner (and, the window lagging, higher)
+        recent = self._acked_rate(now, stats)
+        flowed = None if self._flowing is None else now - self._flowing
+        mature = rate > 0 and (self.sent is None or (flowed is not None and (
+            flowed >= self.rate_window_s + srtt
+            or (recent is not None and flowed >= 2 * srtt + self.period_s))))
+        if mature and recent is not None:
+            rate = max(rate, recent)
+        # the path's own round trip: srtt grows with the queue the governor must see
+        rtt = float(stats.get("min_rtt_s") or srtt)
+        if mature:
+            bdp = rate * rtt
+            if backlog > 2 * bdp + self.slack:  # a queue: the link limits the flow
+                self.link_limited = True
+                return int(max(self.floor_Bps, rate * self.drain_gain * self.share()))
+            # over what the cap itself keeps in flight (a round trip of it)
+            if backlog >= max(bdp, current * rtt) + self.slack / 4:
+                self.link_limited = True
+                return int(max(self.floor_Bps, rate * self.share()))
+        elif self.current is None:
+            return None if self.initial_Bps is None else int(self.initial_Bps)
+        # QEMU, not the link, limits the flow
+        if self.current is not None and self.sent is not None and (
+                sending >= self.use * self.current):  # ... because of the cap
+            gain = self.probe_gain if self.link_limited else self.startup_gain
+            return int(self.current * gain)
+        if not mature:
+            return self.current
+        # a rate under the cap says how fast QEMU had pages to send: it never lowers the cap
+        return int(max(current, self.floor_Bps, rate * self.probe_gain * self.share()))
 
     async def apply(self) -> None:
         target = self.target()
