@@ -7,9 +7,12 @@
     BROWNOUT   caps (events, return-path, pause-before-switchover), downtime-limit,
                SourceTunnel, migrate unix:S; max-bandwidth follows the delivery rate
                (BandwidthGovernor); QEMU's stream flows MEMORY ==>, return path <== DEVICE_STATE
-    BLACKOUT   MIGRATION pre-switchover: QEMU paused the source vCPUs; migrate-continue
-                                                    MIGRATION completed: all loaded, paused
-               <--ready (stream bytes)--            READY journaled
+    BLACKOUT   MIGRATION pre-switchover: QEMU paused the source vCPUs; migrate-continue;
+               RAM hashed, digests ==DEVICE_STATE==>
+                                                    MIGRATION completed: all loaded, paused;
+                                                    RAM hashed, compared with the source's
+               <--ready (stream bytes, stale chunks)--  READY journaled
+               stale chunks' bytes ==DEVICE_STATE==>
     PREPARE    source completed + READY: GO journaled, then sent
                --go-->                              RUNNING journaled, cont
                <--resumed--
@@ -20,10 +23,11 @@ and its QEMU, paused since ``pre-switchover``, is never continued after that. Be
 failure aborts: ``migrate_cancel`` (QEMU resumes the source vCPUs itself if it had paused
 them; ``cont`` makes sure), ABORT journaled and sent; the destination quits its QEMU.
 
-The destination answers READY as soon as its QEMU completed the incoming migration: the
-stream is self-delimiting and QEMU checked it, so no FINAL message is needed, and the
+The destination answers READY as soon as its QEMU completed the incoming migration and its
+RAM was checked against the source's digests (:mod:`~xmig.guest.qemu.ramcheck`; they
+crossed with the last pass): the stream is self-delimiting and QEMU checked it, and the
 blackout crosses the link only for the last bytes, READY and GO (the source's QEMU reaches
-``completed`` when the destination's return path says SHUT, as READY arrives).
+``completed`` when the destination's return path says SHUT, before READY arrives).
 """
 
 from __future__ import annotations
@@ -202,6 +206,37 @@ async def _completed_or_message(completing: Awaitable[str],
         task.cancel()
 
 
+async def _send_ram_digests(session: TransportSession, source: QemuGuest,
+                            emit: Callable[..., None]) -> ramcheck.Digests:
+    """Hash the paused source's RAM and send the digests to the destination (on the
+    device-state channel, ahead of the memory stream's last bytes)."""
+    digests = await asyncio.to_thread(ramcheck.ram_digests, source.mem_path)
+    emit("blackout", step="source ram hashed")
+    for message in ramcheck.encode_digest_messages(digests):
+        await session.send(Channel.DEVICE_STATE, message)
+    return digests
+
+
+async def _source_digests(session: TransportSession, decision: asyncio.Future[control.Message],
+                          timeout: float) -> ramcheck.Digests:
+    """The source's RAM digests (:func:`_send_ram_digests`); an ABORT (or any control
+    message) before them ends the wait with its error."""
+    assembler = ramcheck.DigestAssembler()
+    async with asyncio.timeout(timeout):
+        while not assembler.done:
+            receiving = asyncio.ensure_future(session.recv(Channel.DEVICE_STATE))
+            waiting: list[asyncio.Future[Any]] = [receiving, decision]
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not receiving.done():
+                    receiving.cancel()
+            if not receiving.done() or receiving.cancelled():
+                raise _unexpected(decision.result(), "the source's RAM digests")
+            assembler.add(receiving.result())
+    return assembler.digests()
+
+
 def _unexpected(msg: control.Message, wanted: str) -> XmigError:
     if isinstance(msg, control.Abort):
         return MigrationError(f"peer aborted: {msg.reason}")
@@ -304,9 +339,6 @@ async def migrate_qemu(
             if sdps is not None:
                 result.sdps_max_throttle = sdps.max_throttle
                 sdps.release()  # at switchover, always
-            # the vCPUs are stopped: the source's RAM is final; hash it meanwhile
-            hashing = asyncio.ensure_future(
-                asyncio.to_thread(ramcheck.ram_digests, source.mem_path))
             emit("phase", note="source paused (pre-switchover)")
             if mirror is not None:
                 result.disk_seq = await mirror.finish(options.reply_timeout_s)
@@ -316,6 +348,10 @@ async def migrate_qemu(
             await source.execute("migrate-continue", {"state": "pre-switchover"})
             machine.final_sent()
             emit("blackout", step="migrate-continue")
+            # the vCPUs are stopped since pre-switchover: the source's RAM is final. Hashed
+            # while the last pass crosses (not before migrate-continue: the hashing thread
+            # would slow this loop's QMP); the digests go ahead of its last bytes
+            hashing = asyncio.ensure_future(_send_ram_digests(session, source, emit))
             # READY (the destination loaded everything) and the source's completion (its
             # return path got SHUT) arrive about together: wait for both
             try:
@@ -330,8 +366,11 @@ async def migrate_qemu(
                                          options.reply_timeout_s)
                 result.completed_at = time.monotonic()
                 emit("blackout", step="source completed")
-                async with asyncio.timeout(options.reply_timeout_s):
-                    reply = await ready_task
+                if not ready_task.done():
+                    async with asyncio.timeout(options.reply_timeout_s):
+                        await ready_task
+                    emit("blackout", step="ready received")
+                reply = ready_task.result()
             finally:
                 ready_task.cancel()
         if not isinstance(reply, control.Ready):
@@ -341,8 +380,7 @@ async def migrate_qemu(
             raise MigrationError(f"the destination took {reply.digests.get('stream_bytes')} "
                                  f"bytes of the stream, the source sent {sent}")
         assert hashing is not None
-        stale = ramcheck.differing(await hashing,
-                                   ramcheck.decode_digests(reply.digests.get("ram_chunks", "")))
+        stale = ramcheck.decode_chunks(reply.digests.get("ram_stale", ""), len(await hashing))
         result.ram_chunks_repaired = len(stale)
         fixups = await asyncio.to_thread(ramcheck.encode_fixups, source.mem_path, stale)
         # the destination writes these into its RAM before it runs (GO waits for them)
@@ -531,12 +569,16 @@ async def receive_qemu(
         result.stream = tunnel.stats()
         ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
         on_event({"event": "step", "step": "ram hashed", "at": time.monotonic()})
+        theirs = await _source_digests(session, decision_task, reply_timeout_s)
+        stale = ramcheck.differing(theirs, ram)  # every chunk; sizes differ: typed error
+        on_event({"event": "step", "step": "ram compared", "at": time.monotonic(),
+                  "stale": len(stale)})
         machine.final_applied()
         journal.append("READY", msg.migration, msg.epoch)
         result.ready_at = time.monotonic()
         await session.send(Channel.CONTROL, control.Ready(
             msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
-                                       "ram_chunks": ramcheck.encode_digests(ram)}).encode())
+                                       "ram_stale": ramcheck.encode_chunks(stale)}).encode())
         on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await decision_task
