@@ -99,6 +99,7 @@ async def run_native(run: QemuRun, options: NativeOptions, workdir: Path) -> dic
                 "wire_bytes": on_link if res.converged else None,
                 "wire_bytes_until_end": on_link,
                 "qemu_downtime_ms": res.qemu_info.get("downtime"),
+                "qemu_ram": res.qemu_info.get("ram", {}),
                 "mirror_ready_s": (round(res.mirror_ready_at - res.started, 3)
                                    if res.mirror_ready_at else None),
                 "max_throttle_pct": res.max_throttle_pct,
@@ -175,7 +176,9 @@ async def run_xmig(run: QemuRun, workdir: Path) -> dict[str, Any]:
     converged = report.get("status") == "done"
     out = {k: report.get(k) for k in ("status", "total_s", "downtime_ms", "verified",
                                       "guest_gap_ms", "qemu_downtime_ms", "counter",
-                                      "disk_records_checked", "ram_chunks_repaired")}
+                                      "disk_records_checked", "ram_chunks_repaired",
+                                      "qemu_ram", "disk", "stream_bytes",
+                                      "source_steps_ms", "destination_steps_ms")}
     out.update(converged=converged, wire_bytes=report.get("link_bytes"),
                session_wire_bytes=report.get("wire_bytes"))
     booted = next((e for e in events if e.get("event") == "booted"), None)

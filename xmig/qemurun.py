@@ -90,9 +90,10 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
                 connect_across(wan, lst.port, tls=client_context(pki), streams=run.streams,
                                config=scfg) as session):
         dst_session = await lst.accept()
+        dst_steps: list[dict[str, Any]] = []
         receiving = asyncio.create_task(receive_qemu(
             dst_session, template, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
-            reply_timeout_s=run.options.reply_timeout_s))
+            reply_timeout_s=run.options.reply_timeout_s, on_event=dst_steps.append))
         try:
             src = await migrate_qemu(session, source, migration="q1",
                                      journal=Journal(src_dir / "journal"), workdir=src_dir,
@@ -138,8 +139,28 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         "disk_records_checked": records.checked if records is not None else None,
         "ram_chunks_repaired": src.ram_chunks_repaired,
         "link": run.link.to_dict(),
+        "qemu_ram": src.qemu_info.get("ram", {}),
+        "disk": src.disk,
+        "stream_bytes": src.stream.get("sent", {}).get("bytes") if src.stream else None,
+        # the destination's switchover steps, ms from the source's pause (one host clock)
+        "source_steps_ms": _steps_after_pause(src.timeline),
+        "destination_steps_ms": {str(e["step"]): round((e["at"] - src.paused_at) * 1000, 1)
+                                 for e in dst_steps if e.get("event") == "step"},
         "timeline": src.timeline,
     }
+
+
+def _steps_after_pause(timeline: list[dict[str, Any]]) -> dict[str, float]:
+    """The source's switchover steps (blackout steps and phase notes), ms from its pause."""
+    out: dict[str, float] = {}
+    paused: float | None = None
+    for e in timeline:
+        name = e.get("step") or e.get("note")
+        if name == "source paused (pre-switchover)":
+            paused = float(e["t"])
+        if paused is not None and name:
+            out[str(name)] = round((float(e["t"]) - paused) * 1000, 1)
+    return out
 
 
 async def _last_progress(guest: QemuGuest) -> Progress:
