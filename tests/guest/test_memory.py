@@ -83,7 +83,9 @@ def test_no_write_is_lost_while_the_host_fetches_and_copies(guests: GuestFactory
     for _cycle in range(4):
         before = guest.progress()
         rounds = hammer_and_copy(guest, copy, seconds=0.25)
-        assert rounds > 20 and guest.progress().page_writes > before.page_writes + 50_000
+        # it raced the rounds (thousands of writes: 50,000 on an idle box, 11,700 once
+        # with the other core busy, so not a speed test)
+        assert rounds > 20 and guest.progress().page_writes > before.page_writes + 2_000
         assert ram_digest(copy.data) == guest.digest()
         guest.resume()
 
