@@ -277,7 +277,8 @@ class BandwidthGovernor:
 
     Every ``period_s``, from the session's delivery-rate estimate ``rate`` (with ``sent``,
     QEMU's bytes into the tunnel: once the stream has flowed for one window of it, or for
-    a period and two round trips; then at least the rate acknowledged over the last period),
+    a period and two round trips; until the window is full, at least the rate acknowledged
+    over the last period),
     the session's minimum RTT (the path's own: the smoothed RTT grows with the very queue
     to be seen; measured at 100 Mbit × 50 ms with ``rate × srtt``: srtt 0.35-0.45 s, a
     standing queue of ~4 MB, and the last pass waited 1.3 s behind it) and the stream's
@@ -367,10 +368,13 @@ class BandwidthGovernor:
         # the acks of the last period say sooner (and, the window lagging, higher)
         recent = self._acked_rate(now, stats)
         flowed = None if self._flowing is None else now - self._flowing
-        mature = rate > 0 and (self.sent is None or (flowed is not None and (
-            flowed >= self.rate_window_s + srtt
-            or (recent is not None and flowed >= 2 * srtt + self.period_s))))
-        if mature and recent is not None:
+        window_full = flowed is not None and flowed >= self.rate_window_s + srtt
+        mature = rate > 0 and (self.sent is None or window_full or (
+            recent is not None and flowed is not None and flowed >= 2 * srtt + self.period_s))
+        if mature and not window_full and recent is not None:
+            # only while the window still holds the stream's start: a period's acks are
+            # noisy (measured at 100 Mbit: spikes of 1.3 x the link kept the cap over it
+            # and a standing queue of 6-8 MB ahead of QEMU's last pass)
             rate = max(rate, recent)
         # the path's own round trip: srtt grows with the queue the governor must see
         rtt = float(stats.get("min_rtt_s") or srtt)
