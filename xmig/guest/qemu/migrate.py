@@ -451,6 +451,8 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
     journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
+    if tunnel is not None:
+        await tunnel.discard()  # QEMU is never left blocked in a write while cancelled
     with contextlib.suppress(XmigError):
         info = await source.execute("query-migrate") if migrating else {}
         if info.get("status") in LIVE_STATES:

@@ -93,10 +93,11 @@ class _Tunnel:
     """What both ends share: two pumps between a QEMU socket and the session."""
 
     def __init__(self, session: TransportSession, *, out: Channel, into: Channel,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int = CHUNK, forward_eof: bool = True) -> None:
         if chunk <= 0:
             raise ValueError(f"chunk size {chunk}")
         self.session = session
+        self.forward_eof = forward_eof  #: the peer's end closing closes ours to QEMU
         self.out_channel = out  #: what QEMU writes goes here
         self.in_channel = into  #: what arrives here is written to QEMU
         self.chunk = chunk
@@ -109,9 +110,10 @@ class _Tunnel:
         self._failed = asyncio.Event()
         self._moved = asyncio.Event()  #: set at each chunk written into QEMU, and at EOF
         self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
 
     def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+        self._writer, self._reader = writer, reader
         self._tasks = [asyncio.create_task(self._pump_out(reader)),
                        asyncio.create_task(self._pump_in(writer))]
         for task in self._tasks:
@@ -143,9 +145,10 @@ class _Tunnel:
             if not data:
                 self.received_eof.set()
                 self._moved.set()
-                with contextlib.suppress(OSError):
-                    if writer.can_write_eof():
-                        writer.write_eof()
+                if self.forward_eof:
+                    with contextlib.suppress(OSError):
+                        if writer.can_write_eof():
+                            writer.write_eof()
                 return
             writer.write(data)
             try:
@@ -154,6 +157,23 @@ class _Tunnel:
                 raise QemuError(f"writing QEMU's migration stream: {err}") from err
             self.received.add(len(data), time.monotonic())
             self._moved.set()
+
+    async def discard(self) -> None:
+        """Stop carrying: QEMU's stream is read on and dropped, nothing is written to QEMU.
+        Before ``migrate_cancel``: a QEMU blocked writing into a stalled session (the
+        destination gone) is unblocked first; QEMU 7.2 cancelled while blocked there
+        sometimes corrupted its heap and died, taking the source guest with it."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        reader = self._reader
+        self._tasks = [] if reader is None else [asyncio.create_task(self._drain(reader))]
+
+    async def _drain(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(self.chunk):
+                pass
 
     async def wait_sent(self) -> None:
         """Until QEMU's end closed (and the peer was told); typed error if a pump failed."""
@@ -209,7 +229,11 @@ class SourceTunnel(_Tunnel):
 
     def __init__(self, session: TransportSession, path: str | os.PathLike[str], *,
                  chunk: int = CHUNK) -> None:
-        super().__init__(session, out=FORWARD, into=BACK, chunk=chunk)
+        # the return path's end is not passed on to the source QEMU: it needs none (it
+        # stops reading at SHUT), and QEMU 7.2 meeting it mid-migration (the destination
+        # QEMU died) failed its stream with EBADF and corrupted its heap at migrate_cancel
+        # (1 run in 4); xmig cancels the migration itself when the destination fails
+        super().__init__(session, out=FORWARD, into=BACK, chunk=chunk, forward_eof=False)
         self.path = Path(path).resolve()
         if len(str(self.path)) > 100:
             raise QemuError(f"socket path {self.path} is too long for sun_path")
