@@ -122,8 +122,10 @@ async def test_memdisk_runs_at_its_set_rates(booted: dict[str, Booted]) -> None:
     while end.up_ms - start.up_ms < 1500:
         end = await b.guest.wait_for_progress(10)
     rates = end.rates(start)
-    assert 48 < rates["mem_MiB_s"] < 80  # 64 MiB/s set
-    assert 384 < rates["disk_records_s"] < 640  # 2 MiB/s of 4 KiB records set
+    # never over the set rates (the limiter); under them only as far as four TCG guests on
+    # two cores allow (seen: 260 records/s of the 512 set, in CI): it is not a speed test
+    assert 16 < rates["mem_MiB_s"] < 80  # 64 MiB/s set
+    assert 128 < rates["disk_records_s"] < 640  # 2 MiB/s of 4 KiB records set
 
 
 async def test_stop_freezes_the_counter_and_cont_resumes_it(booted: dict[str, Booted]) -> None:
