@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -147,10 +147,13 @@ async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_run
 
 
 async def refused_by(tmp_path: Path, source: QemuGuest, template: QemuConfig,
-                     dst_workdir: Path) -> tuple[BaseException, BaseException]:
+                     dst_workdir: Path,
+                     on_dest_event: Callable[[dict[str, Any]], None] = lambda e: None,
+                     ) -> tuple[BaseException, BaseException]:
+    """Migrate ``source``, expecting both sides to fail: their errors."""
     async with wan_sessions(tmp_path) as s:
         dst_task = asyncio.create_task(receive_qemu(
-            s.dst, template, workdir=dst_workdir,
+            s.dst, template, workdir=dst_workdir, on_event=on_dest_event,
             journal=Journal(tmp_path / "dst-journal"), reply_timeout_s=RUN_S))
         src_task = asyncio.create_task(migrate_qemu(
             s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
@@ -229,17 +232,9 @@ async def test_a_destination_disk_filling_up_mid_copy_aborts_typed(
 
     async with await QemuGuest.launch(config, tmp_path / "src") as source:
         await source.wait_for_progress(BOOT_S, min_counter=1)
-        async with wan_sessions(tmp_path) as s:
-            dst_task = asyncio.create_task(receive_qemu(
-                s.dst, guest_config(guest_image, "memdisk", name="dst"), workdir=small_fs,
-                journal=Journal(tmp_path / "dst-journal"), reply_timeout_s=RUN_S,
-                on_event=fill))
-            src_task = asyncio.create_task(migrate_qemu(
-                s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
-                workdir=tmp_path / "src", options=QemuMigrationOptions(reply_timeout_s=RUN_S)))
-            async with asyncio.timeout(60):
-                src_res, dst_res = await asyncio.gather(src_task, dst_task,
-                                                        return_exceptions=True)
+        src_res, dst_res = await refused_by(
+            tmp_path, source, guest_config(guest_image, "memdisk", name="dst"), small_fs,
+            on_dest_event=fill)
         assert (small_fs / "filler").exists()
         assert isinstance(src_res, MigrationAborted), src_res
         assert "DiskFull" in str(src_res) or isinstance(src_res.__cause__, DiskFull), src_res

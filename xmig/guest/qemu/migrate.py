@@ -443,6 +443,16 @@ async def migrate_qemu(
     return result
 
 
+async def cancel_migration(source: QemuGuest) -> None:
+    """``migrate_cancel`` if QEMU's outgoing migration is live, and wait until it ended
+    (QEMU restarts the vCPUs it stopped once it ends cancelled)."""
+    info = await source.execute("query-migrate")
+    if info.get("status") in LIVE_STATES:
+        with source.listener("MIGRATION") as events:
+            await source.execute("migrate_cancel")
+            await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
+
+
 async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
                         tunnel: SourceTunnel | None, mirror: SourceDiskMirror | None,
                         journal: Journal, migration: str, epoch: int, err: BaseException,
@@ -454,12 +464,8 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     if tunnel is not None:
         await tunnel.discard()  # QEMU is never left blocked in a write while cancelled
     with contextlib.suppress(XmigError):
-        info = await source.execute("query-migrate") if migrating else {}
-        if info.get("status") in LIVE_STATES:
-            with source.listener("MIGRATION") as events:
-                await source.execute("migrate_cancel")
-                # QEMU restarts the vCPUs it stopped once the migration ends cancelled
-                await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
+        if migrating:
+            await cancel_migration(source)
         if await source.status() in ("paused", "finish-migrate"):
             await source.cont()
     if tunnel is not None:

@@ -34,7 +34,7 @@ from qemu.qmp import EventListener
 
 from xmig.errors import QemuError, XmigError
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
-from xmig.guest.qemu.migrate import LIVE_STATES, wait_migration
+from xmig.guest.qemu.migrate import cancel_migration, wait_migration
 from xmig.guest.qemu.mirror import disk_size
 
 JOB = "native-mirror"
@@ -228,12 +228,9 @@ async def migrate_native(source: QemuGuest, template: QemuConfig, *, dst_addr: s
 
 async def _cancel(source: QemuGuest, *, migrating: bool, job: bool) -> None:
     """Before completion: cancel QEMU's migration and the mirror; the source runs on."""
-    with contextlib.suppress(XmigError):
-        info = await source.execute("query-migrate") if migrating else {}
-        if info.get("status") in LIVE_STATES:
-            with source.listener("MIGRATION") as events:
-                await source.execute("migrate_cancel")
-                await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
+    if migrating:
+        with contextlib.suppress(XmigError):
+            await cancel_migration(source)
     if job:
         with contextlib.suppress(XmigError), source.listener(*JOB_DONE) as events:
             await source.execute("block-job-cancel", {"device": JOB, "force": True})
