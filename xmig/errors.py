@@ -8,6 +8,7 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
 
     XmigError
      ├── ConfigError                 bad flags, arguments or files given by the operator
+     │    └── PkiError               a PKI file that cannot be used: which one, and why
      ├── StateError                  an illegal transition of a state machine
      ├── TransportError
      │    ├── FrameError             a frame that does not decode; changes nothing
@@ -21,6 +22,8 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      │    ├── SequenceError          a frame out of sequence on its channel
      │    ├── ProtocolError          a well-formed frame that the session state forbids
      │    ├── AuthenticationError    the peer's certificate was refused (or ours was)
+     │    │    └── PeerNotAllowed    valid, but its identity matches no --allow pattern
+     │    ├── PeerLimitExceeded      a peer over its limit of sessions or connections
      │    ├── ConnectionClosed       we closed it
      │    ├── ConnectionBroken       it broke (reset, timeout, EOF mid-frame)
      │    ├── PeerUnreachable        no connection could be made before the deadline
@@ -42,6 +45,7 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      └── MigrationError
           ├── NotConverging          the dirty set will not fit the downtime budget in time
           ├── MigrationAborted       aborted before GO; the source guest runs
+          ├── ResourceLimit          the destination's limits (RAM, disk) cannot take it
           └── InDoubt                (destination) READY, then cut off from the source
                                      before GO: the guest stays paused until resolved
 """
@@ -55,6 +59,16 @@ class XmigError(Exception):
 
 class ConfigError(XmigError):
     """Bad flags, arguments or input files."""
+
+
+class PkiError(ConfigError):
+    """A certificate, key or CRL that cannot be used (missing, unreadable, expired, not yet
+    valid, for another name, not signed by the CA): the message names the file and why."""
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
 
 
 class StateError(XmigError):
@@ -123,6 +137,15 @@ class ProtocolError(TransportError):
 
 class AuthenticationError(TransportError):
     """The TLS handshake failed: a certificate was refused."""
+
+
+class PeerNotAllowed(AuthenticationError):
+    """The peer's certificate is valid and signed by the CA, but its identity (subject or
+    SAN) matches none of the agent's ``--allow`` patterns."""
+
+
+class PeerLimitExceeded(TransportError):
+    """A peer already holds as many sessions or connections as the agent allows one peer."""
 
 
 class ConnectionClosed(TransportError):
@@ -215,6 +238,12 @@ class NotConverging(MigrationError):
 
 class MigrationAborted(MigrationError):
     """The migration was aborted before GO; the source guest runs as before."""
+
+
+class ResourceLimit(MigrationError):
+    """The destination will not take the guest: its RAM or disk exceeds the agent's limits
+    (``--max-ram``, ``--max-disk``; by default the host's free memory and the workdir's free
+    space). Refused before anything is made."""
 
 
 class InDoubt(MigrationError):
