@@ -194,11 +194,11 @@ def test_control_and_device_state_go_before_a_backlogged_mirror() -> None:
 
 
 def test_window_bounds_bytes_in_flight() -> None:
-    from xmig.transport.channels import ChannelSpec
+    from xmig.transport.channels import ChannelSpec, frame_charge
 
     spec = (
         ChannelSpec(Channel.CONTROL, 0, window=4096),
-        ChannelSpec(Channel.MEMORY, 3, window=3000),
+        ChannelSpec(Channel.MEMORY, 3, window=3 * frame_charge(1000)),
     )
     pair = MemoryPair(SessionConfig(channels=spec, max_payload=2048))
     pair.connect(1)
@@ -206,7 +206,7 @@ def test_window_bounds_bytes_in_flight() -> None:
         pair.client.send(Channel.MEMORY, b"x" * 1000)
     pair.flush(1)
     msgs = received(pair, Channel.MEMORY)
-    assert len(msgs) == 3  # 3000 bytes in flight, the rest waits for acks
+    assert len(msgs) == 3  # 3 x (1000 + overhead) in flight, the rest waits for acks
     consume_all(pair, msgs, Channel.MEMORY)
     pair.now += 1
     pair.server.handle_timer(pair.now)

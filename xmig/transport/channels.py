@@ -36,6 +36,14 @@ Why 2 : 3 : 1:
 - In the blackout the bulk copy is done, and memory and the mirror drain together; both
   must finish before the downtime ends, so their relative weight matters little there (the
   scheduler is work-conserving: the last byte leaves at the same time either way).
+
+The window counts every frame, not only its payload: each DATA frame is charged its payload
+plus :data:`FRAME_OVERHEAD` bytes, on the sender (bytes in flight) and on the receiver (bytes
+held for the application) alike. Without it a peer could send millions of empty frames (each
+a message the receiver must queue: an event, a deque slot, a bytes object, about 130-180 bytes
+of Python objects) inside a window that counted zero bytes. With it a channel holds at most
+``1.5 × window ÷ FRAME_OVERHEAD`` messages, so a flood of empty or tiny frames is bounded like
+a flood of big ones, and a peer that overruns it fails typed (:class:`ProtocolError`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,22 @@ from xmig.errors import ProtocolError, SequenceError
 from xmig.transport.frames import FrameType, Payload, encode_header
 
 MiB = 1024 * 1024
+
+#: What one DATA frame costs in the window beyond its payload. 256 bytes: more than its
+#: 28-byte header and more than the Python objects a queued message costs the receiver
+#: (measured: about 132 bytes for an empty one, 180 for a few bytes of payload), so the
+#: window's bytes bound the receiver's memory whatever the frame sizes. A 4 KiB message is
+#: charged 6 % more than its payload, a batch of pages (hundreds of KiB) nothing noticeable.
+FRAME_OVERHEAD = 256
+
+#: How far beyond its window a receiver lets a sender go before it calls it an overrun
+#: (the sender may exceed the window by one frame; this leaves room for that and more).
+OVERRUN_FACTOR = 1.5
+
+
+def frame_charge(payload_len: int) -> int:
+    """What a DATA frame of ``payload_len`` bytes counts in its channel's window."""
+    return payload_len + FRAME_OVERHEAD
 
 
 class Channel(enum.IntEnum):
@@ -67,7 +91,9 @@ class ChannelSpec:
     channel: int
     priority: int  #: lower is served first; channels of one priority share by ``weight``
     weight: float = 1.0
-    window: int = 16 * MiB  #: bytes in flight (sent, not consumed by the peer) at most
+    #: bytes in flight (sent, not consumed by the peer) at most; each frame counts its
+    #: payload plus :data:`FRAME_OVERHEAD`
+    window: int = 16 * MiB
 
 
 DEFAULT_CHANNELS: tuple[ChannelSpec, ...] = (
@@ -101,7 +127,8 @@ class SendChannel:
         self.pending: deque[Outgoing] = deque()
         self.pending_bytes = 0
         self.unacked: deque[Outgoing] = deque()
-        self.inflight_bytes = 0
+        self.inflight_bytes = 0  #: payload bytes sent and not acknowledged
+        self.inflight_charge = 0  #: what they count in the window (with frame overheads)
         self.retransmit: deque[Outgoing] = deque()
         self.sent_bytes = 0
         self.resent_bytes = 0
@@ -142,8 +169,8 @@ class SendChannel:
             return True
         if not self.pending:
             return False
-        size = len(self.pending[0].payload)
-        return self.inflight_bytes == 0 or self.inflight_bytes + size <= self.spec.window
+        size = frame_charge(len(self.pending[0].payload))
+        return self.inflight_charge == 0 or self.inflight_charge + size <= self.spec.window
 
     def take(self, conn: int, *, retransmit: bool = True) -> Outgoing:
         """Pop the next frame to send on ``conn``; call only when :meth:`ready` (with the
@@ -156,6 +183,7 @@ class SendChannel:
             self.pending_bytes -= len(out.payload)
             self.unacked.append(out)
             self.inflight_bytes += len(out.payload)
+            self.inflight_charge += frame_charge(len(out.payload))
         out.conn = conn
         self.sent_bytes += len(out.payload)
         return out
@@ -166,11 +194,13 @@ class SendChannel:
             raise ProtocolError(
                 f"ack for seq {seq} on channel {self.spec.channel}, only {self.next_seq} sent"
             )
-        freed = 0
+        freed = frames = 0
         while self.unacked and self.unacked[0].seq < seq:
             freed += len(self.unacked.popleft().payload)
+            frames += 1
         self.acked = max(self.acked, seq)
         self.inflight_bytes -= freed
+        self.inflight_charge -= freed + frames * FRAME_OVERHEAD
         self.acked_bytes += freed
         self._drop_acked_retransmits()
         return freed
@@ -205,7 +235,9 @@ class RecvChannel:
         self.consumed = 0  #: messages consumed by the application (the ack value)
         self.acked_sent = 0  #: last ack value sent to the peer
         self.reorder: dict[int, Payload] = {}
-        self.buffered_bytes = 0
+        self.buffered_bytes = 0  #: payload bytes received and not consumed
+        self.buffered_frames = 0  #: messages received and not consumed
+        self.buffered_charge = 0  #: what they count in the window (with frame overheads)
         self.duplicates = 0
         self.received_bytes = 0
         self.ack_due: float | None = None  #: when an ack must go out, if one is owed
@@ -223,12 +255,17 @@ class RecvChannel:
                 seq=seq,
                 expected=self.next_deliver,
             )
-        if self.buffered_bytes + len(payload) > self.spec.window + self.spec.window // 2:
+        charge = self.buffered_charge + frame_charge(len(payload))
+        if charge > self.spec.window * OVERRUN_FACTOR:
             raise ProtocolError(
-                f"peer overran the window of channel {self.spec.channel} "
-                f"({self.buffered_bytes + len(payload)} > {self.spec.window} bytes)"
+                f"peer overran the window of channel {self.spec.channel}: "
+                f"{self.buffered_frames + 1} messages, {self.buffered_bytes + len(payload)} "
+                f"payload bytes held, counting {charge} > {self.spec.window} bytes with "
+                f"{FRAME_OVERHEAD} per frame"
             )
         self.buffered_bytes += len(payload)
+        self.buffered_frames += 1
+        self.buffered_charge = charge
         self.received_bytes += len(payload)
         if seq != self.next_deliver:
             self.reorder[seq] = payload
@@ -246,7 +283,9 @@ class RecvChannel:
             raise ProtocolError(f"consumed more than delivered on channel {self.spec.channel}")
         self.consumed += 1
         self.buffered_bytes -= nbytes
-        self._unacked_consumed += nbytes
+        self.buffered_frames -= 1
+        self.buffered_charge -= frame_charge(nbytes)
+        self._unacked_consumed += frame_charge(nbytes)
         if self._unacked_consumed >= self.spec.window // 8:
             self.ack_due = now
         elif self.ack_due is None:

@@ -186,6 +186,9 @@ class _Conn:
     ready: bool = False
     control: deque[bytes] = field(default_factory=deque)
     pings: dict[int, float] = field(default_factory=dict)
+    #: the PING to answer: only the latest, so a peer that floods PINGs without reading
+    #: the PONGs queues one PONG, not one per PING
+    pong: int | None = None
 
 
 class Session:
@@ -411,7 +414,7 @@ class Session:
             if freed:
                 self.delivery.on_ack(freed, now)
         elif t is FrameType.PING:
-            c.control.append(encode_frame(FrameType.PONG, 0, frame.seq))
+            c.pong = frame.seq
         elif t is FrameType.PONG:
             sent = c.pings.pop(frame.seq, None)
             if sent is not None:
@@ -461,6 +464,11 @@ class Session:
             return None
         if c.control:
             frame = c.control.popleft()
+            self.wire_bytes_out += len(frame)
+            return frame, b""
+        if c.pong is not None:
+            frame = encode_frame(FrameType.PONG, 0, c.pong)
+            c.pong = None
             self.wire_bytes_out += len(frame)
             return frame, b""
         if self.state is SessionState.ERROR:
