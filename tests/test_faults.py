@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import pytest
 
-from xmig.agent import DestResult, first_message, receive_migration, settle
+from xmig.agent import IMAGE_NAME, DestResult, first_message, receive_migration, settle
 from xmig.control import Abort, Go
 from xmig.errors import ConnectionClosed, GuestError, InDoubt, MigrationAborted
 from xmig.guest.sim import (
@@ -185,7 +185,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 assert dest is not None
                 in_doubt = isinstance(dest, InDoubt)
                 dst_journal_before = [r.kind for r in Journal(dst_dir / "journal").records()]
-                dst_image_before = (dst_dir / "m1.raw").exists()
+                dst_image_before = (dst_dir / IMAGE_NAME).exists()
                 if isinstance(dest, InDoubt):
                     dest = cast(DestResult, dest.result)
                     if settle:  # the link is back: the source tells its journaled decision
@@ -213,7 +213,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 dst_journal=[r.kind for r in dst_journal],
                 dst_epochs={r.epoch for r in dst_journal},
                 epoch=src_journal[0].epoch,
-                dst_image_exists=(dst_dir / "m1.raw").exists(),
+                dst_image_exists=(dst_dir / IMAGE_NAME).exists(),
                 dst_running=dst_guest is not None and dst_guest.running,
                 puts_acknowledged=len(seen.acknowledged), puts_lost=puts_lost,
                 disk_lost_writes=len(disk_check.lost), dst_in_doubt=in_doubt,

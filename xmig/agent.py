@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,10 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.sim import SimConfig, SimGuest
+from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
 from xmig.journal import Journal
 from xmig.memory.engine import MemoryReceiver
+from xmig.private import private_dir
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -57,6 +59,30 @@ class DestResult:
     resumed_at: float = 0.0
     machine: DestMachine | None = None  #: kept while in doubt, for :func:`resolve`
     receiver: DiskReceiver | None = None
+    token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
+
+
+#: what this host names the files of an arriving guest, in its own (new, private) workdir
+IMAGE_NAME, NBD_NAME, LEDGER_NAME = "disk.raw", "disk.nbd", "guest.ledger"
+
+
+def incoming_sim_config(spec: control.SimSpec, *, workdir: Path,
+                        policy: HostPolicy) -> SimConfig:
+    """The destination guest: the source's definition, this host's paths, nice and address
+    (ConfigError for a definition the guest cannot run)."""
+    inf = float("inf")
+    return SimConfig(
+        ram_bytes=spec.ram_bytes, disk_bytes=spec.disk_bytes, workload=spec.workload,
+        rate_Bps=inf if spec.rate_Bps is None else spec.rate_Bps,
+        hotset_bytes=spec.hotset_bytes, seed=spec.seed, zero_fraction=spec.zero_fraction,
+        text_fraction=spec.text_fraction, write_size=spec.write_size,
+        disk_rate_Bps=inf if spec.disk_rate_Bps is None else spec.disk_rate_Bps,
+        table_bytes=spec.table_bytes, oltp_keys=spec.oltp_keys,
+        disk_queue_depth=spec.disk_queue_depth,
+        udp_addr=(policy.udp_host, 0) if spec.udp else None,
+        nice=policy.guest_nice, shm_dir=str(policy.shm_dir),
+        disk_url=f"nbd+unix:///?socket={workdir / NBD_NAME}",
+        ledger_path=str(workdir / LEDGER_NAME))
 
 
 async def receive_migration(
@@ -67,99 +93,175 @@ async def receive_migration(
     reply_timeout_s: float = 300.0,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     first: control.Negotiate | None = None,
+    policy: HostPolicy = DEFAULT_POLICY,
 ) -> DestResult:
     """Serve one migration arriving on ``session`` (``first``: its NEGOTIATE, if the caller
-    read it already, see :func:`first_message`). On success the guest runs here and the
-    result holds it (with its image and NBD server: the caller owns them from then on)."""
+    read it already, see :func:`first_message`) into ``workdir`` (this host's choice; every
+    file in it is named here). On success the guest runs here and the result holds it (with
+    its image and NBD server: the caller owns them from then on). Whatever fails before GO,
+    typed or not, the same cleanup runs: before PREPARED the source is told REFUSED, after
+    it ABORT; READY and cut off from the source is :class:`~xmig.errors.InDoubt`."""
     result = DestResult()
     msg = first or control.decode(await session.recv(Channel.CONTROL))
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
-    result.migration, result.epoch = msg.migration, msg.epoch
+    result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
     machine = DestMachine(msg.epoch)
     receiver: DiskReceiver | None = None
     try:
-        if msg.guest.get("backend") != "sim":
-            raise MigrationError(f"unsupported guest backend {msg.guest.get('backend')!r}")
-        workdir.mkdir(parents=True, exist_ok=True)
-        image = RawFileBackend.create(workdir / f"{msg.migration}.raw", msg.disk_bytes)
-        result.image = image
-        verify = bool(msg.guest.get("verify"))
-        receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True, verify=verify)
-        await receiver.start()
-        nbd = NbdServer(image)
-        sock = workdir / f"{msg.migration}.nbd"
-        await nbd.start_unix(sock)
-        result.nbd = nbd
-        config = replace(SimConfig.from_json(msg.guest["config"]),
-                         disk_url=f"nbd+unix:///?socket={sock}",
-                         ledger_path=str(workdir / f"{msg.migration}.ledger"))
-        result.guest = await asyncio.to_thread(
-            SimGuest.start_incoming, config, workdir=workdir, name=f"dst-{msg.migration}")
+        receiver = await _prepare(session, msg, workdir, policy, result)
         await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
         machine.prepared()
         on_event({"event": "phase", "phase": machine.phase.value})
-
-        memory = MemoryReceiver(session, result.guest.memory, digest=verify)
-        applying = asyncio.create_task(memory.run())
-        try:
-            final = await _recv(session, reply_timeout_s)
-            if isinstance(final, control.Abort):
-                raise MigrationError(f"source aborted: {final.reason}")
-            if not isinstance(final, control.Final):
-                raise ProtocolError(f"expected final, got {final.type}")
-            report = await applying
-        finally:  # never leave the receiver running (or its error unretrieved)
-            if not applying.done():
-                applying.cancel()
-            await asyncio.wait([applying])
-        state = await session.recv(Channel.DEVICE_STATE)
-        if len(state) != final.device_state_bytes:
-            raise ProtocolError("device state length differs from FINAL's")
-        await receiver.wait_applied(final.disk_seq)
-        await receiver.flush()
-        result.digests = {
-            "memory": report.digest.hex() if report.digest else "",
-            "device": xxhash.xxh3_64_hexdigest(bytes(state)),
-        }
-        if verify:
-            result.digests["disk"] = await receiver.current_digest()
-        # the paused guest takes its device state now, so GO only has to resume it
-        await guestctl.call(result.guest.load_device_state, bytes(state))
+        await _receive_state(session, msg, result, receiver, reply_timeout_s)
         machine.final_applied()
         journal.append("READY", msg.migration, msg.epoch)
         await session.send(Channel.CONTROL, control.Ready(
             msg.migration, msg.epoch, result.digests).encode())
         on_event({"event": "phase", "phase": machine.phase.value})
-
         decision = await _recv(session, reply_timeout_s)
+        if isinstance(decision, control.Go | control.Abort):
+            _check_decision(decision, result)
         if isinstance(decision, control.Abort):
             raise MigrationError(f"source aborted: {decision.reason}")
         if not isinstance(decision, control.Go):
             raise ProtocolError(f"expected go, got {decision.type}")
         machine.go(decision.epoch)
-    except (XmigError, OSError, TimeoutError) as err:
-        result.error = f"{type(err).__name__}: {err}"
-        if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
-            # READY and the source is gone: it may have journaled GO. Discarding could
-            # lose the guest (I1); running could run it twice. Stay paused, in doubt.
-            result.status = "in-doubt"
-            result.machine = machine
-            result.receiver = receiver
-            on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
-            raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut "
-                          f"off from the source before GO ({result.error}): the guest stays "
-                          "paused until the source's decision arrives",
-                          migration=msg.migration, epoch=msg.epoch, result=result) from err
-        result.status = "discarded"
-        if machine.phase is not DestPhase.RUNNING:
-            with contextlib.suppress(XmigError):
-                machine.abort(str(err))
-            journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
-            await _discard(result, receiver)
+    except BaseException as err:
+        await _failed(session, result, machine, receiver, journal, err, on_event)
         raise
     await _run_here(result, machine, receiver, journal, session, on_event)
     return result
+
+
+async def _prepare(session: TransportSession, msg: control.Negotiate, workdir: Path,
+                   policy: HostPolicy, result: DestResult) -> DiskReceiver:
+    """Check, then make: the image, its receiver, the NBD server, the paused guest."""
+    if not isinstance(msg.guest, control.SimGuest):
+        raise MigrationError(f"unsupported guest backend {msg.guest.backend!r}")
+    if not msg.token:
+        raise ProtocolError("negotiate carries no token")
+    if msg.guest.config.ram_bytes != msg.ram_bytes:
+        raise ProtocolError("negotiate: ram_bytes differs from the guest's")
+    private_dir(workdir, exist_ok=True)
+    check_resources(policy, ram_bytes=msg.ram_bytes, disk_bytes=msg.disk_bytes,
+                    workdir=workdir)
+    config = incoming_sim_config(msg.guest.config, workdir=workdir, policy=policy)
+    image = RawFileBackend.create(workdir / IMAGE_NAME, msg.disk_bytes)
+    result.image = image
+    receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True,
+                            verify=msg.guest.verify)
+    result.receiver = receiver
+    await receiver.start()
+    nbd = NbdServer(image)
+    result.nbd = nbd
+    await nbd.start_unix(workdir / NBD_NAME)
+    result.guest = await asyncio.to_thread(
+        SimGuest.start_incoming, config, workdir=workdir, name="incoming")
+    return receiver
+
+
+async def _receive_state(session: TransportSession, msg: control.Negotiate,
+                         result: DestResult, receiver: DiskReceiver,
+                         reply_timeout_s: float) -> None:
+    """Pages and disk writes until FINAL and the device state; all applied and fsynced, the
+    digests taken, the device state loaded into the paused guest."""
+    assert result.guest is not None
+    verify = msg.guest.verify if isinstance(msg.guest, control.SimGuest) else False
+    memory = MemoryReceiver(session, result.guest.memory, digest=verify)
+    applying = asyncio.create_task(memory.run())
+    try:
+        final = await _recv(session, reply_timeout_s)
+        if isinstance(final, control.Abort):
+            _check_decision(final, result)
+            raise MigrationError(f"source aborted: {final.reason}")
+        if not isinstance(final, control.Final):
+            raise ProtocolError(f"expected final, got {final.type}")
+        report = await applying
+    finally:  # never leave the receiver running (or its error unretrieved)
+        if not applying.done():
+            applying.cancel()
+        await asyncio.wait([applying])
+    if final.epoch != msg.epoch:
+        raise ProtocolError(f"final for epoch {final.epoch}, not {msg.epoch}")
+    async with asyncio.timeout(reply_timeout_s):
+        state = await session.recv(Channel.DEVICE_STATE)
+    if len(state) != final.device_state_bytes:
+        raise ProtocolError("device state length differs from FINAL's")
+    await receiver.wait_applied(final.disk_seq)
+    await receiver.flush()
+    result.digests = {
+        "memory": report.digest.hex() if report.digest else "",
+        "device": xxhash.xxh3_64_hexdigest(bytes(state)),
+    }
+    if verify:
+        result.digests["disk"] = await receiver.current_digest()
+    # the paused guest takes its device state now, so GO only has to resume it
+    await guestctl.call(result.guest.load_device_state, bytes(state))
+
+
+def _check_decision(decision: control.Go | control.Abort, result: DestResult) -> None:
+    """A decision is honoured only for this migration and epoch, with its token."""
+    if (decision.migration != result.migration or decision.epoch != result.epoch
+            or not control.token_matches(decision.token, result.token)):
+        raise ProtocolError(f"a {decision.type} for migration {decision.migration} epoch "
+                            f"{decision.epoch} without this migration's token: ignored")
+
+
+async def _failed(session: TransportSession, result: DestResult, machine: DestMachine,
+                  receiver: DiskReceiver | None, journal: Journal, err: BaseException,
+                  on_event: Callable[[dict[str, Any]], None]) -> None:
+    """Whatever failed (typed, a bug, a cancellation): READY and anything but the source's
+    ABORT is in doubt (raises InDoubt; a cancellation keeps the paused guest and
+    propagates); else
+    discard everything, journaled, shielded from a second cancellation, and tell the source
+    (REFUSED before PREPARED, ABORT after)."""
+    result.error = f"{type(err).__name__}: {err}"
+    if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
+        # READY and the source is gone: it may have journaled GO. Discarding could
+        # lose the guest (I1); running could run it twice. Stay paused, in doubt.
+        result.status, result.machine, result.receiver = "in-doubt", machine, receiver
+        on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
+        if isinstance(err, asyncio.CancelledError):
+            return
+        raise InDoubt(f"READY for migration {result.migration} epoch {result.epoch} and cut "
+                      f"off from the source before GO ({result.error}): the guest stays "
+                      "paused until the source's decision arrives",
+                      migration=result.migration, epoch=result.epoch, result=result) from err
+    result.status = "discarded"
+    if machine.phase is DestPhase.RUNNING:
+        return
+    cleanup = asyncio.ensure_future(_discard_and_tell(session, result, machine, receiver,
+                                                      journal, err))
+    try:
+        await asyncio.shield(cleanup)
+    except asyncio.CancelledError:
+        await asyncio.wait([cleanup])
+        raise
+
+
+async def _discard_and_tell(session: TransportSession, result: DestResult,
+                            machine: DestMachine, receiver: DiskReceiver | None,
+                            journal: Journal, err: BaseException) -> None:
+    prepared = machine.phase is not DestPhase.NEGOTIATE
+    with contextlib.suppress(XmigError):
+        machine.abort(str(err))
+    journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+    if not isinstance(err, asyncio.CancelledError) and not (
+            prepared and isinstance(err, MigrationError)):
+        reason = (result.error or "")[:control.MAX_TEXT]
+        word: control.Message = (
+            control.Abort(result.migration, result.epoch, f"destination: {reason}")
+            if prepared else control.Refused(result.migration, _refusal_name(err), reason))
+        with contextlib.suppress(XmigError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await session.send(Channel.CONTROL, word.encode())
+    await _discard(result, receiver)
+
+
+def _refusal_name(err: BaseException) -> str:
+    """The error class a refusal names: a typed one's own, MigrationError for a bug."""
+    return type(err).__name__ if isinstance(err, XmigError) else "MigrationError"
 
 
 async def first_message(session: TransportSession, timeout: float = 60.0
@@ -178,10 +280,11 @@ async def settle(session: TransportSession, decision: control.Go | control.Abort
                  on_event: Callable[[dict[str, Any]], None] = lambda event: None
                  ) -> DestResult:
     """A source reached us again with its decision for a migration left in doubt here:
-    apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here is
-    refused (typed: GuestNotFound) and nothing changes."""
+    apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here, or a
+    decision without its token, is refused (typed: GuestNotFound) and nothing changes."""
     held = in_doubt.get(decision.migration)
-    if held is None or held[0].epoch != decision.epoch:
+    if held is None or held[0].epoch != decision.epoch or not control.token_matches(
+            decision.token, held[0].token):
         await session.send(Channel.CONTROL, control.Refused(
             decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
             f"{decision.epoch} is in doubt here").encode())
@@ -203,9 +306,7 @@ async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
     if result.status != "in-doubt" or machine is None or receiver is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
                          state=result.status, event=decision.type)
-    if decision.migration != result.migration:
-        raise ProtocolError(f"a decision for migration {decision.migration}, not "
-                            f"{result.migration}")
+    _check_decision(decision, result)
     if isinstance(decision, control.Abort):
         machine.abort(decision.reason)
         result.status, result.error = "discarded", f"source aborted: {decision.reason}"

@@ -29,6 +29,7 @@ it is settled by :func:`~xmig.guest.qemu.settle.resolve_qemu`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -39,40 +40,50 @@ from pathlib import Path
 
 from xmig import control
 from xmig.agent import DestResult, first_message, receive_migration, settle
-from xmig.errors import ConfigError, GuestStateError, InDoubt, XmigError
+from xmig.errors import ConfigError, GuestStateError, InDoubt, ProtocolError, XmigError
 from xmig.guest.qemu import migrate as qemu_migrate
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.guest.qemu.settle import resolve_qemu
 from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
+from xmig.hostpolicy import HostPolicy
 from xmig.journal import Journal
+from xmig.private import private_dir
 from xmig.transport import Channel, Listener, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
 
 
 async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, once: bool,
-                      emit: Emit, qemu: QemuConfig | None = None) -> int:
+                      emit: Emit, qemu: QemuConfig | None = None,
+                      max_ram_bytes: int | None = None, max_disk_bytes: int | None = None,
+                      allow: tuple[str, ...] = ()) -> int:
     """Run the agent until it is told to stop (or, with ``once``, its guest has gone);
     returns the process's exit status. Bad PKI, address or directory: ConfigError.
     ``qemu``: how to start a destination QEMU (binary, kernel, initrd; the source's RAM,
-    vCPUs and command line are its own); without it QEMU migrations are refused."""
+    vCPUs and command line are its own); without it QEMU migrations are refused.
+    ``max_ram_bytes``/``max_disk_bytes``: what one arriving guest may have (None: the
+    host's available memory, the workdir's free space); ``allow``: glob patterns on the
+    client certificate's subject DN or SANs (none: every certificate the CA signed)."""
     tls = server_context(PkiPaths.in_dir(pki_dir, role="server"))
     workdir = workdir.absolute()
+    policy = HostPolicy(max_ram_bytes=max_ram_bytes, max_disk_bytes=max_disk_bytes)
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(workdir, exist_ok=True)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family, backlog=64)
     except OSError as err:
         raise ConfigError(f"cannot listen on {host}:{port} (workdir {workdir}): "
                           f"{err.strerror or err}") from err
     sock.setblocking(False)
-    return await _Agent(workdir, once, emit, qemu).run(sock, tls)
+    return await _Agent(workdir, once, emit, qemu, policy, allow).run(sock, tls)
 
 
 class _Agent:
-    def __init__(self, workdir: Path, once: bool, emit: Emit, qemu: QemuConfig | None) -> None:
+    def __init__(self, workdir: Path, once: bool, emit: Emit, qemu: QemuConfig | None,
+                 policy: HostPolicy, allow: tuple[str, ...]) -> None:
         self.workdir, self.once, self.emit, self.qemu = workdir, once, emit, qemu
+        self.policy, self.allow = policy, allow
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
@@ -117,8 +128,11 @@ class _Agent:
         task = asyncio.current_task()
         assert task is not None
         self.receiving.add(task)
+        mine = False  #: this session took the agent's migration (with once, its only one)
         try:
-            first = await first_message(session)
+            first = await self._first(session)
+            if first is None:
+                return
             if isinstance(first, control.Negotiate) and self.once and self.taken:
                 self.emit({"event": "refused", "peer": session.peer,
                            "note": "--once: this agent took its migration already"})
@@ -127,11 +141,11 @@ class _Agent:
                     "this agent (--once) took its migration already").encode())
                 return
             if isinstance(first, control.Negotiate):
-                self.taken = True
-                sdir = self.workdir / f"incoming-{secrets.token_hex(4)}"
+                self.taken = mine = True
+                sdir = private_dir(self.workdir / f"incoming-{secrets.token_hex(8)}")
                 journal = Journal(sdir / "journal")
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
-                if first.guest.get("backend") == qemu_migrate.BACKEND:
+                if isinstance(first.guest, control.QemuGuest):
                     await self._receive_qemu(session, first, sdir, journal)
                     return
                 dest = await self._negotiated(session, first, sdir, journal)
@@ -153,7 +167,7 @@ class _Agent:
                     return
         except Exception as err:  # typed, or a bug: either way this session is over
             self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
-            if not (self.in_doubt or self.qemu_in_doubt):
+            if mine and not (self.in_doubt or self.qemu_in_doubt):
                 self._ended(1)
             return
         finally:
@@ -162,11 +176,26 @@ class _Agent:
             return
         await self._host(dest, sdir, journal)
 
+    async def _first(self, session: TransportSession
+                     ) -> control.Negotiate | control.Go | control.Abort | None:
+        """What the session is for; a first message that does not decode (or is not one a
+        session may open with) is answered REFUSED, typed, and changes nothing."""
+        try:
+            return await first_message(session)
+        except ProtocolError as err:
+            self.emit({"event": "refused", "peer": session.peer,
+                       "error": f"ProtocolError: {err}"})
+            with contextlib.suppress(XmigError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await session.send(Channel.CONTROL, control.Refused(
+                        "", "ProtocolError", str(err)[:control.MAX_TEXT]).encode())
+            return None
+
     async def _negotiated(self, session: TransportSession, first: control.Negotiate,
                           sdir: Path, journal: Journal) -> DestResult | None:
         try:
             return await receive_migration(
-                session, workdir=sdir, journal=journal, first=first,
+                session, workdir=sdir, journal=journal, first=first, policy=self.policy,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         except InDoubt as err:
             # READY, then cut off from the source before GO: the paused guest (a child of
@@ -197,11 +226,11 @@ class _Agent:
                        "note": "a QEMU guest, and no --qemu-kernel/--qemu-initrd"})
             self._ended(1)
             return
-        template = replace(self.qemu, name=first.migration if NAME_RE.match(first.migration)
-                           else "guest", mem_path=sdir / "guest.ram")
+        template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
         try:
             dest = await qemu_migrate.receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
+                policy=self.policy,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         except InDoubt as err:
             # paused, READY, cut off before GO: kept (never run) until the source's decision

@@ -1,8 +1,14 @@
 """The control messages between a source and a destination agent (CONTROL channel). Sans-IO.
 
-One JSON object per message, with a ``type``. :func:`decode` checks the fields each type
-needs and raises :class:`~xmig.errors.ProtocolError` otherwise, so a malformed or unknown
-message changes nothing.
+One JSON object per message, tagged by ``type``. :func:`decode` is the trust boundary: it
+parses the bytes straight into typed, validated values (msgspec) or raises
+:class:`~xmig.errors.ProtocolError`, so a malformed, unknown, oversized, deeply nested or
+out-of-range message changes nothing. Ids match a strict pattern, sizes are bounded, enums
+are enums, strings and maps have a maximum length, and no field holds arbitrary JSON.
+
+What a source says is a *label*, never a path: the guest's description carries sizes and
+the workload, not where the destination keeps its files, its nice level or its addresses
+(the destination chooses those from its own configuration).
 
     source -> destination: negotiate, final, go, abort
     destination -> source: prepared, refused, ready, resumed
@@ -10,48 +16,131 @@ message changes nothing.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+import hmac
+import secrets
+from typing import Annotated, Literal
+
+import msgspec
 
 from xmig import errors
 from xmig.errors import ProtocolError
 
+GiB = 1 << 30
+MAX_MESSAGE_BYTES = 4 << 20  #: the CONTROL channel's window: no message is larger
+MAX_RAM_BYTES = 1 << 44  #: 16 TiB: more than any host has, less than makes arithmetic odd
+MAX_DISK_BYTES = 1 << 50  #: 1 PiB
+MAX_DEVICE_STATE_BYTES = 1 << 28
+MAX_TEXT = 4096
 
-@dataclass(frozen=True)
-class Message:
-    type: ClassVar[str]
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: a migration id or guest name: a label (letters, digits, ``_.-``; 1–64), never a path
+Label = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+Epoch = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+RamBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_RAM_BYTES)]
+DiskBytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_DISK_BYTES)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1e13)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+ErrorName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z][A-Za-z0-9]{0,63}$")]
+DigestKey = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+DigestValue = Annotated[str, msgspec.Meta(max_length=MAX_MESSAGE_BYTES)]
+#: the migration's secret: 128 random bits in hex, made by the source, journaled with START;
+#: a decision (GO, ABORT) is honoured only with it ("": none, never honoured)
+Token = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?$")]
+#: a kernel command line: printable ASCII, no control characters
+CommandLine = Annotated[str, msgspec.Meta(pattern=r"^[\x20-\x7e]*$", max_length=MAX_TEXT)]
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+# ---- what a source says of its guest -----------------------------------------------------
+
+
+class SimSpec(_Strict, frozen=True):
+    """The reference guest's definition: sizes, workload, rates. Not its files, nice level or
+    addresses: the destination picks those."""
+
+    ram_bytes: RamBytes
+    disk_bytes: DiskBytes = 0
+    workload: Literal["idle", "uniform", "hotset", "scan", "oltp"] = "idle"
+    rate_Bps: Rate | None = None  #: page-write rate; None: as fast as it can
+    hotset_bytes: RamBytes = 16 << 20
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    zero_fraction: Fraction = 0.4
+    text_fraction: Fraction = 0.3
+    write_size: Annotated[int, msgspec.Meta(ge=8, le=4096)] = 256
+    disk_rate_Bps: Rate | None = 0.0  #: None: as fast as it can
+    table_bytes: RamBytes = 4 << 20
+    oltp_keys: Annotated[int, msgspec.Meta(ge=0, le=1 << 32)] = 4096
+    disk_queue_depth: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 32
+    udp: bool = False  #: it serves its UDP key-value service (on an address the host picks)
+
+
+class QemuSpec(_Strict, frozen=True):
+    """A QEMU guest's definition: RAM, vCPUs, kernel command line, name."""
+
+    ram_mb: Annotated[int, msgspec.Meta(ge=1, le=MAX_RAM_BYTES >> 20)]
+    smp: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    append: CommandLine = ""
+    name: Label = "guest"
+
+
+class GuestSpec(_Strict, tag_field="backend", frozen=True):
+    """Which backend, and its guest's definition."""
+
+    @property
+    def backend(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class SimGuest(GuestSpec, tag="sim", frozen=True):
+    config: SimSpec
+    verify: bool = True  #: both sides digest memory, device state and disk
+
+
+class QemuGuest(GuestSpec, tag="qemu", frozen=True):
+    config: QemuSpec
+
+
+# ---- the messages -------------------------------------------------------------------------
+
+
+class Message(_Strict, tag_field="type", frozen=True):
+    """One control message."""
+
+    @property
+    def type(self) -> str:
+        return str(self.__struct_config__.tag)
 
     def encode(self) -> bytes:
-        return json.dumps({"type": self.type, **asdict(self)}, sort_keys=True).encode()
+        return msgspec.json.encode(self)
 
 
-@dataclass(frozen=True)
-class Negotiate(Message):
+class Negotiate(Message, tag="negotiate", frozen=True):
     """The VM's configuration; the destination prepares an empty, paused VM and disk."""
 
-    type: ClassVar[str] = "negotiate"
-    migration: str
-    epoch: int
-    guest: dict[str, Any]  #: backend name and its configuration (sizes, workload, …)
-    disk_bytes: int
-    ram_bytes: int
+    migration: Label
+    epoch: Epoch
+    guest: SimGuest | QemuGuest
+    disk_bytes: DiskBytes
+    ram_bytes: RamBytes
+    token: Token = ""
 
 
-@dataclass(frozen=True)
-class Prepared(Message):
-    type: ClassVar[str] = "prepared"
-    migration: str
+class Prepared(Message, tag="prepared", frozen=True):
+    migration: Label
 
 
-@dataclass(frozen=True)
-class Refused(Message):
-    """The destination cannot take the VM (disk too small, cannot start the guest, …)."""
+class Refused(Message, tag="refused", frozen=True):
+    """The destination cannot take the VM (disk too small, over its limits, a malformed
+    message, …). ``migration`` is empty when the refused message named none we could read."""
 
-    type: ClassVar[str] = "refused"
-    migration: str
-    error: str  #: the typed error's class name
-    reason: str
+    migration: Annotated[str, msgspec.Meta(pattern=r"^$|" + ID_PATTERN)]
+    error: ErrorName  #: the typed error's class name
+    reason: Text
 
     def as_error(self) -> errors.XmigError:
         """The typed error the destination named (MigrationError for a name xmig does not
@@ -68,80 +157,90 @@ _NOT_REFUSALS = (errors.StaleEpochError, errors.InDoubt, errors.SequenceError,
                  errors.OversizedFrameError)
 
 
-@dataclass(frozen=True)
-class Final(Message):
+class Final(Message, tag="final", frozen=True):
     """Everything is sent: last pages, mirror writes up to ``disk_seq`` (the destination
     applies them before READY), device state."""
 
-    type: ClassVar[str] = "final"
-    migration: str
-    epoch: int
-    disk_seq: int
-    device_state_bytes: int
+    migration: Label
+    epoch: Epoch
+    disk_seq: Seq
+    device_state_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_DEVICE_STATE_BYTES)]
 
 
-@dataclass(frozen=True)
-class Ready(Message):
+class Ready(Message, tag="ready", frozen=True):
     """All applied and fsynced, READY journaled; the destination guest waits for GO."""
 
-    type: ClassVar[str] = "ready"
-    migration: str
-    epoch: int
-    digests: dict[str, str] = field(default_factory=dict)  #: memory, device, disk
+    migration: Label
+    epoch: Epoch
+    #: memory, device, disk (QEMU: stream_bytes, ram_stale)
+    digests: Annotated[dict[DigestKey, DigestValue], msgspec.Meta(max_length=16)] = {}
 
 
-@dataclass(frozen=True)
-class Go(Message):
-    type: ClassVar[str] = "go"
-    migration: str
-    epoch: int
+class Go(Message, tag="go", frozen=True):
+    migration: Label
+    epoch: Epoch
+    token: Token = ""
 
 
-@dataclass(frozen=True)
-class Abort(Message):
-    type: ClassVar[str] = "abort"
-    migration: str
-    epoch: int
-    reason: str
+class Abort(Message, tag="abort", frozen=True):
+    migration: Label
+    epoch: Epoch
+    reason: Text
+    token: Token = ""
 
 
-@dataclass(frozen=True)
-class Resumed(Message):
+class Resumed(Message, tag="resumed", frozen=True):
     """The destination guest runs (``at``: its first progress timestamp, monotonic clock)."""
 
-    type: ClassVar[str] = "resumed"
-    migration: str
-    epoch: int
-    at: float
+    migration: Label
+    epoch: Epoch
+    at: Annotated[float, msgspec.Meta(ge=0)]
+
+
+def new_token() -> str:
+    """A fresh migration token (the source makes one per migration)."""
+    return secrets.token_hex(16)
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Whether a decision carries the migration's token (constant time; "" never does)."""
+    return bool(expected) and hmac.compare_digest(given, expected)
 
 
 MESSAGES: dict[str, type[Message]] = {
-    m.type: m for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed)
+    m.__struct_config__.tag: m  # type: ignore[misc]
+    for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed)
 }
 
-
-_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "int": int, "str": str, "float": (int, float), "dict[str, Any]": dict, "dict[str, str]": dict,
-}
+AnyMessage = Negotiate | Prepared | Refused | Final | Ready | Go | Abort | Resumed
+_decoder: msgspec.json.Decoder[AnyMessage] = msgspec.json.Decoder(AnyMessage)
 
 
-def decode(data: bytes | bytearray) -> Message:
-    """Parse one control message; ProtocolError if it is not one."""
+def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
+    """Parse and validate one control message; ProtocolError (saying what and where) if it
+    is not one. Never raises anything else, whatever the bytes."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"control message of {len(data)} bytes exceeds "
+                            f"{MAX_MESSAGE_BYTES}")
     try:
-        body = json.loads(data)
-        kind = body.pop("type")
-        cls = MESSAGES[kind]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ProtocolError(f"malformed control message: {err!r}") from err
-    names = set(cls.__dataclass_fields__)
-    if set(body) - names:
-        raise ProtocolError(f"{kind}: unknown fields {sorted(set(body) - names)}")
+        return _decoder.decode(data)
+    except msgspec.MsgspecError as err:
+        raise ProtocolError(f"malformed control message: {err}") from err
+    except (RecursionError, MemoryError, UnicodeError) as err:  # defence in depth
+        raise ProtocolError(f"malformed control message: {type(err).__name__}") from err
+
+
+def migration_of(data: bytes | bytearray | memoryview) -> str:
+    """The migration id a message names, if it names a valid one ("" otherwise): for a
+    refusal answering a message that did not decode."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        return ""
     try:
-        msg = cls(**body)
-    except TypeError as err:
-        raise ProtocolError(f"{kind}: {err}") from err
-    for name, f in cls.__dataclass_fields__.items():
-        want = _FIELD_TYPES.get(str(f.type))
-        if want is not None and not isinstance(getattr(msg, name), want):
-            raise ProtocolError(f"{kind}.{name} has the wrong type")
-    return msg
+        named = msgspec.json.decode(data, type=_Named)
+    except (msgspec.MsgspecError, RecursionError, MemoryError, UnicodeError):
+        return ""
+    return named.migration
+
+
+class _Named(msgspec.Struct):
+    migration: Label = ""

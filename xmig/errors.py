@@ -38,7 +38,8 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
      ├── StorageError
      │    ├── DiskNotFound           the disk image is missing
      │    ├── DiskFormatError        a disk format xmig cannot mirror (not raw or qcow2)
-     │    ├── DiskTooSmall           the destination image cannot hold the source disk
+     │    ├── DiskTooSmall           the destination cannot hold the source disk (also a
+     │    │                          ResourceLimit)
      │    ├── DiskFull               ENOSPC writing the destination
      │    ├── StaleEpochError        a write from an older migration epoch (fencing, I3)
      │    └── NbdProtocolError       an NBD peer broke the protocol
@@ -194,6 +195,16 @@ class QemuCapabilityError(QemuError):
     built without it); nothing was changed."""
 
 
+class MigrationError(XmigError):
+    """The migration could not complete."""
+
+
+class ResourceLimit(MigrationError):
+    """The destination will not take the guest: its RAM or disk exceeds the agent's limits
+    (``--max-ram``, ``--max-disk``; by default the host's free memory and the workdir's free
+    space). Refused before anything is made."""
+
+
 class StorageError(XmigError):
     """Disk copy, mirroring or applying failed."""
 
@@ -206,8 +217,9 @@ class DiskFormatError(StorageError):
     """The disk's format is not one xmig migrates (raw or qcow2)."""
 
 
-class DiskTooSmall(StorageError):
-    """The destination image is smaller than the source disk."""
+class DiskTooSmall(StorageError, ResourceLimit):
+    """The destination image, or its filesystem, is smaller than the source disk (also a
+    :class:`ResourceLimit`: see below)."""
 
 
 class DiskFull(StorageError):
@@ -227,10 +239,6 @@ class NbdProtocolError(StorageError):
     """An NBD peer sent something the protocol does not allow."""
 
 
-class MigrationError(XmigError):
-    """The migration could not complete."""
-
-
 class NotConverging(MigrationError):
     """The guest dirties memory faster than the link drains it, and the timeout passed
     (with SDPS off, or even at its maximum throttle). The source guest keeps running."""
@@ -238,12 +246,6 @@ class NotConverging(MigrationError):
 
 class MigrationAborted(MigrationError):
     """The migration was aborted before GO; the source guest runs as before."""
-
-
-class ResourceLimit(MigrationError):
-    """The destination will not take the guest: its RAM or disk exceeds the agent's limits
-    (``--max-ram``, ``--max-disk``; by default the host's free memory and the workdir's free
-    space). Refused before anything is made."""
 
 
 class InDoubt(MigrationError):

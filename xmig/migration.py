@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from xmig.errors import (
     TransportError,
     XmigError,
 )
-from xmig.guest.sim import SimGuest
+from xmig.guest.sim import SimConfig, SimGuest
 from xmig.journal import Journal
 from xmig.memory.engine import MemorySender, Progress, SenderConfig
 from xmig.memory.precopy import PlannerConfig
@@ -90,12 +91,15 @@ def journaled_decision(journal: Journal, migration: str) -> control.Go | control
     """The source's decision for ``migration``, as its journal holds it, for a destination
     left in doubt. GO is journaled before it is sent, so no GO record means it was never
     sent: presumed abort."""
-    for rec in reversed(journal.records()):
-        if rec.migration == migration and rec.kind == "GO":
-            return control.Go(migration, rec.epoch)
-        if rec.migration == migration and rec.kind in ("ABORT", "START"):
+    records = [r for r in journal.records() if r.migration == migration]
+    for rec in reversed(records):
+        if rec.kind in ("GO", "ABORT", "START"):
+            token = next((str(r.fields.get("token", "")) for r in records
+                          if r.kind == "START" and r.epoch == rec.epoch), "")
+            if rec.kind == "GO":
+                return control.Go(migration, rec.epoch, token)
             return control.Abort(migration, rec.epoch, str(rec.fields.get("reason", "")) or
-                                 "no GO was journaled")
+                                 "no GO was journaled", token)
     return control.Abort(migration, 0, "no such migration in the source's journal")
 
 
@@ -113,6 +117,25 @@ async def send_decision(session: TransportSession, journal: Journal, migration: 
         if not isinstance(reply, control.Resumed):
             raise ProtocolError(f"expected resumed, got {reply.type}")
     return decision
+
+
+def sim_spec(config: SimConfig) -> control.SimSpec:
+    """What the destination is told of a reference guest: its definition, none of this
+    host's files, addresses or nice level."""
+    return control.SimSpec(
+        ram_bytes=config.ram_bytes, disk_bytes=config.disk_bytes,
+        workload=config.workload,  # type: ignore[arg-type]  # checked by SimConfig
+        rate_Bps=None if math.isinf(config.rate_Bps) else config.rate_Bps,
+        hotset_bytes=config.hotset_bytes, seed=config.seed,
+        zero_fraction=config.zero_fraction, text_fraction=config.text_fraction,
+        write_size=config.write_size,
+        disk_rate_Bps=None if math.isinf(config.disk_rate_Bps) else config.disk_rate_Bps,
+        table_bytes=config.table_bytes, oltp_keys=config.oltp_keys,
+        disk_queue_depth=config.disk_queue_depth, udp=config.udp_addr is not None)
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:control.MAX_TEXT]
 
 
 async def _recv_control(session: TransportSession, timeout: float) -> control.Message:
@@ -136,7 +159,8 @@ async def migrate(
     epoch = journal.next_epoch()
     machine = SourceMachine(epoch)
     result = SourceResult(migration, epoch, started=time.monotonic())
-    journal.append("START", migration, epoch)
+    token = control.new_token()
+    journal.append("START", migration, epoch, token=token)
     sender: DiskSender | None = None
     memory: MemorySender | None = None
 
@@ -148,9 +172,8 @@ async def migrate(
 
     try:
         await session.send(Channel.CONTROL, control.Negotiate(
-            migration, epoch, {"backend": "sim", "config": guest.config.to_json(),
-                               "verify": options.verify},
-            disk.size, guest.config.ram_bytes).encode())
+            migration, epoch, control.SimGuest(sim_spec(guest.config), options.verify),
+            disk.size, guest.config.ram_bytes, token).encode())
         reply = await _recv_control(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
             raise reply.as_error()
@@ -255,7 +278,7 @@ async def migrate(
         await flushing
         journal.append("GO", migration, epoch)
         # GO is durable: the source guest never runs again, whatever happens next
-        await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
+        await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
@@ -270,7 +293,7 @@ async def migrate(
             emit("phase", note=f"aborted: {error}")
 
         await run_abort(_abort(machine, session, guest, memory, sender, nbd, journal,
-                               migration, epoch, err), err, aborted)
+                               migration, epoch, token, err), err, aborted)
 
     # -- after GO: wait for the destination to run; the source is discarded ---------------
     nbd.hook = None
@@ -312,7 +335,8 @@ async def _watched(work: Coroutine[Any, Any, None], session: TransportSession,
 
 async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGuest,
                  memory: MemorySender | None, sender: DiskSender | None, nbd: NbdServer,
-                 journal: Journal, migration: str, epoch: int, err: BaseException) -> None:
+                 journal: Journal, migration: str, epoch: int, token: str,
+                 err: BaseException) -> None:
     """Before GO: release everything; the source guest runs as if nothing happened."""
     was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
@@ -329,4 +353,4 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
     with contextlib.suppress(XmigError, TimeoutError):
         async with asyncio.timeout(2.0):
             await session.send(Channel.CONTROL, control.Abort(
-                migration, epoch, f"{type(err).__name__}: {err}").encode())
+                migration, epoch, _reason(err), token).encode())

@@ -41,8 +41,9 @@ def private_dir(path: Path, *, exist_ok: bool = False) -> Path:
                 raise
         if directory.is_symlink() or not directory.is_dir():
             raise ConfigError(f"{directory} is not a directory")
-    if missing or path.stat().st_uid == os.geteuid():
-        os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
+    if not missing and path.stat().st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to another user: not a private directory")
+    os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
     return path
 
 

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from xmig.errors import DiskFull, DiskNotFound, StorageError
+from xmig.private import create_file
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -53,10 +54,10 @@ class RawFileBackend:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int) -> RawFileBackend:
-        """A new sparse image of ``size`` bytes (all zeros, no blocks allocated)."""
+        """A new sparse image of ``size`` bytes (all zeros, no blocks allocated), mode 0600.
+        ``path`` must not exist (``O_EXCL``: nothing is ever truncated)."""
         try:
-            with open(path, "wb") as f:
-                f.truncate(size)
+            os.close(create_file(Path(path), size))
         except OSError as err:
             raise storage_error(err, f"creating {path}") from err
         return cls(path)

@@ -142,7 +142,7 @@ async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_run
             "START", "ABORT"]
         assert [r.kind for r in Journal(tmp_path / "dst" / "journal").records()] == [
             "DISCARDED"]
-        assert not (tmp_path / "dst" / "q1.raw").exists()
+        assert not (tmp_path / "dst" / "disk.raw").exists()
         await assert_runs_on_with_its_records(source, disk)
 
 
@@ -209,7 +209,7 @@ async def test_a_destination_that_cannot_start_qemu_refuses_typed(
         assert isinstance(src_res.__cause__, QemuError), src_res.__cause__
         assert "qemu-system-x86_64 not found" in str(src_res.__cause__)
         assert isinstance(dst_res, XmigError)
-        assert not (tmp_path / "dst" / "q1.raw").exists()
+        assert not (tmp_path / "dst" / "disk.raw").exists()
         await assert_runs_on_with_its_records(source, disk)
 
 
@@ -239,7 +239,7 @@ async def test_a_destination_disk_filling_up_mid_copy_aborts_typed(
         assert isinstance(src_res, MigrationAborted), src_res
         assert "DiskFull" in str(src_res) or isinstance(src_res.__cause__, DiskFull), src_res
         assert isinstance(dst_res, XmigError), dst_res
-        assert not (small_fs / "q1.raw").exists()
+        assert not (small_fs / "disk.raw").exists()
         assert await source.status() == "running"
         assert await source.execute("query-block-jobs") == []
         await source.stop()

@@ -188,7 +188,7 @@ async def test_memory_and_disk_migrate_and_the_records_check_out(
         if "at" in event:
             steps.append((event["step"], event["at"]))
         if event.get("phase") == "ready":  # paused, applied and fsynced: copy it now
-            shutil.copyfile(tmp_path / "dst" / "q1.raw", snapshot)
+            shutil.copyfile(tmp_path / "dst" / "disk.raw", snapshot)
 
     async with await QemuGuest.launch(config, tmp_path / "src") as source:
         first = await source.wait_for_progress(BOOT_S, min_counter=1)
@@ -264,7 +264,7 @@ async def test_a_guest_outrunning_the_link_aborts_and_the_source_runs_on(
             "START", "ABORT"]
         assert [r.kind for r in Journal(tmp_path / "dst" / "journal").records()] == [
             "DISCARDED"]
-        assert not (tmp_path / "dst" / "q1.raw").exists()
+        assert not (tmp_path / "dst" / "disk.raw").exists()
         assert not (tmp_path / "src" / "src.mirror.raw").exists()
         await source.stop()
         last = await drain_console(source)

@@ -101,6 +101,9 @@ async def test_a_destination_in_doubt_runs_the_guest_on_the_sources_journaled_go
                 await held.guest.quit()
 
 
+TOKEN = "5" * 32
+
+
 async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResult:
     """A paused QEMU with its image, held in doubt at epoch 3 of migration q2."""
     from xmig.switchover import DestMachine
@@ -113,7 +116,7 @@ async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResu
     machine.prepared()
     machine.final_applied()
     return QemuDestResult(migration="q2", epoch=3, status="in-doubt", guest=guest,
-                          image=image, machine=machine)
+                          image=image, machine=machine, token=TOKEN)
 
 
 async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestImage,
@@ -122,7 +125,7 @@ async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestIma
     guest = held.guest
     assert guest is not None
     src_journal, dst_journal = Journal(tmp_path / "src.j"), Journal(tmp_path / "dst.j")
-    src_journal.append("START", "q2", 3)
+    src_journal.append("START", "q2", 3, token=TOKEN)
     src_journal.append("ABORT", "q2", 3, reason="no READY in time")
     try:
         with make_stack("plain", tmp_path) as stack:
@@ -144,7 +147,7 @@ async def test_a_decision_for_another_epoch_is_refused_and_changes_nothing(
     held = await in_doubt_here(guest_image, tmp_path)
     assert held.guest is not None
     src_journal, dst_journal = Journal(tmp_path / "src.j"), Journal(tmp_path / "dst.j")
-    src_journal.append("START", "q2", 4)
+    src_journal.append("START", "q2", 4, token=TOKEN)
     src_journal.append("GO", "q2", 4, ram_repair=[])
     try:
         with make_stack("plain", tmp_path) as stack:

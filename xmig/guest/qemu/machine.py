@@ -42,6 +42,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError, Runstate
 
 from xmig.errors import ConfigError, GuestNotFound, GuestStateError, QemuError
 from xmig.guest.qemu.progress import Progress, SerialTail, parse_error, parse_progress
+from xmig.private import create_file, private_dir
 
 PopenFn = Callable[..., "subprocess.Popen[bytes]"]
 POLL_S = 0.05
@@ -174,19 +175,26 @@ class QemuGuest:
             raise GuestNotFound(f"disk {c.disk} not found")
         if shutil.which(c.qemu) is None:
             raise QemuError(f"{c.qemu} not found: apt-get install qemu-system-x86")
-        if self.mem_path.exists():
-            raise GuestStateError(f"RAM file {self.mem_path} exists (another guest's?)")
         argv = self.argv()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir, exist_ok=True)
+        try:  # QEMU maps the file made here: 0600, never another guest's (O_EXCL)
+            os.close(create_file(self.mem_path, c.ram_mb << 20))
+        except FileExistsError as err:
+            raise GuestStateError(f"RAM file {self.mem_path} exists (another guest's?)") from err
         for stale in (self.serial_log, self.qmp_socket):
             stale.unlink(missing_ok=True)
-        self._proc = self._spawn(popen or subprocess.Popen, argv)
+        try:
+            self._proc = self._spawn(popen or subprocess.Popen, argv)
+        except BaseException:
+            self.mem_path.unlink(missing_ok=True)
+            raise
         self._owns_files = True
         self.launched_at = time.monotonic()
         await self._connect(self.launched_at + timeout)
 
     def _spawn(self, popen: PopenFn, argv: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.qemu_log, "wb") as log:
+        fd = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as log:
             try:
                 return popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             except OSError as err:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -46,7 +45,6 @@ from qemu.qmp import EventListener
 from xmig import control
 from xmig.aborting import run_abort
 from xmig.errors import (
-    DiskTooSmall,
     InDoubt,
     MigrationError,
     NotConverging,
@@ -59,7 +57,9 @@ from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
 from xmig.guest.qemu.mirror import SourceDiskMirror, disk_size
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, SourceTunnel
 from xmig.guest.qemu.throttle import QemuSdps
+from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
 from xmig.journal import Journal
+from xmig.private import private_dir
 from xmig.storage.engine import DEFAULT_BOUND, DiskReceiver
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import DestMachine, DestPhase, SourceMachine, SourcePhase
@@ -130,16 +130,17 @@ class QemuDestResult:
     resumed_at: float = 0.0
     ram_chunks_repaired: int = 0
     image: Path | None = None  #: the destination disk image (filled by the receiver)
+    token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
     machine: DestMachine | None = None
     receiver: DiskReceiver | None = None  #: kept while in doubt
     backend: RawFileBackend | None = None  #: the image, open, while in doubt
 
 
-def guest_description(guest: QemuGuest) -> dict[str, Any]:
+def guest_description(guest: QemuGuest) -> control.QemuGuest:
     """What the destination needs of the source's configuration (paths are its own)."""
     c = guest.config
-    return {"backend": BACKEND, "config": {"ram_mb": c.ram_mb, "smp": c.smp,
-                                           "append": c.append, "name": c.name}}
+    return control.QemuGuest(control.QemuSpec(ram_mb=c.ram_mb, smp=c.smp, append=c.append,
+                                              name=c.name))
 
 
 def initial_bandwidth(session: TransportSession, options: QemuMigrationOptions) -> float:
@@ -237,6 +238,15 @@ async def _source_digests(session: TransportSession, decision: asyncio.Future[co
     return assembler.digests()
 
 
+def check_decision(decision: control.Go | control.Abort, migration: str, epoch: int,
+                   token: str) -> None:
+    """A decision is honoured only for this migration and epoch, with its token."""
+    if (decision.migration != migration or decision.epoch != epoch
+            or not control.token_matches(decision.token, token)):
+        raise ProtocolError(f"a {decision.type} for migration {decision.migration} epoch "
+                            f"{decision.epoch} without this migration's token: ignored")
+
+
 def _unexpected(msg: control.Message, wanted: str) -> XmigError:
     if isinstance(msg, control.Abort):
         return MigrationError(f"peer aborted: {msg.reason}")
@@ -258,7 +268,8 @@ async def migrate_qemu(
     epoch = journal.next_epoch()
     machine = SourceMachine(epoch)
     result = QemuSourceResult(migration, epoch, started=time.monotonic())
-    journal.append("START", migration, epoch)
+    token = control.new_token()
+    journal.append("START", migration, epoch, token=token)
     tunnel: SourceTunnel | None = None
     governing: asyncio.Task[None] | None = None
     governor: BandwidthGovernor | None = None
@@ -279,7 +290,7 @@ async def migrate_qemu(
     try:
         await session.send(Channel.CONTROL, control.Negotiate(
             migration, epoch, guest_description(source), size,
-            source.config.ram_mb << 20).encode())
+            source.config.ram_mb << 20, token).encode())
         reply = await _recv(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
             raise reply.as_error()
@@ -392,7 +403,7 @@ async def migrate_qemu(
         # sends them again (xmig.guest.qemu.settle)
         journal.append("GO", migration, epoch, ram_repair=[int(c) for c in stale])
         # GO is durable: the source QEMU never runs again, whatever happens next
-        await session.send(Channel.CONTROL, control.Go(migration, epoch).encode())
+        await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
@@ -418,7 +429,7 @@ async def migrate_qemu(
             emit("phase", note=f"aborted: {error}")
 
         await run_abort(_abort_source(machine, session, source, tunnel, mirror, journal,
-                                      migration, epoch, err, migrating), err, aborted)
+                                      migration, epoch, token, err, migrating), err, aborted)
     finally:
         if governor is not None:
             result.bandwidth = list(governor.history)
@@ -455,8 +466,8 @@ async def cancel_migration(source: QemuGuest) -> None:
 
 async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
                         tunnel: SourceTunnel | None, mirror: SourceDiskMirror | None,
-                        journal: Journal, migration: str, epoch: int, err: BaseException,
-                        migrating: bool) -> None:
+                        journal: Journal, migration: str, epoch: int, token: str,
+                        err: BaseException, migrating: bool) -> None:
     """Before GO: cancel QEMU's migration, make sure the source runs, tell the destination."""
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
@@ -475,30 +486,24 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     with contextlib.suppress(XmigError, TimeoutError):
         async with asyncio.timeout(2.0):
             await session.send(Channel.CONTROL, control.Abort(
-                migration, epoch, f"{type(err).__name__}: {err}").encode())
+                migration, epoch, f"{type(err).__name__}: {err}"[:control.MAX_TEXT],
+                token).encode())
 
 
 # -- the destination ---------------------------------------------------------------------
 
 
-def check_room(workdir: Path, disk_bytes: int) -> None:
-    """DiskTooSmall unless the filesystem of ``workdir`` has room for the whole disk: the
-    image is sparse, but the mirror's full copy writes every block of it."""
-    st = os.statvfs(workdir)
-    free = st.f_bavail * st.f_frsize
-    if free < disk_bytes:
-        raise DiskTooSmall(f"the destination's {workdir} has {free} bytes free, the source "
-                           f"disk is {disk_bytes} bytes")
+#: what this host names an arriving QEMU guest's files, in its own (new, private) workdir
+IMAGE_NAME, STREAM_NAME = "disk.raw", "stream.in"
 
 
 def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
     """The destination QEMU: ``template``'s paths and binary, the source's RAM, vCPUs and
     command line; paused (``-S``), waiting for ``migrate-incoming`` (``-incoming defer``)."""
-    src = negotiate.guest.get("config", {})
-    return replace(template,
-                   ram_mb=int(src.get("ram_mb", template.ram_mb)),
-                   smp=int(src.get("smp", template.smp)),
-                   append=str(src.get("append", template.append)),
+    if not isinstance(negotiate.guest, control.QemuGuest):
+        raise MigrationError(f"unsupported guest backend {negotiate.guest.backend!r}")
+    src = negotiate.guest.config
+    return replace(template, ram_mb=src.ram_mb, smp=src.smp, append=src.append,
                    extra=(*template.extra, "-incoming", "defer", "-S"))
 
 
@@ -514,30 +519,36 @@ async def receive_qemu(
     chunk: int = CHUNK,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     first: control.Negotiate | None = None,
+    policy: HostPolicy = DEFAULT_POLICY,
 ) -> QemuDestResult:
     """Serve one QEMU migration arriving on ``session``: start the destination QEMU from
     ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
     loaded everything, run it on GO. The result holds the running guest (the caller owns
     it). Before READY a failure discards the destination; READY and then cut off from the
-    source: InDoubt (the guest stays paused)."""
+    source: InDoubt (the guest stays paused). Every file is named here, in ``workdir``
+    (this host's choice); the source's words are labels. Whatever fails, typed or not, the
+    same cleanup runs."""
     result = QemuDestResult()
     msg = first or control.decode(await session.recv(Channel.CONTROL))
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
-    result.migration, result.epoch = msg.migration, msg.epoch
+    result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
     machine = DestMachine(msg.epoch)
     tunnel: DestTunnel | None = None
     decision_task: asyncio.Future[control.Message] | None = None
     receiver: DiskReceiver | None = None
     image: RawFileBackend | None = None
     try:
-        if msg.guest.get("backend") != BACKEND:
-            raise MigrationError(f"unsupported guest backend {msg.guest.get('backend')!r}")
-        workdir.mkdir(parents=True, exist_ok=True)
+        if not msg.token:
+            raise ProtocolError("negotiate carries no token")
         config = incoming_config(template, msg)
+        if config.ram_mb << 20 != msg.ram_bytes:
+            raise ProtocolError("negotiate: ram_bytes differs from the guest's")
+        private_dir(workdir, exist_ok=True)
+        check_resources(policy, ram_bytes=msg.ram_bytes, disk_bytes=msg.disk_bytes,
+                        workdir=workdir)
         if msg.disk_bytes:
-            check_room(workdir, msg.disk_bytes)
-            result.image = workdir / f"{msg.migration}.raw"
+            result.image = workdir / IMAGE_NAME
             image = RawFileBackend.create(result.image, msg.disk_bytes)
             receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
             await receiver.start()
@@ -549,7 +560,7 @@ async def receive_qemu(
         guest = result.guest
         await _set_capabilities(guest, events=True, return_path=True,
                                 late_block_activate=receiver is not None)
-        tunnel = DestTunnel(session, workdir / f"{msg.migration}.in", chunk=chunk)
+        tunnel = DestTunnel(session, workdir / STREAM_NAME, chunk=chunk)
         with guest.listener("MIGRATION") as events:
             await guest.execute("migrate-incoming", {"uri": tunnel.uri})
             await tunnel.start()
@@ -590,6 +601,8 @@ async def receive_qemu(
         on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await decision_task
+        if isinstance(decision, control.Go | control.Abort):
+            check_decision(decision, result.migration, result.epoch, result.token)
         if not isinstance(decision, control.Go):
             raise _unexpected(decision, "go")
         on_event({"event": "step", "step": "go", "at": time.monotonic()})
@@ -603,23 +616,26 @@ async def receive_qemu(
             result.ram_chunks_repaired += count
         on_event({"event": "step", "step": "ram repaired", "at": time.monotonic()})
         machine.go(decision.epoch)
-    except (XmigError, OSError, TimeoutError, asyncio.CancelledError) as err:
+    except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
         if decision_task is not None:
             decision_task.cancel()
         result.error = f"{type(err).__name__}: {err}"
         prepared = machine.phase is not DestPhase.NEGOTIATE
-        if not prepared and isinstance(err, XmigError):
-            # typed, before PREPARED: the source learns why at once (and nothing was made)
+        if not prepared and not isinstance(err, asyncio.CancelledError):
+            # before PREPARED: the source learns why at once (and nothing is left)
             with contextlib.suppress(XmigError, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await session.send(Channel.CONTROL, control.Refused(
-                        msg.migration, type(err).__name__, str(err)).encode())
+                        msg.migration, type(err).__name__ if isinstance(err, XmigError)
+                        else "MigrationError", str(err)[:control.MAX_TEXT]).encode())
         if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
             result.status, result.machine = "in-doubt", machine
             result.receiver, result.backend = receiver, image
             if tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
                 await tunnel.close()
             on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
+            if isinstance(err, asyncio.CancelledError):
+                raise
             raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut off "
                           f"from the source before GO ({result.error}): the QEMU guest stays "
                           "paused until the source's decision arrives",
@@ -633,7 +649,8 @@ async def receive_qemu(
             with contextlib.suppress(XmigError, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await session.send(Channel.CONTROL, control.Abort(
-                        msg.migration, msg.epoch, f"destination: {result.error}").encode())
+                        msg.migration, msg.epoch,
+                        f"destination: {result.error}"[:control.MAX_TEXT]).encode())
         if tunnel is not None:
             await tunnel.close()
         if result.guest is not None:

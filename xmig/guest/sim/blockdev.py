@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from xmig.errors import ConfigError, DiskNotFound, GuestError, GuestNotFound, StorageError
 from xmig.guest.sim.config import DiskUrl
+from xmig.private import create_file
 
 
 class BlockDevice(Protocol):
@@ -44,9 +45,17 @@ class BlockDevice(Protocol):
 
 
 def make_disk_image(path: Path, size: int) -> Path:
-    """Create (or resize) a sparse raw image of ``size`` bytes; returns ``path``."""
-    with open(path, "ab") as f:
-        f.truncate(size)
+    """A sparse raw image of ``size`` bytes at ``path``: created 0600 when missing, grown
+    (never shrunk: no data is cut) when it exists; returns ``path``."""
+    try:
+        os.close(create_file(path, size))
+    except FileExistsError:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
     return path
 
 

@@ -195,7 +195,8 @@ class SimGuest:
         ledger_path = Path(config.ledger_path) if config.ledger_path else workdir / f"{name}.ledger"
         log_path = workdir / f"{name}.log"
         host_sock, child_sock = socket.socketpair()
-        with open(log_path, "ab") as log:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "xmig.guest.sim", "--control-fd", str(child_sock.fileno()),
                  "--parent-pid", str(os.getpid())],
