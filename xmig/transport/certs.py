@@ -7,6 +7,8 @@ one directory, so xmig can be pointed at an existing QEMU/libvirt PKI directory:
     ca-key.pem       its key, kept so more certificates can be issued later
     server-cert.pem  server-key.pem   the listening agent (EKU serverAuth, SANs = its names)
     client-cert.pem  client-key.pem   the connecting agent (EKU clientAuth)
+    ca-crl.pem       optional: certificates the CA revoked (:func:`revoke`); when present,
+                     both sides refuse a peer whose certificate it lists
 
 Keys are ECDSA P-256, written PKCS#8 PEM, mode 0600. Certificate extensions follow what QEMU
 checks when it loads credentials: the CA has ``basicConstraints CA=true`` and ``keyCertSign``;
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from xmig.errors import ConfigError
+from xmig.errors import ConfigError, PkiError
 
 CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
@@ -38,6 +40,7 @@ SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
+CA_CRL = "ca-crl.pem"
 
 DEFAULT_SERVER_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 DEFAULT_CLIENT_NAME = "xmig-client"
@@ -81,11 +84,14 @@ class Issued:
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as err:
-            raise ConfigError(f"{key_path}: not an unencrypted PEM private key: {err}") from err
+            raise PkiError(f"{key_path}: not an unencrypted PEM private key: {err}",
+                           path=str(key_path), reason="malformed") from err
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{key_path}: expected an ECDSA key, found {type(key).__name__}")
+            raise PkiError(f"{key_path}: expected an ECDSA key, found {type(key).__name__}",
+                           path=str(key_path), reason="malformed")
         if key.public_key() != cert.public_key():
-            raise ConfigError(f"{key_path} does not match {directory / f'{prefix}-cert.pem'}")
+            raise PkiError(f"{key_path} does not match {directory / f'{prefix}-cert.pem'}",
+                           path=str(key_path), reason="key-mismatch")
         return cls(cert=cert, key=key)
 
 
@@ -124,14 +130,20 @@ class PkiPaths:
         """
         paths = cls.of(Path(directory))
         if not paths.directory.is_dir():
-            raise ConfigError(f"PKI directory {paths.directory} does not exist")
+            raise PkiError(f"PKI directory {paths.directory} does not exist",
+                           path=str(paths.directory), reason="missing")
         for path in paths.needed(role):
             try:
                 with path.open("rb"):
                     pass
             except OSError as err:
-                raise ConfigError(f"cannot read {path}: {err.strerror or err}") from err
+                raise _unreadable(path, err) from err
         return paths
+
+    @property
+    def ca_crl(self) -> Path:
+        """The CA's revocation list (optional; QEMU's name for it)."""
+        return self.directory / CA_CRL
 
     def needed(self, role: Role = "both") -> tuple[Path, ...]:
         """The files an agent in ``role`` reads."""
@@ -261,12 +273,71 @@ def init_pki(
 
 
 def read_certificate(path: Path) -> x509.Certificate:
-    """Parse one PEM certificate; :class:`ConfigError` naming ``path`` if that fails."""
+    """Parse one PEM certificate; :class:`PkiError` naming ``path`` if that fails."""
     data = _read(path)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as err:
-        raise ConfigError(f"{path}: not a PEM certificate: {err}") from err
+        raise PkiError(f"{path}: not a PEM certificate: {err}", path=str(path),
+                       reason="malformed") from err
+
+
+def read_crl(path: Path) -> x509.CertificateRevocationList:
+    """Parse one PEM revocation list; :class:`PkiError` naming ``path`` if that fails."""
+    data = _read(path)
+    try:
+        return x509.load_pem_x509_crl(data)
+    except ValueError as err:
+        raise PkiError(f"{path}: not a PEM certificate revocation list: {err}",
+                       path=str(path), reason="malformed") from err
+
+
+def revoke(pki_dir: Path, cert_path: Path, *, now: dt.datetime | None = None) -> Path:
+    """Add the certificate at ``cert_path`` to ``pki_dir``'s ``ca-crl.pem`` (created if
+    missing), signed by the CA key in ``pki_dir``; return the CRL's path.
+
+    Entries already in the list are kept; revoking a certificate twice changes only the
+    list's date. The list is valid until the CA itself expires (an expired list would make
+    both sides refuse every peer). Agents read it when they make their TLS context: restart
+    them (or have them rebuild it) to apply a new one. :class:`PkiError` if the CA key is
+    missing, or the certificate was not issued by this CA.
+    """
+    paths = PkiPaths.of(Path(pki_dir))
+    ca = Issued.load(paths.directory, "ca")
+    cert = read_certificate(Path(cert_path))
+    if not _signed_by(cert, ca.cert):
+        raise PkiError(f"{cert_path} was not issued by the CA of {paths.directory}: "
+                       "it cannot revoke it", path=str(cert_path), reason="foreign-ca")
+    now = now or dt.datetime.now(dt.UTC)
+    entries: dict[int, x509.RevokedCertificate] = {}
+    if paths.ca_crl.exists():
+        old = read_crl(paths.ca_crl)
+        if not old.is_signature_valid(ca.key.public_key()):
+            raise PkiError(f"{paths.ca_crl} is not signed by the CA of {paths.directory}",
+                           path=str(paths.ca_crl), reason="foreign-ca")
+        entries = {r.serial_number: r for r in old}
+    if cert.serial_number not in entries:
+        entries[cert.serial_number] = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now)
+            .build()
+        )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(max(ca.cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+    )
+    for entry in entries.values():
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    try:
+        _write_atomic(paths.ca_crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as err:
+        raise PkiError(f"cannot write {paths.ca_crl}: {err.strerror or err}",
+                       path=str(paths.ca_crl), reason="unwritable") from err
+    return paths.ca_crl
 
 
 @dataclass(frozen=True)
@@ -410,7 +481,12 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from err
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: OSError) -> PkiError:
+    reason = "missing" if isinstance(err, FileNotFoundError) else "unreadable"
+    return PkiError(f"cannot read {path}: {err.strerror or err}", path=str(path), reason=reason)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

@@ -1,4 +1,4 @@
-"""CLI commands of the transport package: ``xmig certs init`` and ``xmig certs show``."""
+"""CLI commands of the transport package: ``xmig certs init``, ``show`` and ``revoke``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,17 @@ def add_parsers(sub: Any) -> None:
     show.add_argument("directory", metavar="DIR", type=Path)
     show.set_defaults(func=_show)
 
+    revoke = commands.add_parser(
+        "revoke",
+        help="add a certificate to the CA's revocation list (ca-crl.pem)",
+        description="Add CERT to DIR/ca-crl.pem (created if missing), signed with "
+        "DIR/ca-key.pem. Agents whose PKI directory holds that ca-crl.pem refuse a peer "
+        "presenting CERT once they reload it (restart them). Copy the file to every agent.",
+    )
+    revoke.add_argument("directory", metavar="DIR", type=Path)
+    revoke.add_argument("cert", metavar="CERT", type=Path, help="the certificate to revoke")
+    revoke.set_defaults(func=_revoke)
+
 
 def _init(args: argparse.Namespace) -> int:
     paths = certs.init_pki(
@@ -101,6 +112,15 @@ def _show(args: argparse.Namespace) -> int:
         print()
     if shown == 0:
         raise ConfigError(f"no certificate in {paths.directory}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    path = certs.revoke(args.directory, args.cert)
+    cert = certs.read_certificate(args.cert)
+    entries = len(certs.read_crl(path))
+    print(f"revoked {cert.subject.rfc4514_string()} (serial {cert.serial_number:#x}): "
+          f"{path} lists {entries} certificate(s)")
     return 0
 
 

@@ -28,9 +28,11 @@ from xmig.errors import (
     ConfigError,
     ConnectionBroken,
     IntegrityError,
+    PkiError,
     TransportError,
 )
 from xmig.transport.certs import PkiPaths, read_certificate
+from xmig.transport.pki import check_pki
 
 # OpenSSL reason codes (spaces as underscores, upper case), matched as substrings.
 _INTEGRITY_REASONS = ("BAD_RECORD_MAC", "DECRYPTION_FAILED", "DECRYPT_ERROR")
@@ -51,35 +53,68 @@ _AUTH_REASONS = (
 _HANGUP_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, EOFError)
 
 
-def server_context(pki: PkiPaths) -> ssl.SSLContext:
-    """A TLS 1.3-only server context that requires a client certificate signed by the CA."""
+def server_context(pki: PkiPaths, *, check: bool = True) -> ssl.SSLContext:
+    """A TLS 1.3-only server context that requires a client certificate signed by the CA.
+
+    The directory is checked first (:func:`~xmig.transport.pki.check_pki`, role "server"):
+    a :class:`~xmig.errors.PkiError` names the file at fault and why. When it holds
+    ``ca-crl.pem``, a client certificate that list revokes is refused. ``check=False`` skips
+    the check (only for tests that need a server with a bad certificate).
+    """
+    if check:
+        check_pki(pki, "server")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     _load(ctx, pki.ca_cert, pki.server_cert, pki.server_key)
+    _load_crl(ctx, pki.ca_crl)
     return ctx
 
 
-def client_context(pki: PkiPaths) -> ssl.SSLContext:
+def client_context(pki: PkiPaths, *, check: bool = True) -> ssl.SSLContext:
     """A TLS 1.3-only client context presenting the client certificate.
 
-    It verifies the server against the CA and checks its name: pass ``server_hostname=`` when
-    connecting (a DNS name or an IP address, matched against the server's SANs).
+    It verifies the server against the CA (and ``ca-crl.pem`` when present) and checks its
+    name: pass ``server_hostname=`` when connecting (a DNS name or an IP address, matched
+    against the server's SANs). The directory is checked first, as for
+    :func:`server_context` (role "client").
     """
+    if check:
+        check_pki(pki, "client")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = True
     _load(ctx, pki.ca_cert, pki.client_cert, pki.client_key)
+    _load_crl(ctx, pki.ca_crl)
     return ctx
 
 
-def classify_ssl_error(err: BaseException, *, peer: str = "") -> TransportError:
+# OpenSSL's X509_V_ERR_* codes for the causes an operator must be told in words.
+_VERIFY_CAUSES = {
+    9: "its certificate is not valid yet (made ahead of time, or a clock is behind)",
+    10: "its certificate has expired (renew it, or check the clocks)",
+    23: "its certificate is revoked (listed in ca-crl.pem)",
+    2: "its certificate is not signed by our CA",
+    18: "its certificate is self-signed, not signed by our CA",
+    19: "its certificate chain ends in a CA we do not trust",
+    20: "its certificate is not signed by our CA",
+    21: "its certificate is not signed by our CA",
+    26: "its certificate is not meant for this use (extended key usage)",
+}
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def classify_ssl_error(
+    err: BaseException, *, peer: str = "", server_hostname: str | None = None
+) -> TransportError:
     """The typed error for a failure of a TLS connection (handshake or later).
 
     * certificate refused, by us (:class:`ssl.SSLCertVerificationError`: unknown CA, expired,
-      hostname mismatch; its ``verify_message`` is kept) or by the peer (alerts such as
-      *unknown ca*, *certificate required*, *bad certificate*, *certificate expired*)
+      not yet valid, revoked, hostname mismatch; its ``verify_message`` is kept and the cause
+      said in words; for a mismatch the message says the server's certificate does not name
+      ``server_hostname``, the host dialled) or by the peer (alerts such as *unknown ca*,
+      *certificate required*, *bad certificate*, *certificate expired*)
       → :class:`AuthenticationError`;
     * a record that fails decryption (*bad record mac*, *decrypt error*) → :class:`IntegrityError`;
     * anything else (reset, EOF, timeout, other TLS errors such as a non-TLS peer)
@@ -95,8 +130,7 @@ def classify_ssl_error(err: BaseException, *, peer: str = "") -> TransportError:
     who = peer or "the peer"
     result: TransportError
     if isinstance(err, ssl.SSLCertVerificationError):
-        detail = err.verify_message or _reason(err)
-        result = AuthenticationError(f"refused the TLS certificate of {who}: {detail}")
+        result = AuthenticationError(_verify_failure(err, who, server_hostname))
     elif isinstance(err, ssl.SSLError) and not isinstance(err, ssl.SSLEOFError):
         key = f"{getattr(err, 'reason', None) or ''} {err}".upper().replace(" ", "_")
         reason = _reason(err)
@@ -118,6 +152,24 @@ def classify_ssl_error(err: BaseException, *, peer: str = "") -> TransportError:
         result = ConnectionBroken(f"connection to {who} broke: {_reason(err)}")
     result.__cause__ = err
     return result
+
+
+def _verify_failure(
+    err: ssl.SSLCertVerificationError, who: str, server_hostname: str | None
+) -> str:
+    """Words for a certificate we refused: what OpenSSL said, and what it means."""
+    detail = err.verify_message or _reason(err)
+    code = getattr(err, "verify_code", None)
+    text = f"refused the TLS certificate of {who}: {detail}"
+    if code in _NAME_MISMATCH or "mismatch" in detail.lower():
+        dialled = f" {server_hostname!r}" if server_hostname else ""
+        return (
+            f"{text}: the server's certificate does not name the host dialled{dialled} "
+            "(its names are in its subjectAltName: `xmig certs show` on the server lists "
+            "them; dial one of those, or reissue it with --server-name)"
+        )
+    cause = _VERIFY_CAUSES.get(code) if isinstance(code, int) else None
+    return f"{text}: {cause}" if cause else text
 
 
 async def start_tls_server(
@@ -225,7 +277,7 @@ async def _start_tls(
                 f"{peer or 'the peer'} closed the connection during the TLS handshake "
                 f"({_reason(err)}; did it refuse our certificate?)"
             ) from err
-        raise classify_ssl_error(err, peer=peer) from err
+        raise classify_ssl_error(err, peer=peer, server_hostname=server_hostname) from err
     if tls is None:  # the loop closed the connection under us
         raise ConnectionBroken(f"connection to {peer or 'the peer'} closed during TLS handshake")
     return tls
@@ -254,6 +306,18 @@ def _load(ctx: ssl.SSLContext, ca_cert: Path, cert: Path, key: Path) -> None:
         ctx.load_cert_chain(certfile=cert, keyfile=key)
     except OSError as err:
         raise ConfigError(f"cannot use {cert} with {key}: {_reason(err)}") from err
+
+
+def _load_crl(ctx: ssl.SSLContext, crl: Path) -> None:
+    """Check the peer's certificate against ``crl`` if that file exists (QEMU's habit)."""
+    if not crl.exists():
+        return
+    try:
+        ctx.load_verify_locations(cafile=crl)
+    except (OSError, ValueError) as err:
+        raise PkiError(f"cannot load the revocation list {crl}: {_reason(err)}",
+                       path=str(crl), reason="malformed") from err
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _reason(err: BaseException) -> str:
