@@ -44,6 +44,7 @@ from xmig.errors import ConfigError, GuestStateError, XmigError
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.journal import Journal
 from xmig.migration import MigrationOptions, SourceResult, migrate, send_decision
+from xmig.private import private_dir, unix_listener
 from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -105,7 +106,7 @@ async def start_source(spec: GuestSpec, emit: Emit) -> GuestHost:
         disk_bytes=spec.disk_bytes)
     claim_socket(ctl)
     try:
-        gdir.mkdir(parents=True, exist_ok=True)
+        private_dir(gdir, exist_ok=True)
         disk = RawFileBackend(make_disk_image(gdir / "disk.raw", spec.disk_bytes))
     except OSError as err:
         raise ConfigError(f"cannot create the guest's files in {gdir}: {err}") from err
@@ -145,7 +146,7 @@ class GuestHost:
 
     async def serve(self) -> int:
         claim_socket(self.ctl)
-        server = await asyncio.start_unix_server(self._on_client, path=str(self.ctl))
+        server = await asyncio.start_unix_server(self._on_client, sock=unix_listener(self.ctl))
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from xmig.errors import DiskFull, NbdProtocolError, StorageError
+from xmig.private import unix_listener
 from xmig.storage.disk import BlockBackend, WriteHook
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,12 @@ class NbdServer:
     # -- listeners ----------------------------------------------------------------------
 
     async def start_unix(self, path: str | os.PathLike[str]) -> None:
-        """Listen on a unix socket (a stale socket file at ``path`` is replaced)."""
+        """Listen on a unix socket, mode 0600 (a stale socket file at ``path`` is replaced;
+        any other file there is a ConfigError)."""
         p = Path(path)
         _remove_stale_socket(p)
-        self._servers.append(await asyncio.start_unix_server(self._accept, path=str(p)))
+        self._servers.append(await asyncio.start_unix_server(self._accept,
+                                                             sock=unix_listener(p)))
         self._unix_paths.append(p)
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
