@@ -272,7 +272,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from xmig.netem import parse_duration, parse_size
+    from xmig.units import argtype, parse_byte_rate, parse_duration, parse_size
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -284,11 +284,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "emulator on 2 cores; 0 lets the migration take the guest's CPU)")
     ap.add_argument("--quick", action="store_true",
                     help="256 MiB guest and disk, three links plus the SDPS pair")
-    ap.add_argument("--ram", default=None, help="guest RAM (default 1GiB, quick 256MiB)")
-    ap.add_argument("--disk", default=None, help="guest disk (default 2GiB, quick 256MiB)")
-    ap.add_argument("--oltp-rate", default="20MB", help="oltp page-write rate (default 20MB/s)")
-    ap.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
+    ap.add_argument("--ram", type=argtype(parse_size), default=None,
+                    help="guest RAM (default 1GiB, quick 256MiB)")
+    ap.add_argument("--disk", type=argtype(parse_size), default=None,
+                    help="guest disk (default 2GiB, quick 256MiB)")
+    ap.add_argument("--oltp-rate", type=argtype(parse_byte_rate), default="20MB/s",
+                    help="oltp page-write rate (default %(default)s)")
+    ap.add_argument("--disk-rate", type=argtype(parse_byte_rate), default="4MB/s",
+                    help="oltp disk-write rate (default %(default)s)")
     ap.add_argument("--max-downtime", default="auto",
+                    type=argtype(lambda t: t if t == "auto" else parse_duration(t)),
                     help="downtime budget; default auto: max(300ms, the point's target "
                          "1.5 x RTT + 100ms)")
     ap.add_argument("--warmup", type=float, default=1.0,
@@ -304,11 +309,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", default=[], metavar="SUBSTR",
                     help="run only the points whose name contains SUBSTR (repeatable)")
     args = ap.parse_args(argv)
-    args.ram = parse_size(args.ram or ("256MiB" if args.quick else "1GiB"))
-    args.disk = parse_size(args.disk or ("256MiB" if args.quick else "2GiB"))
-    args.oltp_rate = float(parse_size(args.oltp_rate))
-    args.disk_rate = float(parse_size(args.disk_rate))
-    args.max_downtime = None if args.max_downtime == "auto" else parse_duration(args.max_downtime)
+    args.ram = args.ram or parse_size("256MiB" if args.quick else "1GiB")
+    args.disk = args.disk or parse_size("256MiB" if args.quick else "2GiB")
+    if args.max_downtime == "auto":
+        args.max_downtime = None
     return args
 
 

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from xmig import __version__
-from xmig.netem import LinkSpec, Wan, parse_duration, parse_fraction, parse_rate
+from xmig.netem import LinkSpec, Wan
 from xmig.transport import certs, connect, listen, tls
 from xmig.transport.channels import Channel
 from xmig.transport.client import DEFAULT_CONGESTION, DEFAULT_STREAMS
 from xmig.transport.session import SessionConfig
+from xmig.units import parse_bit_rate as parse_rate
+from xmig.units import parse_duration, parse_fraction
 
 SAMPLE = 0.25
 CHUNK = 1 << 20

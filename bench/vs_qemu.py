@@ -48,8 +48,10 @@ from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
 from xmig.guest.qemu.native import NativeOptions, migrate_native
-from xmig.netem import LinkSpec, Wan, parse_duration, parse_rate, parse_size
+from xmig.netem import LinkSpec, Wan
 from xmig.qemurun import BOOT_S, REPORT_MS, QemuRun, default_build_dir, link_bytes, run_qemu_local
+from xmig.units import argtype, parse_duration, parse_size
+from xmig.units import parse_bit_rate as parse_rate
 
 MiB = 1 << 20
 LINKS = ("1gbit:100ms", "100mbit:50ms")
@@ -342,13 +344,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--link", action="append", default=[], metavar="RATE:RTT",
                     help=f"a link (repeatable; default {' '.join(LINKS)})")
     ap.add_argument("--workload", default="memdisk", help="test-guest workload")
-    ap.add_argument("--ram", default="128MiB", help="guest RAM (default %(default)s)")
-    ap.add_argument("--disk", default="32MiB", help="guest disk (default %(default)s)")
+    ap.add_argument("--ram", type=argtype(parse_size), default="128MiB",
+                    help="guest RAM (default %(default)s)")
+    ap.add_argument("--disk", type=argtype(parse_size), default="32MiB",
+                    help="guest disk (default %(default)s)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per side and link (medians)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds until a migration that has not switched over is cancelled")
-    ap.add_argument("--downtime-limit", default="300ms",
+    ap.add_argument("--downtime-limit", type=argtype(parse_duration), default="300ms",
                     help="QEMU's downtime-limit, both sides (default %(default)s)")
     ap.add_argument("--max-bandwidth", default="link",
                     help="QEMU-side max-bandwidth: link (the link's rate), unlimited, or a "
@@ -361,9 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the test guest's build folder (default %(default)s)")
     args = ap.parse_args(argv)
     args.links = [parse_link(t) for t in (args.link or (QUICK_LINKS if args.quick else LINKS))]
-    args.ram_mb = parse_size(args.ram) // MiB
-    args.disk = parse_size(args.disk)
-    args.downtime_limit_ms = round(parse_duration(args.downtime_limit) * 1000)
+    args.ram_mb = args.ram // MiB
+    args.downtime_limit_ms = round(args.downtime_limit * 1000)
     args.sides = tuple(s.strip() for s in args.sides.split(","))
     return args
 

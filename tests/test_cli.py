@@ -30,7 +30,7 @@ def test_demo_json_moves_data_across_a_cut_and_verifies_it(
 def test_demo_migrates_the_reference_guest(capsys: pytest.CaptureFixture[str],
                                            tmp_path: Path) -> None:
     rc = main(["demo", "--json", "--ram", "64MiB", "--disk", "32MiB", "--rate", "1gbit",
-               "--rtt", "10ms", "--dirty-rate", "10MB", "--disk-rate", "2MB",
+               "--rtt", "10ms", "--dirty-rate", "10MB/s", "--disk-rate", "2MB/s",
                "--plot", str(tmp_path / "t.png"), "--report", str(tmp_path / "r.json")])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     report = lines[-1]
@@ -50,6 +50,11 @@ def test_demo_migrates_the_reference_guest(capsys: pytest.CaptureFixture[str],
         ["demo", "--transport", "--size", "12"],
         ["demo", "--ram", "lots"],
         ["demo", "--rtt", "soon"],
+        ["demo", "--dirty-rate", "20 furlongs/s"],
+        ["demo", "--rate", "60MB"],  # a size, not a rate
+        ["demo", "--loss", "150%"],
+        ["demo", "--transport", "--cut-seconds", "-1"],
+        ["netem", "set", "--queue", "huge"],
     ],
 )
 def test_bad_flags_are_one_red_line_and_exit_2(
@@ -59,6 +64,9 @@ def test_bad_flags_are_one_red_line_and_exit_2(
     err = capsys.readouterr().err.strip()
     assert err.startswith("xmig: ConfigError:")
     assert "\n" not in err
+    flag = next((a for a in argv if a.startswith("--") and a != "--transport"), "")
+    if flag != "--streams" and flag != "--size":
+        assert f"{flag}: " in err and repr(argv[-1]) in err  # which flag, what was given
 
 
 @pytest.mark.root

@@ -1,6 +1,8 @@
 """The ``xmig`` command. It parses flags, calls the library and renders what it reports.
 
-A typed :class:`~xmig.errors.XmigError` becomes one red line on stderr and exit status 2.
+A typed :class:`~xmig.errors.XmigError` becomes one red line on stderr and exit status 2
+(``xmig migrate`` tells bad input, 2, from a migration that did not happen, 3, or failed
+after GO, 4: :mod:`xmig.cli_ops`). Sizes, rates and durations are read by :mod:`xmig.units`.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # a flag's value some commands check as a typed error (ConfigError) fails in here
+        args = parser.parse_args(argv)
         result = args.func(args)
     except XmigError as err:
         console = Console(stderr=True, soft_wrap=True)  # one line, however long

@@ -14,9 +14,23 @@ from rich.live import Live
 
 from xmig.cli_view import ProgressView, summary
 from xmig.errors import ConfigError
+from xmig.units import (
+    argtype,
+    parse_bit_rate,
+    parse_byte_rate,
+    parse_duration,
+    parse_fraction,
+    parse_size,
+)
 
 MiB = 1 << 20
 WRITE_SIZE = 4096
+
+
+def _flag(parse: Any, flag: str) -> Any:
+    """The argparse type of ``flag``: a bad value is a ConfigError naming it (one red line,
+    exit 2), read by :mod:`xmig.units` like every size, rate and duration of xmig."""
+    return argtype(parse, flag=flag)
 
 
 def add_parsers(sub: Any) -> None:
@@ -31,20 +45,30 @@ def add_parsers(sub: Any) -> None:
                       help="sim: the reference guest (default); qemu: the test guest booted "
                       "under QEMU (TCG), built from Debian packages in $XMIG_GUEST_BUILD or "
                       "build/guest (make guest-image)")
-    demo.add_argument("--rate", default="200mbit", help="link rate (default 200mbit)")
-    demo.add_argument("--rtt", default="50ms", help="round-trip time (default 50ms)")
-    demo.add_argument("--loss", default="0", help="random loss, e.g. 0.1%% (default 0)")
-    demo.add_argument("--ram", default="256MiB", help="guest RAM (default 256MiB)")
-    demo.add_argument("--disk", default="256MiB", help="guest disk (default 256MiB)")
+    demo.add_argument("--rate", type=_flag(parse_bit_rate, "--rate"), default="200mbit",
+                      help="link rate in bits/s (default %(default)s)")
+    demo.add_argument("--rtt", type=_flag(parse_duration, "--rtt"), default="50ms",
+                      help="round-trip time (default %(default)s)")
+    demo.add_argument("--loss", type=_flag(parse_fraction, "--loss"), default="0",
+                      help="random loss, e.g. 0.1%% or 0.001 (default %(default)s)")
+    demo.add_argument("--ram", type=_flag(parse_size, "--ram"), default="256MiB",
+                      help="guest RAM (default %(default)s)")
+    demo.add_argument("--disk", type=_flag(parse_size, "--disk"), default="256MiB",
+                      help="guest disk (default %(default)s)")
     demo.add_argument("--workload", default="oltp",
                       choices=["idle", "uniform", "hotset", "scan", "oltp"])
-    demo.add_argument("--dirty-rate", default="60MB", help="page-write rate (default 60MB/s)")
-    demo.add_argument("--disk-rate", default="4MB", help="oltp disk-write rate (default 4MB/s)")
-    demo.add_argument("--write-size", type=int, default=WRITE_SIZE,
+    demo.add_argument("--dirty-rate", type=_flag(parse_byte_rate, "--dirty-rate"),
+                      default="60MB/s", help="page-write rate (default %(default)s)")
+    demo.add_argument("--disk-rate", type=_flag(parse_byte_rate, "--disk-rate"),
+                      default="4MB/s", help="oltp disk-write rate (default %(default)s)")
+    demo.add_argument("--write-size", type=_flag(parse_size, "--write-size"),
+                      default=str(WRITE_SIZE),
                       help="bytes of a page each page write changes (default %(default)s: "
                       "whole pages: the guest outruns the link and SDPS shows)")
-    demo.add_argument("--max-downtime", default="300ms")
-    demo.add_argument("--timeout", default="120s", help="give up pre-copy after this")
+    demo.add_argument("--max-downtime", type=_flag(parse_duration, "--max-downtime"),
+                      default="300ms", help="downtime budget (default %(default)s)")
+    demo.add_argument("--timeout", type=_flag(parse_duration, "--timeout"), default="120s",
+                      help="give up pre-copy after this (default %(default)s)")
     demo.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
     demo.add_argument("--streams", type=int, default=2, help="parallel TCP connections")
     demo.add_argument("--no-verify", action="store_true",
@@ -57,9 +81,11 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--transport", action="store_true",
                       help="only the transport: send --size bytes, cut the link at half way")
-    demo.add_argument("--size", default="512MiB", help="with --transport: bytes to send")
-    demo.add_argument("--cut-seconds", type=float, default=2.0,
-                      help="with --transport: length of the link cut (0: none)")
+    demo.add_argument("--size", type=_flag(parse_size, "--size"), default="512MiB",
+                      help="with --transport: bytes to send (default %(default)s)")
+    demo.add_argument("--cut-seconds", type=_flag(parse_duration, "--cut-seconds"),
+                      default="2s", help="with --transport: length of the link cut, e.g. 2s "
+                      "or 1.5 (seconds; 0: none; default %(default)s)")
     out = demo.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON lines: progress, then the report")
     out.add_argument("--quiet", action="store_true", help="only the final report")
@@ -67,12 +93,11 @@ def add_parsers(sub: Any) -> None:
 
 
 def _link(args: argparse.Namespace) -> Any:
-    from xmig.netem import LinkSpec, parse_duration, parse_fraction, parse_rate
+    from xmig.netem import LinkSpec
 
     if args.streams < 1:
         raise ConfigError(f"--streams must be at least 1, not {args.streams}")
-    return LinkSpec.symmetric(rate_bps=parse_rate(args.rate), rtt_s=parse_duration(args.rtt),
-                              loss=parse_fraction(args.loss))
+    return LinkSpec.symmetric(rate_bps=args.rate, rtt_s=args.rtt, loss=args.loss)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -84,20 +109,16 @@ def run_demo(args: argparse.Namespace) -> int:
     from xmig.guest.sim import SimConfig
     from xmig.localrun import LocalRun, run_local
     from xmig.migration import MigrationOptions
-    from xmig.netem import parse_duration, parse_size
 
-    rate = float(parse_size(args.dirty_rate))
     run = LocalRun(
-        guest=SimConfig(ram_bytes=parse_size(args.ram), workload=args.workload, rate_Bps=rate,
-                        disk_rate_Bps=float(parse_size(args.disk_rate))
-                        if args.workload == "oltp" else 0.0,
-                        hotset_bytes=min(64 * MiB, parse_size(args.ram) // 4), seed=args.seed,
+        guest=SimConfig(ram_bytes=args.ram, workload=args.workload, rate_Bps=args.dirty_rate,
+                        disk_rate_Bps=args.disk_rate if args.workload == "oltp" else 0.0,
+                        hotset_bytes=min(64 * MiB, args.ram // 4), seed=args.seed,
                         write_size=args.write_size,
                         disk_url="nbd+unix:///?socket=/set-by-run_local"),
-        link=spec, disk_bytes=parse_size(args.disk), streams=args.streams,
-        options=MigrationOptions(max_downtime_s=parse_duration(args.max_downtime),
-                                 timeout_s=parse_duration(args.timeout), sdps=args.sdps,
-                                 verify=not args.no_verify),
+        link=spec, disk_bytes=args.disk, streams=args.streams,
+        options=MigrationOptions(max_downtime_s=args.max_downtime, timeout_s=args.timeout,
+                                 sdps=args.sdps, verify=not args.no_verify),
     )
     console = Console()
     if args.json:
@@ -129,16 +150,15 @@ def run_demo(args: argparse.Namespace) -> int:
 def _run_qemu(args: argparse.Namespace, spec: Any) -> int:
     """The QEMU test guest (memdisk workload) migrated over the emulated link."""
     from xmig.guest.qemu.migrate import QemuMigrationOptions
-    from xmig.netem import parse_duration, parse_size
     from xmig.qemurun import QemuRun, default_build_dir, run_qemu_local
 
     run = QemuRun(link=spec, build_dir=default_build_dir(),
-                  ram_mb=min(parse_size(args.ram), 512 * MiB) // MiB,
-                  disk_bytes=min(parse_size(args.disk), 256 * MiB),
+                  ram_mb=min(args.ram, 512 * MiB) // MiB,
+                  disk_bytes=min(args.disk, 256 * MiB),
                   streams=args.streams,
                   options=QemuMigrationOptions(
-                      downtime_limit_ms=int(parse_duration(args.max_downtime) * 1000),
-                      timeout_s=parse_duration(args.timeout), sdps=args.sdps == "on"))
+                      downtime_limit_ms=int(args.max_downtime * 1000),
+                      timeout_s=args.timeout, sdps=args.sdps == "on"))
     console = Console()
 
     def show(event: dict[str, Any]) -> None:
@@ -169,11 +189,8 @@ def _save(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 def _run_transport(args: argparse.Namespace, spec: Any) -> int:
     from xmig.demo import DemoProgress, progress_dict, run_transport_demo
-    from xmig.netem import parse_size
 
-    if args.cut_seconds < 0:
-        raise ConfigError("--cut-seconds cannot be negative")
-    total = parse_size(args.size)
+    total = args.size
     if total < (1 << 20):
         raise ConfigError("--size must be at least 1MiB")
     console = Console()

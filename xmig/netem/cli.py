@@ -30,18 +30,14 @@ import socket
 from typing import Any
 
 from xmig.errors import ConfigError, NetemError, NetemPermissionError
-from xmig.netem.spec import (
-    LinkSpec,
-    parse_duration,
-    parse_fraction,
-    parse_rate,
-    parse_size,
-)
+from xmig.netem.spec import LinkSpec
+from xmig.units import argtype, parse_bit_rate, parse_duration, parse_fraction, parse_size
 
 RUN_DIR = "/run/xmig-netem"
 DEFAULT_NAME = "xmig"
 CLIENT_TIMEOUT_S = 15.0
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,30}")
+_UNSET: Any = object()  #: --rate and --queue not given (None is a value of theirs)
 
 
 def socket_path(name: str) -> str:
@@ -55,8 +51,15 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _rate_arg(text: str) -> int | None:
-    return None if text.lower() in ("none", "unshaped", "0") else parse_rate(text)
+def parse_link_rate(text: str) -> int | None:
+    """A link rate (:func:`~xmig.units.parse_bit_rate`), or None (unshaped) for ``none``,
+    ``unshaped`` or ``0``."""
+    return None if text.strip().lower() in ("none", "unshaped", "0") else parse_bit_rate(text)
+
+
+def parse_queue(text: str) -> int | None:
+    """A queue bound (:func:`~xmig.units.parse_size`), or None (one BDP) for ``auto``."""
+    return None if text.strip().lower() == "auto" else parse_size(text)
 
 
 # -- client side ---------------------------------------------------------------------------
@@ -109,22 +112,28 @@ def sweep(name: str) -> list[str]:
 
 def _spec_from(args: argparse.Namespace, base: LinkSpec | None) -> LinkSpec:
     fields = base.to_dict() if base is not None else LinkSpec(None, 0.0, 0.0).to_dict()
-    if args.rate is not None:
-        fields["rate_bps"] = _rate_arg(args.rate)
-    if args.rtt is not None:
-        rtt = parse_duration(args.rtt)
-        fields["delay_fwd_s"] = fields["delay_rev_s"] = rtt / 2
-    if args.delay_fwd is not None:
-        fields["delay_fwd_s"] = parse_duration(args.delay_fwd)
-    if args.delay_rev is not None:
-        fields["delay_rev_s"] = parse_duration(args.delay_rev)
-    if args.loss is not None:
-        fields["loss"] = parse_fraction(args.loss)
-    if args.queue is not None:
-        fields["queue_bytes"] = None if args.queue.lower() == "auto" else parse_size(args.queue)
-    if args.seed is not None:
-        fields["seed"] = args.seed
+    fields.update(_changes(args))
     return LinkSpec.from_dict(fields)
+
+
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The LinkSpec fields the flags set (parsed by argparse, with :mod:`xmig.units`)."""
+    changes: dict[str, Any] = {}
+    if args.rate is not _UNSET:
+        changes["rate_bps"] = args.rate
+    if args.rtt is not None:
+        changes["delay_fwd_s"] = changes["delay_rev_s"] = args.rtt / 2
+    if args.delay_fwd is not None:
+        changes["delay_fwd_s"] = args.delay_fwd
+    if args.delay_rev is not None:
+        changes["delay_rev_s"] = args.delay_rev
+    if args.loss is not None:
+        changes["loss"] = args.loss
+    if args.queue is not _UNSET:
+        changes["queue_bytes"] = args.queue
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    return changes
 
 
 def _handle(link: Any, message: dict[str, Any]) -> dict[str, Any]:
@@ -236,21 +245,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
-    changes: dict[str, Any] = {}
-    if args.rate is not None:
-        changes["rate_bps"] = _rate_arg(args.rate)
-    if args.rtt is not None:
-        changes["delay_fwd_s"] = changes["delay_rev_s"] = parse_duration(args.rtt) / 2
-    if args.delay_fwd is not None:
-        changes["delay_fwd_s"] = parse_duration(args.delay_fwd)
-    if args.delay_rev is not None:
-        changes["delay_rev_s"] = parse_duration(args.delay_rev)
-    if args.loss is not None:
-        changes["loss"] = parse_fraction(args.loss)
-    if args.queue is not None:
-        changes["queue_bytes"] = None if args.queue.lower() == "auto" else parse_size(args.queue)
-    if args.seed is not None:
-        changes["seed"] = args.seed
+    changes = _changes(args)
     if not changes:
         raise ConfigError("nothing to set: give --rate, --rtt, --delay-fwd/rev, --loss or --queue")
     answer = request(args.name, "set", changes=changes)
@@ -280,12 +275,23 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _link_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", help="link rate: 1gbit, 100mbit, 500kbit, 1e9; none = unshaped")
-    parser.add_argument("--rtt", help="round-trip time, split evenly: 200ms, 1.5s")
-    parser.add_argument("--delay-fwd", help="one-way delay src -> dst (overrides --rtt's half)")
-    parser.add_argument("--delay-rev", help="one-way delay dst -> src")
-    parser.add_argument("--loss", help="random loss per direction: 0.1%% or 0.001")
-    parser.add_argument("--queue", help="queue bound per direction in bytes (auto: 1 BDP)")
+    """The link's flags; a bad value is a ConfigError naming the flag (one red line)."""
+    parser.add_argument("--rate", type=argtype(parse_link_rate, flag="--rate"), default=_UNSET,
+                        metavar="RATE",
+                        help="link rate in bits/s: 1gbit, 100mbit, 500kbit, 1e9; none = unshaped")
+    parser.add_argument("--rtt", type=argtype(parse_duration, flag="--rtt"),
+                        metavar="DURATION", help="round-trip time, split evenly: 200ms, 1.5s")
+    parser.add_argument("--delay-fwd", type=argtype(parse_duration, flag="--delay-fwd"),
+                        metavar="DURATION",
+                        help="one-way delay src -> dst (overrides --rtt's half)")
+    parser.add_argument("--delay-rev", type=argtype(parse_duration, flag="--delay-rev"),
+                        metavar="DURATION", help="one-way delay dst -> src")
+    parser.add_argument("--loss", type=argtype(parse_fraction, flag="--loss"),
+                        metavar="FRACTION", help="random loss per direction: 0.1%% or 0.001")
+    parser.add_argument("--queue", type=argtype(parse_queue, flag="--queue"), default=_UNSET,
+                        metavar="SIZE", help="queue bound per direction: a size such as "
+                        "4MiB or 262144 (bytes); auto: one bandwidth-delay product, at least "
+                        "256KiB")
     parser.add_argument("--seed", type=int, help="seed of the loss RNG")
 
 

@@ -1,6 +1,8 @@
-"""Link parameters of the WAN emulator and the parsers for their operator spellings.
+"""Link parameters of the WAN emulator, and its parsers for their operator spellings.
 
-``parse_rate("1gbit")`` → ``1_000_000_000`` (bits per second, SI prefixes);
+The parsers are :mod:`xmig.units`' (one parser for every size, rate and duration of xmig),
+under the names this package has always exported: ``parse_rate("1gbit")`` →
+``1_000_000_000`` (bits per second, :func:`~xmig.units.parse_bit_rate`);
 ``parse_duration("200ms")`` → ``0.2``; ``parse_fraction("0.1%")`` → ``0.001``;
 ``parse_size("4MiB")`` → ``4194304``. Junk raises :class:`~xmig.errors.ConfigError`.
 """
@@ -8,128 +10,32 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from xmig.errors import ConfigError
+from xmig.units import (
+    format_bit_rate,
+    format_duration,
+    format_fraction,
+    format_size,
+    parse_duration,
+    parse_fraction,
+    parse_size,
+)
+from xmig.units import parse_bit_rate as parse_rate
+
+__all__ = ["MIN_QUEUE_BYTES", "LinkSpec", "format_rate", "parse_duration", "parse_fraction",
+           "parse_rate", "parse_size"]
 
 #: Smallest default queue bound (bytes), whatever the bandwidth-delay product.
 MIN_QUEUE_BYTES = 256 * 1024
 
-_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
-_RATE_UNITS = {
-    "": 1,
-    "bit": 1,
-    "kbit": 10**3,
-    "mbit": 10**6,
-    "gbit": 10**9,
-    "tbit": 10**12,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-}
-_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-}
-
-
-def _split(text: str, what: str) -> tuple[float, str]:
-    match = re.fullmatch(_NUMBER + r"\s*([a-zA-Zµ%/]*)", text.strip())
-    if match is None:
-        raise ConfigError(f"cannot read {text!r} as a {what}")
-    return float(match.group(1)), match.group(2).lower()
-
-
-def parse_rate(text: str | int) -> int:
-    """Bits per second from ``"1gbit"``, ``"100mbit"``, ``"500kbit"``, ``"1e9"`` or an int.
-
-    SI prefixes (k = 1000). Byte units such as ``"mbps"`` are refused as ambiguous.
-    """
-    if isinstance(text, bool):
-        raise ConfigError(f"cannot read {text!r} as a rate")
-    if isinstance(text, int):
-        value: float = text
-    else:
-        number, unit = _split(text, "rate")
-        unit = unit.removesuffix("/s")
-        if unit not in _RATE_UNITS:
-            raise ConfigError(
-                f"unknown rate unit in {text!r}: use bit, kbit, mbit or gbit (bits per second)"
-            )
-        value = number * _RATE_UNITS[unit]
-    if not math.isfinite(value) or value < 1:
-        raise ConfigError(f"rate must be at least 1 bit/s, got {text!r}")
-    return round(value)
-
-
-def parse_duration(text: str | float) -> float:
-    """A duration in seconds from ``"200ms"``, ``"1.5s"``, ``"50us"`` or a number of seconds."""
-    if isinstance(text, bool):
-        raise ConfigError(f"cannot read {text!r} as a duration")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        number, unit = _split(text, "duration")
-        if unit not in _DURATION_UNITS:
-            raise ConfigError(f"unknown duration unit in {text!r}: use s, ms or us")
-        value = number * _DURATION_UNITS[unit]
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"duration must be finite and not negative, got {text!r}")
-    return value
-
-
-def parse_fraction(text: str | float) -> float:
-    """A fraction in [0, 1] from ``"0.1%"`` (→ 0.001) or ``"0.001"``."""
-    if isinstance(text, bool):
-        raise ConfigError(f"cannot read {text!r} as a fraction")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        number, unit = _split(text, "fraction")
-        if unit not in ("", "%"):
-            raise ConfigError(f"a fraction is a number or a percentage, got {text!r}")
-        value = number / 100 if unit == "%" else number
-    if not (0.0 <= value <= 1.0):
-        raise ConfigError(f"fraction must lie in [0, 1] (or 0%..100%), got {text!r}")
-    return value
-
-
-def parse_size(text: str | int) -> int:
-    """A size in bytes from ``"262144"``, ``"256KiB"``, ``"4MB"`` (k = 1000, Ki = 1024)."""
-    if isinstance(text, bool):
-        raise ConfigError(f"cannot read {text!r} as a size")
-    if isinstance(text, int):
-        value: float = text
-    else:
-        number, unit = _split(text, "size")
-        if unit not in _SIZE_UNITS:
-            raise ConfigError(f"unknown size unit in {text!r}: use bytes, KiB, MiB, kB or MB")
-        value = number * _SIZE_UNITS[unit]
-    if not math.isfinite(value) or value < 1:
-        raise ConfigError(f"size must be at least 1 byte, got {text!r}")
-    return round(value)
-
 
 def format_rate(rate_bps: int | None) -> str:
-    """``1000000000`` → ``"1gbit"``; ``None`` → ``"unshaped"``."""
-    if rate_bps is None:
-        return "unshaped"
-    for unit, factor in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if rate_bps >= factor:
-            return f"{rate_bps / factor:g}{unit}"
-    return f"{rate_bps}bit"
+    """``1000000000`` → ``"1gbit"`` (what :func:`parse_rate` reads back); ``None`` →
+    ``"unshaped"``."""
+    return "unshaped" if rate_bps is None else format_bit_rate(rate_bps)
 
 
 @dataclass(frozen=True)
@@ -210,11 +116,12 @@ class LinkSpec:
             raise ConfigError(f"bad link spec {data!r}: {err}") from err
 
     def describe(self) -> str:
-        """A one-line human summary."""
+        """A one-line human summary, in units :mod:`xmig.units` reads back."""
         if math.isclose(self.delay_fwd_s, self.delay_rev_s):
-            delay = f"rtt {self.rtt_s * 1e3:g}ms"
+            delay = f"rtt {format_duration(self.rtt_s)}"
         else:
-            delay = f"delay {self.delay_fwd_s * 1e3:g}ms fwd / {self.delay_rev_s * 1e3:g}ms rev"
+            delay = (f"delay {format_duration(self.delay_fwd_s)} fwd / "
+                     f"{format_duration(self.delay_rev_s)} rev")
         queue = self.effective_queue_bytes()
-        text = f"rate {format_rate(self.rate_bps)}, {delay}, loss {self.loss * 100:g}%"
-        return text + (f", queue {queue} B" if queue is not None else "")
+        text = f"rate {format_rate(self.rate_bps)}, {delay}, loss {format_fraction(self.loss)}"
+        return text + (f", queue {format_size(queue)}" if queue is not None else "")
