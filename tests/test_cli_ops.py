@@ -3,9 +3,16 @@ the control protocol's validation, and the progress view and report helpers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import re
 import socket
-from collections.abc import Iterator
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +22,7 @@ from tests.opsproc import Proc, is_ready, spawn, status, xmig
 from xmig import hostctl
 from xmig.cli import main
 from xmig.cli_view import ProgressView, summary
-from xmig.errors import ConfigError, GuestNotFound, MigrationAborted, NotConverging
+from xmig.errors import ConfigError, GuestNotFound, MigrationAborted, NotConverging, QemuError
 from xmig.report import aborted_report, downtime_estimate
 from xmig.transport.certs import init_pki
 
@@ -42,9 +49,11 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def one_red_line(err: str, kind: str) -> None:
+    """``err`` is one red line naming the error ``kind`` (a ``|`` separates the kinds that
+    may be named, e.g. a PKI error: ``PkiError|ConfigError``)."""
     line = err.strip()
     assert "\n" not in line, line
-    assert line.startswith(f"xmig: {kind}:"), line
+    assert any(line.startswith(f"xmig: {k}:") for k in kind.split("|")), line
 
 
 def test_unreachable_agent_is_a_typed_error_and_the_guest_runs_on(guest: str, pki: Path) -> None:
@@ -82,7 +91,7 @@ def test_bad_pki_changes_nothing(guest: str, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["migrate", "--guest", guest, "--to", "127.0.0.1:7",
                  "--pki", str(tmp_path / "none")]) == 2
-    one_red_line(capsys.readouterr().err, "ConfigError")
+    one_red_line(capsys.readouterr().err, "PkiError|ConfigError")
     assert status(guest)["state"] == "running"
 
 
@@ -114,7 +123,7 @@ def test_bad_migrate_flags_are_argparse_errors(
         (["guest", "start", "--name", "x", "--workdir", "/nonexistent", "--ram", "100KiB"],
          "ConfigError"),
         (["agent", "--listen", "127.0.0.1:0", "--pki", "/nonexistent", "--workdir", "/tmp"],
-         "ConfigError"),
+         "PkiError|ConfigError"),
     ],
 )
 def test_bad_host_input_is_one_red_line(argv: list[str], kind: str,
@@ -227,3 +236,248 @@ def test_progress_view_of_a_qemu_guest_shows_its_stream() -> None:
     values = [str(c) for c in view.render().columns[1]._cells]
     assert "QEMU stream" in cells and "round" not in cells
     assert "50.0 MiB sent  max-bandwidth 12.5 MB/s" in values
+
+
+# -- a path that is not what its flag needs: bad input, exit 2, said in words ------------
+
+
+class FakeServer:
+    """A Unix socket server that is not an xmig guest host nor a QEMU: ``banner`` greets
+    like an SSH server, ``http`` answers a request line like a web server, ``json`` answers
+    it with a JSON object of another protocol, ``close`` hangs up at once, ``silent``
+    accepts and says nothing."""
+
+    def __init__(self, path: Path, behaviour: str) -> None:
+        self.path, self.behaviour = path, behaviour
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # shut down: the test is over
+                return
+            conn.settimeout(30)
+            with contextlib.suppress(OSError):
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        if self.behaviour == "silent":
+            self.held.append(conn)
+            return
+        with conn:
+            if self.behaviour == "banner":
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+                while conn.recv(4096):
+                    pass
+            elif self.behaviour in ("http", "json"):
+                conn.makefile("rb").readline()
+                conn.sendall(b'{"jsonrpc": "2.0", "id": 1}\n' if self.behaviour == "json"
+                             else b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept
+        self.sock.close()
+        self.thread.join(10)
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Start a :class:`FakeServer` at ``tmp_path/d/x.sock``; its directory holds nothing else."""
+    servers: list[FakeServer] = []
+
+    def start(behaviour: str) -> Path:
+        (tmp_path / "d").mkdir()
+        servers.append(FakeServer(tmp_path / "d" / "x.sock", behaviour))
+        return servers[-1].path
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def not_a_socket(tmp_path: Path, kind: str) -> Path:
+    """A path of ``kind`` (missing, file, directory, stale) in a directory of its own."""
+    where = tmp_path / "d"
+    where.mkdir()
+    path = where / "x.sock"
+    if kind == "file":
+        path.write_text("not a socket\n")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "stale":
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))  # bound, never listening: connections are refused
+    return path
+
+
+PATH_WORDS = {"missing": "not found: no such file or directory", "file": "is a regular file",
+              "directory": "is a directory", "stale": "nothing listens at"}
+
+
+@pytest.mark.parametrize("kind", sorted(PATH_WORDS))
+@pytest.mark.parametrize("command", ["migrate", "status", "stop"])
+def test_a_guest_path_that_is_no_socket_is_bad_input_in_words(
+        kind: str, command: str, tmp_path: Path, pki: Path) -> None:
+    path = not_a_socket(tmp_path, kind)
+    argv = (["migrate", "--guest", str(path), "--to", "127.0.0.1:7", "--pki", str(pki)]
+            if command == "migrate" else ["guest", command, "--guest", str(path)])
+    r = xmig(*argv)
+    assert r.returncode == 2, r.stderr
+    one_red_line(r.stderr, "GuestNotFound")
+    assert PATH_WORDS[kind] in r.stderr and str(path) in r.stderr
+    assert "xmig guest host's control socket" in r.stderr or kind == "stale"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "why"),
+    [("http", "it answered with something that is not xmig's control protocol"),
+     ("json", "it answered with something that is not xmig's control protocol"),
+     ("banner", "it answered with something that is not xmig's control protocol"),
+     ("close", "")],
+)
+@pytest.mark.parametrize("command", ["migrate", "status"])
+def test_a_socket_that_is_not_a_guest_host_is_bad_input(
+        behaviour: str, why: str, command: str, fake: Callable[[str], Path],
+        pki: Path) -> None:
+    path = fake(behaviour)
+    argv = (["migrate", "--guest", str(path), "--to", "127.0.0.1:7", "--pki", str(pki)]
+            if command == "migrate" else ["guest", command, "--guest", str(path)])
+    r = xmig(*argv)
+    assert r.returncode == 2, r.stderr
+    one_red_line(r.stderr, "GuestNotFound")
+    assert f"{path} is not an xmig guest host's control socket ({why}" in r.stderr
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.sock"]
+
+
+def test_a_socket_that_never_answers_is_not_taken_for_a_host(
+        fake: Callable[[str], Path]) -> None:
+    path = fake("silent")
+    started = time.monotonic()
+    with pytest.raises(GuestNotFound, match=re.escape(
+            "is not an xmig guest host's control socket (it did not answer in time")):
+        hostctl.request(path, "stop", probe_timeout=0.5)  # a stop goes to a host only
+    assert time.monotonic() - started < 5
+
+
+# -- --qemu-qmp: not a QMP socket is bad input, refused fast; nothing is created -----------
+
+
+@pytest.mark.parametrize("kind", sorted(PATH_WORDS))
+def test_a_qmp_path_that_is_no_socket_is_bad_input_and_creates_nothing(
+        kind: str, tmp_path: Path, pki: Path) -> None:
+    path = not_a_socket(tmp_path, kind)
+    before = sorted(p.name for p in path.parent.iterdir())
+    r = xmig("migrate", "--qemu-qmp", str(path), "--to", "127.0.0.1:7", "--pki", str(pki))
+    assert r.returncode == 2, r.stderr
+    one_red_line(r.stderr, "GuestNotFound")
+    assert PATH_WORDS[kind] in r.stderr and str(path) in r.stderr
+    assert sorted(p.name for p in path.parent.iterdir()) == before  # no xmig/ beside it
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "why"),
+    [("banner", "it answered with something that is not a QMP greeting"),
+     ("close", "it closed the connection without a greeting"),
+     ("http", "it did not greet within 2 s"), ("silent", "it did not greet within 2 s")],
+)
+def test_a_socket_that_is_not_qmp_is_bad_input_refused_fast_and_creates_nothing(
+        behaviour: str, why: str, fake: Callable[[str], Path], pki: Path,
+        tmp_path: Path) -> None:
+    path = fake(behaviour)
+    r = xmig("migrate", "--qemu-qmp", str(path), "--to", "127.0.0.1:7", "--pki", str(pki))
+    assert r.returncode == 2, r.stderr
+    one_red_line(r.stderr, "QemuError")
+    assert f"{path} is not a QEMU QMP socket: {why}" in r.stderr
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.sock"]  # no xmig/ beside it
+    r = xmig("migrate", "--qemu-qmp", str(path), "--to", "127.0.0.1:7", "--pki", str(pki),
+             "--workdir", str(tmp_path / "w"))
+    assert r.returncode == 2 and not (tmp_path / "w").exists()
+
+
+def test_a_qmp_socket_that_does_not_greet_is_refused_within_the_greeting_timeout(
+        fake: Callable[[str], Path], tmp_path: Path) -> None:
+    from xmig.guest.qemu.attach import GREETING_TIMEOUT_S, attach_qemu
+
+    path = fake("silent")
+    started = time.monotonic()
+    with pytest.raises(QemuError, match="did not greet"):
+        asyncio.run(attach_qemu(path, workdir=tmp_path / "w"))
+    assert GREETING_TIMEOUT_S <= 2.0
+    assert time.monotonic() - started < GREETING_TIMEOUT_S + 1.5
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_source_workdir_is_private(tmp_path: Path) -> None:
+    from xmig.qemusource import prepare_workdir
+
+    fresh = tmp_path / "a" / "xmig"
+    prepare_workdir(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    assert stat.S_IMODE((fresh / "journal").stat().st_mode) == 0o600
+    old = tmp_path / "old"
+    old.mkdir(mode=0o755)
+    (old / "journal").write_text("")
+    os.chmod(old, 0o755)
+    os.chmod(old / "journal", 0o644)
+    prepare_workdir(old)  # an existing one of ours is made private, its journal kept
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+    assert stat.S_IMODE((old / "journal").stat().st_mode) == 0o600
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError):
+        prepare_workdir(tmp_path / "file")
+
+
+# -- the agent's limits and allow-list reach serve_agent ------------------------------------
+
+
+def test_agent_limits_and_allow_patterns_are_passed_on(
+        tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import xmig.agentd
+
+    seen: list[dict[str, Any]] = []
+
+    async def fake_serve(**kwargs: Any) -> int:
+        seen.append(kwargs)
+        return 0
+
+    monkeypatch.setattr(xmig.agentd, "serve_agent", fake_serve)
+    base = ["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir", str(tmp_path)]
+    assert main(base) == 0
+    assert (seen[-1]["max_ram_bytes"], seen[-1]["max_disk_bytes"], seen[-1]["allow"]) == \
+        (None, None, ())
+    assert main([*base, "--max-ram", "4GiB", "--max-disk", "1TB", "--allow", "CN=src*",
+                 "--allow", "*.example.net"]) == 0
+    assert (seen[-1]["max_ram_bytes"], seen[-1]["max_disk_bytes"], seen[-1]["allow"]) == \
+        (4 << 30, 10**12, ("CN=src*", "*.example.net"))
+
+
+@pytest.mark.parametrize("flags", [["--max-ram", "lots"], ["--max-disk", "0"],
+                                   ["--max-ram", "-1GiB"]])
+def test_bad_agent_limits_are_argparse_errors(flags: list[str], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["agent", "--listen", "127.0.0.1:0", "--pki", "/x", "--workdir", str(tmp_path),
+              *flags])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_an_agent_with_limits_and_an_allow_list_starts(tmp_path: Path, pki: Path) -> None:
+    agent = spawn(["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir",
+                   str(tmp_path / "dst"), "--max-ram", "1GiB", "--max-disk", "2GiB",
+                   "--allow", "*", "--json"], tmp_path, "agent")
+    try:
+        assert agent.expect(is_ready("agent"), 30)["port"] > 0
+        agent.popen.terminate()
+        assert agent.wait(30) == 0
+    finally:
+        agent.kill()

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -203,30 +204,90 @@ class Outcome:
     after_go: bool = False
 
 
+#: how long a host has to answer a status request: one that does not is not taken for one
+PROBE_TIMEOUT_S = 10.0
+NOT_A_HOST = "is not an xmig guest host's control socket"
+
+
+def not_a_socket(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be ``what`` (e.g. "an xmig guest host's control socket"), in
+    words, when it is not a Unix socket: it does not exist, or it is a directory, a regular
+    file, ...; None when it is a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{path} not found: no such file or directory (want {what})"
+    except OSError as err:
+        return f"{path} cannot be looked at ({err.strerror or err}): want {what}"
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "not a socket")
+    return f"{path} is {kind}, not {what}"
+
+
+def connect_unix(path: Path, what: str, timeout: float) -> socket.socket:
+    """A connected Unix socket to ``path``, which should be ``what``; GuestNotFound saying
+    in words why not: not found, a directory, a regular file, nothing listening (a stale
+    socket), not allowed."""
+    why = not_a_socket(path, what)
+    if why is not None:
+        raise GuestNotFound(why)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fsencode(path))
+    except BaseException as err:
+        sock.close()
+        if isinstance(err, ConnectionRefusedError):
+            raise GuestNotFound(f"nothing listens at {path}: a stale socket (whatever served "
+                                f"it exited), not {what}") from err
+        if isinstance(err, FileNotFoundError | NotADirectoryError):
+            raise GuestNotFound(f"{path} not found: no such file or directory (want "
+                                f"{what})") from err
+        if isinstance(err, PermissionError):
+            raise GuestNotFound(f"cannot connect to {path}: permission denied (a socket of "
+                                "another user?)") from err
+        if isinstance(err, OSError):
+            raise GuestNotFound(f"cannot connect to {path} ({what}): "
+                                f"{err.strerror or err}") from err
+        raise
+    return sock
+
+
+def _is_reply(obj: Any) -> bool:
+    """A line of the control protocol: an answer (``ok``) or a progress event."""
+    return isinstance(obj, dict) and (isinstance(obj.get("ok"), bool) or "event" in obj)
+
+
 class _Connection:
-    def __init__(self, path: Path, timeout: float) -> None:
+    """One request to a host. Until a line of the control protocol came back (``known``),
+    anything else is a :class:`GuestNotFound`: the socket is not a host's."""
+
+    def __init__(self, path: Path, timeout: float, *, known: bool = False) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(os.fsencode(path))
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as err:
-            self.sock.close()
-            why = "no such socket" if isinstance(err, FileNotFoundError | NotADirectoryError) \
-                else "nothing listens there (stale socket: its host exited)"
-            raise GuestNotFound(f"no guest host at {path}: {why}") from err
-        except OSError as err:
-            self.sock.close()
-            raise GuestNotFound(f"cannot reach the guest host at {path}: {err}") from err
+        self.sock = connect_unix(path, "an xmig guest host's control socket", timeout)
         self.buf = b""
+        self.known = known
+
+    def _not_a_host(self, why: str) -> GuestNotFound:
+        return GuestNotFound(f"{self.path} {NOT_A_HOST} ({why})")
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.sock.sendall(encode(obj))
+        try:
+            self.sock.sendall(encode(obj))
+        except OSError as err:
+            if not self.known:
+                raise self._not_a_host(f"it closed the connection: {err}") from err
+            raise GuestError(f"lost the guest host at {self.path}: {err}") from err
 
     def read(self, deadline: float) -> dict[str, Any]:
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
             if left <= 0:
+                if not self.known:
+                    raise self._not_a_host("it did not answer in time; or its host is hung")
                 raise GuestError(f"the guest host at {self.path} did not answer in time")
             self.sock.settimeout(left)
             try:
@@ -234,30 +295,50 @@ class _Connection:
             except TimeoutError:
                 continue
             except OSError as err:
+                if not self.known:
+                    raise self._not_a_host(f"the connection broke: {err}") from err
                 raise GuestError(f"lost the guest host at {self.path}: {err}") from err
             if not chunk:
+                if not self.known:
+                    raise self._not_a_host("it closed the connection without answering")
                 raise GuestError(f"the guest host at {self.path} closed the connection "
                                  "without an answer (did it exit?)")
             self.buf += chunk
+            if not self.known and len(self.buf) > MAX_REQUEST_BYTES and b"\n" not in self.buf:
+                raise self._not_a_host("it answered with something that is not xmig's "
+                                       "control protocol")
         line, _, self.buf = self.buf.partition(b"\n")
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if not self.known:
+                raise self._not_a_host("it answered with something that is not xmig's "
+                                       "control protocol") from err
             raise GuestError(f"the guest host sent a bad line: {err}") from err
-        if not isinstance(obj, dict):
-            raise GuestError("the guest host sent a non-object line")
-        return obj
+        if not _is_reply(obj):
+            if not self.known:
+                raise self._not_a_host("it answered with something that is not xmig's "
+                                       "control protocol")
+            raise GuestError("the guest host sent a line that is not of its protocol")
+        self.known = True
+        return dict(obj)
 
     def close(self) -> None:
         self.sock.close()
 
 
-def request(path: Path, op: str, *, timeout: float = 30.0) -> dict[str, Any]:
-    """``status`` or ``stop``: the host's status object; its typed error if it refused."""
-    conn = _Connection(path, timeout)
+def request(path: Path, op: str, *, timeout: float = 30.0,
+            probe_timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """``status`` or ``stop``: the host's status object; its typed error if it refused.
+    GuestNotFound, in words, when ``path`` is not a host's control socket: not found, a
+    directory or a file, nothing listening, or no answer of the protocol to ``status`` within
+    ``probe_timeout`` (a ``stop`` is sent only to a socket that answered a ``status``)."""
+    if op != "status":
+        request(path, "status", probe_timeout=probe_timeout)
+    conn = _Connection(path, timeout, known=op != "status")
     try:
         conn.send({"op": op})
-        reply = conn.read(time.monotonic() + timeout)
+        reply = conn.read(time.monotonic() + (probe_timeout if op == "status" else timeout))
     finally:
         conn.close()
     if not reply.get("ok"):
@@ -267,15 +348,21 @@ def request(path: Path, op: str, *, timeout: float = 30.0) -> dict[str, Any]:
 
 
 def migrate(path: Path, req: MigrateRequest, *,
-            on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Outcome:
+            on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+            probe_timeout: float = PROBE_TIMEOUT_S) -> Outcome:
     """Ask the host at ``path`` to migrate its guest; ``on_event`` gets each progress event.
-    A host that cannot be reached raises GuestNotFound; anything after that is in the
+    When ``path`` is not a host's control socket (see :func:`request`: it is first asked its
+    status) GuestNotFound is raised, saying why; anything after that is in the
     :class:`Outcome`."""
+    request(path, "status", probe_timeout=probe_timeout)
     # a generous bound: the host ends every migration by itself (its own timeouts)
     deadline = time.monotonic() + req.connect_timeout_s + req.timeout_s + 600.0
-    conn = _Connection(path, 10.0)
+    conn = _Connection(path, 10.0, known=True)
     try:
-        conn.send(req.to_json())
+        try:
+            conn.send(req.to_json())
+        except GuestError as err:
+            return Outcome(None, err)
         while True:
             try:
                 msg = conn.read(deadline)

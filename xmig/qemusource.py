@@ -5,7 +5,8 @@ nothing is changed by that), connects to the destination agent (``xmig agent --q
 …``) over mutually authenticated TLS and migrates the guest with
 :func:`~xmig.guest.qemu.migrate.migrate_qemu`. Its journal and the mirror's shadow image go to
 ``workdir``. Once the destination runs the guest, the source QEMU (paused since
-pre-switchover, never run again) is told to quit, unless ``keep_source``. Before GO any
+pre-switchover, never run again) is told to quit, unless ``keep_source``. Nothing is created
+before attaching succeeded; then ``workdir`` is made private (0700, the journal 0600). Before GO any
 failure leaves the source QEMU running (MigrationAborted). After GO without RESUMED the
 destination may be waiting in doubt: this process reaches its agent again with the
 journaled GO (and the RAM repair) until it answers (:mod:`~xmig.guest.qemu.settle`).
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from xmig import hostctl
-from xmig.errors import GuestNotFound, XmigError
+from xmig.errors import ConfigError, GuestNotFound, XmigError
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
 from xmig.journal import Journal
+from xmig.private import FILE_MODE, create_file, private_dir
 from xmig.report import downtime_estimate
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
@@ -61,13 +65,13 @@ async def migrate_attached(req: QemuMigrateRequest,
     tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
     host, port = hostctl.parse_endpoint(req.to)
     workdir = req.workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    source = await attach_qemu(req.qmp, workdir=workdir)
+    source = await attach_qemu(req.qmp, workdir=workdir)  # creates nothing
     name = source.config.name
     result: QemuSourceResult | None = None
     wire: dict[str, Any] = {}
     arrived = False  #: the destination runs the guest (RESUMED, or settled)
     try:
+        prepare_workdir(workdir)
         on_event({"event": "attached", "name": name, "pid": source.pid,
                   "ram_mb": source.config.ram_mb, "disk_bytes": source.disk_bytes})
         config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
@@ -123,6 +127,33 @@ async def migrate_attached(req: QemuMigrateRequest,
         else:
             with contextlib.suppress(XmigError):
                 await source.detach()
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Make ``workdir`` (journal, mirror image, sockets: a guest's disk writes and the power
+    to decide its migration) private: a directory of mode 0700, the journal 0600.
+    ConfigError when it cannot be made, or is not ours and open to others."""
+    try:
+        private_dir(workdir, exist_ok=True)
+        st = os.stat(workdir)
+    except OSError as err:
+        raise ConfigError(f"--workdir {workdir} cannot be made: {err.strerror or err}") from err
+    if st.st_uid != os.geteuid() and st.st_mode & 0o077:
+        raise ConfigError(f"--workdir {workdir} belongs to uid {st.st_uid} and is open to "
+                          f"others (mode {stat.S_IMODE(st.st_mode):04o}): xmig keeps the "
+                          "migration's journal, disk writes and sockets there; give a "
+                          "directory of its own")
+    journal = workdir / "journal"
+    try:
+        os.close(create_file(journal))
+    except FileExistsError:
+        jst = os.lstat(journal)
+        if not stat.S_ISREG(jst.st_mode):
+            raise ConfigError(f"{journal} is not a regular file") from None
+        if jst.st_uid == os.geteuid():
+            os.chmod(journal, FILE_MODE)
+    except OSError as err:
+        raise ConfigError(f"cannot create {journal}: {err.strerror or err}") from err
 
 
 def _go_journaled(workdir: Path, migration: str) -> bool:

@@ -53,6 +53,7 @@ async def test_attach_learns_the_guest_from_qmp_and_its_command_line(
         await running.detach()
         attached = await attach_qemu(qmp, workdir=tmp_path / "mig")
         try:
+            assert not (tmp_path / "mig").exists()  # attaching creates nothing
             c = attached.config
             assert (c.ram_mb, c.smp, c.name) == (64, 2, "vm7")
             assert c.append == "xmig.workload=mem x=1"
@@ -94,8 +95,10 @@ async def test_a_socket_that_is_not_qmp_is_refused(tmp_path: Path) -> None:
 
     server = await asyncio.start_unix_server(greet, path=str(path))
     async with server:
-        with pytest.raises(QemuError, match="not a QEMU QMP socket"):
-            await attach_qemu(path, workdir=tmp_path)
+        with pytest.raises(QemuError, match="not a QEMU QMP socket: it answered with "
+                           "something that is not a QMP greeting"):
+            await attach_qemu(path, workdir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_qemu_without_a_needed_command_or_capability_is_named() -> None:

@@ -4,13 +4,16 @@ What xmig needs of that QEMU is learned from QMP, and from the command line of t
 at the socket's other end (``SO_PEERCRED``, ``/proc/PID/cmdline``) for what QMP does not
 tell (the kernel command line the destination must be given, the serial log):
 
-- a QMP greeting (else: not a QEMU, :class:`~xmig.errors.QemuError`), and the migration
-  capabilities and commands the QEMU backend uses (:class:`~xmig.errors.QemuCapabilityError`);
+- a Unix socket with something listening (else :class:`~xmig.errors.GuestNotFound`, saying
+  what is there instead: nothing, a directory, a regular file, a stale socket);
+- a QMP greeting at once (else: not a QEMU, :class:`~xmig.errors.QemuError`, within
+  :data:`GREETING_TIMEOUT_S`), and the migration capabilities and commands the QEMU backend
+  uses (:class:`~xmig.errors.QemuCapabilityError`);
 - RAM in one shared, file-backed memory backend (``memory-backend-file,share=on``): the
   RAM check reads it from the file (:mod:`~xmig.guest.qemu.ramcheck`) (ConfigError);
 - at most one disk drive, raw or qcow2, whose file exists (DiskFormatError, DiskNotFound).
 
-Nothing is changed in the QEMU by attaching: only queries are run.
+Nothing is changed in the QEMU by attaching: only queries are run; and nothing is created.
 """
 
 from __future__ import annotations
@@ -31,43 +34,53 @@ from xmig.errors import (
     ConfigError,
     DiskFormatError,
     DiskNotFound,
-    GuestNotFound,
     QemuCapabilityError,
     QemuError,
 )
 from xmig.guest.qemu.machine import QemuConfig, QemuGuest
+from xmig.hostctl import connect_unix
 
 #: what :mod:`xmig.guest.qemu.migrate` and :mod:`~xmig.guest.qemu.mirror` ask of a QEMU
 NEEDED_CAPABILITIES = ("events", "return-path", "pause-before-switchover")
 NEEDED_COMMANDS = ("migrate", "migrate-continue", "migrate-set-parameters", "blockdev-add",
                    "blockdev-mirror", "block-job-cancel", "query-cpus-fast")
 DISK_FORMATS = ("raw", "qcow2")
+#: a QMP server greets as soon as it accepts: what does not within this is not one
+GREETING_TIMEOUT_S = 2.0
+#: QMP capabilities negotiation and the queries, after the greeting was seen
+QMP_TIMEOUT_S = 10.0
+QMP_SOCKET = "a QEMU QMP socket"
 
 
-def peer_of(path: Path, timeout: float = 5.0) -> tuple[int | None, dict[str, Any]]:
+def peer_of(path: Path, timeout: float = GREETING_TIMEOUT_S) -> tuple[int | None, dict[str, Any]]:
     """The pid at the other end of the unix socket ``path`` and its first line, which for
-    QMP is the greeting. GuestNotFound when nothing listens there, QemuError when what
-    answers is not QMP."""
-    if not path.exists():
-        raise GuestNotFound(f"QMP socket {path} not found")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+    QMP is the greeting, sent at once on connecting. GuestNotFound when there is no socket
+    (not found, a directory, a regular file, ...) or nothing listens there; QemuError when
+    what answers does not greet as QMP within ``timeout``. Only connects and reads."""
+    sock = connect_unix(path, QMP_SOCKET, timeout)
+    with sock:
         try:
-            sock.connect(os.fsencode(path))
             cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                    struct.calcsize("3i"))
             line = sock.makefile("rb").readline(65536)
-        except (ConnectionRefusedError, FileNotFoundError) as err:
-            raise GuestNotFound(f"nothing listens at QMP socket {path}: {err}") from err
-        except OSError as err:  # not a socket, a timeout with no greeting, ...
-            raise QemuError(f"{path} is not a QEMU QMP socket: {err}") from err
+        except TimeoutError as err:
+            raise QemuError(f"{path} is not a QEMU QMP socket: it did not greet within "
+                            f"{timeout:g} s, as QMP does at once (or its QEMU serves another "
+                            "QMP client: one at a time)") from err
+        except OSError as err:
+            raise QemuError(f"{path} is not a QEMU QMP socket: reading its greeting failed: "
+                            f"{err.strerror or err}") from err
+    if not line:
+        raise QemuError(f"{path} is not a QEMU QMP socket: it closed the connection without "
+                        "a greeting")
     pid = struct.unpack("3i", cred)[0] or None
     try:
         greeting = json.loads(line)
     except ValueError:
         greeting = None
-    if not isinstance(greeting, dict) or "QMP" not in greeting:
-        raise QemuError(f"{path} is not a QEMU QMP socket (it said {line[:60]!r})")
+    if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
+        raise QemuError(f"{path} is not a QEMU QMP socket: it answered with something that "
+                        f"is not a QMP greeting ({line[:60]!r})")
     return pid, greeting
 
 
@@ -98,18 +111,30 @@ def process_argv(pid: int | None) -> list[str]:
     return [os.fsdecode(a) for a in raw.split(b"\0") if a]
 
 
-async def attach_qemu(qmp_socket: Path, *, workdir: Path, timeout: float = 5.0) -> QemuGuest:
+async def attach_qemu(qmp_socket: Path, *, workdir: Path,
+                      timeout: float = GREETING_TIMEOUT_S) -> QemuGuest:
     """Connect to the QEMU at ``qmp_socket`` and describe it (:class:`QemuConfig`) after
-    checking it can be migrated; the caller owns the returned guest (``quit`` stops it)."""
+    checking it can be migrated; the caller owns the returned guest (``quit`` stops it).
+    A socket that does not greet as QMP within ``timeout`` is refused (QemuError). Nothing
+    is created, in ``workdir`` (which need not exist yet) or anywhere."""
     qmp_socket = qmp_socket.absolute()
     pid, greeting = await asyncio.to_thread(peer_of, qmp_socket, timeout)
     client = QMPClient("xmig-attach")
     try:
-        await client.connect(str(qmp_socket))
-    except (QMPError, OSError) as err:
-        raise QemuError(f"cannot talk QMP at {qmp_socket}: {err}") from err
+        async with asyncio.timeout(QMP_TIMEOUT_S):
+            await client.connect(str(qmp_socket))
+    except (QMPError, OSError) as err:  # TimeoutError is an OSError
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
+        raise QemuError(f"cannot talk QMP at {qmp_socket}: {err!r}") from err
     try:
-        return await _describe(client, qmp_socket, pid, greeting, workdir)
+        async with asyncio.timeout(QMP_TIMEOUT_S):
+            return await _describe(client, qmp_socket, pid, greeting, workdir)
+    except TimeoutError as err:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
+        raise QemuError(f"QEMU at {qmp_socket} did not answer its queries within "
+                        f"{QMP_TIMEOUT_S:g} s") from err
     except BaseException:
         with contextlib.suppress(QMPError, OSError, EOFError):
             await client.disconnect()
