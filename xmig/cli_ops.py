@@ -6,10 +6,13 @@ its migration; a thin client asks for it and renders the progress.
     xmig migrate --guest /var/lib/xmig/vm1.ctl --to dst.example.net:7800 --pki /etc/xmig/pki
     xmig guest status --guest /var/lib/xmig/vm1.ctl;  xmig guest stop --guest ...
 
-``xmig migrate`` exits 0 when the guest runs on the destination, 2 on bad input (flags, PKI,
-no guest host at the socket), 3 when the migration did not happen or was aborted (the source
-guest runs on: agent unreachable, refused, not converging, ...), 4 when it failed after GO
-(the source guest is gone; the destination holds it).
+``xmig migrate`` exits 0 when the guest runs on the destination; 2 on bad input: what it was
+given cannot be used and nothing was asked of the destination (flags, PKI, a path that is not
+what its flag needs: no xmig guest host's control socket at ``--guest``, no QMP socket of a
+QEMU xmig can migrate at ``--qemu-qmp``); 3 when the migration did not happen or was aborted
+(the source guest runs on: host busy, agent unreachable, refused, not converging, ...); 4 when
+it failed after GO (the source guest is gone; the destination holds it). Every error is one
+red line ``xmig: TYPE: what, in words``.
 """
 
 from __future__ import annotations
@@ -26,27 +29,10 @@ from rich.text import Text
 
 from xmig import hostctl
 from xmig.cli_view import ProgressView, summary
-from xmig.errors import ConfigError, GuestNotFound, XmigError
-from xmig.netem import parse_duration, parse_rate, parse_size
+from xmig.errors import ConfigError, XmigError
+from xmig.units import argtype, parse_bit_rate, parse_byte_rate, parse_duration, parse_size
 
 EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_AFTER_GO = 2, 3, 4
-
-
-def _arg(parse: Any) -> Any:
-    """An argparse ``type=`` from one of xmig's parsers (a bad value: argparse's exit 2)."""
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ConfigError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-    convert.__name__ = parse.__name__.removeprefix("parse_").removeprefix("_")
-    return convert
-
-
-def _byte_rate(text: str) -> float:
-    """Bytes per second from ``60MB/s``, ``60MB`` or ``0``."""
-    text = text.strip().removesuffix("/s")
-    return 0.0 if text in ("0", "0B") else float(parse_size(text))
 
 
 def _endpoint(text: str) -> str:
@@ -60,12 +46,19 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-size, byte_rate, duration = _arg(parse_size), _arg(_byte_rate), _arg(parse_duration)
-bit_rate, endpoint, positive = _arg(parse_rate), _arg(_endpoint), _arg(_positive_int)
+# argparse types: a bad value is argparse's usage error (exit 2)
+size, byte_rate, duration = argtype(parse_size), argtype(parse_byte_rate), argtype(parse_duration)
+bit_rate, endpoint, positive = argtype(parse_bit_rate), argtype(_endpoint), argtype(_positive_int)
 
 
 def add_parsers(sub: Any) -> None:
     """Register ``guest``, ``migrate`` and ``agent`` on the ``xmig`` parser."""
+    _add_guest(sub)
+    _add_migrate(sub)
+    _add_agent(sub)
+
+
+def _add_guest(sub: Any) -> None:
     guest = sub.add_parser("guest", help="run a reference guest; ask its host for status/stop",
                            description="Host a reference guest (start, in the foreground), "
                            "or talk to the host of one through its control socket.")
@@ -78,14 +71,16 @@ def add_parsers(sub: Any) -> None:
         "away. Files go to DIR/NAME/ (disk.raw is reused if it exists).")
     start.add_argument("--name", required=True, help="the guest's name (letters, digits, _.-)")
     start.add_argument("--workdir", required=True, type=Path, metavar="DIR")
-    start.add_argument("--ram", type=size, default="256MiB", help="RAM (default 256MiB)")
-    start.add_argument("--disk", type=size, default="256MiB", help="disk (default 256MiB)")
+    start.add_argument("--ram", type=size, default="256MiB", metavar="SIZE",
+                       help="RAM (default %(default)s)")
+    start.add_argument("--disk", type=size, default="256MiB", metavar="SIZE",
+                       help="disk (default %(default)s)")
     start.add_argument("--workload", default="oltp",
                        choices=["idle", "uniform", "hotset", "scan", "oltp"])
-    start.add_argument("--rate", type=byte_rate, default="60MB/s",
-                       help="page-write rate (default 60MB/s)")
-    start.add_argument("--disk-rate", type=byte_rate, default="4MB/s",
-                       help="oltp disk-write rate (default 4MB/s)")
+    start.add_argument("--rate", type=byte_rate, default="60MB/s", metavar="RATE",
+                       help="page-write rate in bytes/s (default %(default)s)")
+    start.add_argument("--disk-rate", type=byte_rate, default="4MB/s", metavar="RATE",
+                       help="oltp disk-write rate in bytes/s (default %(default)s)")
     start.add_argument("--seed", type=int, default=1)
     start.add_argument("--udp", type=endpoint, metavar="HOST:PORT",
                        help="serve the guest's UDP key-value service there")
@@ -99,13 +94,16 @@ def add_parsers(sub: Any) -> None:
         cmd.add_argument("--json", action="store_true", help="one JSON object")
         cmd.set_defaults(func=_guest_request, op=name)
 
+
+def _add_migrate(sub: Any) -> None:
     mig = sub.add_parser(
         "migrate", help="migrate a hosted guest to a destination agent",
         description="Ask the host of a guest (its control socket) to migrate it to the agent "
         "at HOST:PORT over mutually authenticated TLS, and show the progress: a live display "
         "on a terminal, JSON lines with --json, nothing otherwise; then the report. "
-        "Exit status: 0 migrated, 2 bad input, 3 not migrated or aborted (the source guest "
-        "runs on), 4 failed after GO.")
+        "Exit status: 0 migrated; 2 bad input (flags, PKI, a path that is not what its flag "
+        "needs), nothing asked of the destination; 3 not migrated or aborted (the source "
+        "guest runs on); 4 failed after GO.")
     which = mig.add_mutually_exclusive_group(required=True)
     which.add_argument("--guest", type=Path, metavar="CTL",
                        help="the control socket of a guest's host (xmig guest start)")
@@ -122,10 +120,12 @@ def add_parsers(sub: Any) -> None:
     mig.add_argument("--pki", required=True, type=Path, metavar="DIR",
                      help="CA and client certificate (xmig certs init)")
     mig.add_argument("--server-name", help="the agent's certificate name (default: HOST)")
-    mig.add_argument("--max-downtime", type=duration, default="300ms")
-    mig.add_argument("--timeout", type=duration, default="300s",
-                     help="abandon a pre-copy not converged by then (default 300s)")
-    mig.add_argument("--connect-timeout", type=duration, default="10s")
+    mig.add_argument("--max-downtime", type=duration, default="300ms", metavar="DURATION",
+                     help="downtime budget (default %(default)s)")
+    mig.add_argument("--timeout", type=duration, default="300s", metavar="DURATION",
+                     help="abandon a pre-copy not converged by then (default %(default)s)")
+    mig.add_argument("--connect-timeout", type=duration, default="10s", metavar="DURATION",
+                     help="give up reaching the agent after this (default %(default)s)")
     mig.add_argument("--streams", type=positive, default=2, help="parallel TCP connections")
     mig.add_argument("--sdps", choices=["on", "off", "autoconverge"],
                      help="throttle a guest that outruns the link (default: on; with "
@@ -133,7 +133,7 @@ def add_parsers(sub: Any) -> None:
     mig.add_argument("--no-sdps", dest="sdps", action="store_const", const="off",
                      help="same as --sdps off")
     mig.add_argument("--bandwidth", type=bit_rate, metavar="RATE",
-                     help="cap the migration's data rate, e.g. 500mbit")
+                     help="cap the migration's data rate in bits/s, e.g. 500mbit")
     mig.add_argument("--link-rate", type=bit_rate, metavar="RATE",
                      help="the link's rate, for link_utilization (default: --bandwidth)")
     mig.add_argument("--no-verify", action="store_true",
@@ -144,6 +144,8 @@ def add_parsers(sub: Any) -> None:
                      help="write the report (with its timeline)")
     mig.set_defaults(func=_migrate)
 
+
+def _add_agent(sub: Any) -> None:
     agent = sub.add_parser(
         "agent", help="destination agent: receive migrations and host the guests",
         description="Listen for migrations (TLS, server certificate from --pki), receive "
@@ -160,6 +162,16 @@ def add_parsers(sub: Any) -> None:
                        help="accept QEMU guests: the kernel their QEMU boots with")
     agent.add_argument("--qemu-initrd", type=Path, metavar="FILE")
     agent.add_argument("--qemu-binary", default="qemu-system-x86_64", metavar="PATH")
+    agent.add_argument("--max-ram", type=size, metavar="SIZE",
+                       help="refuse a guest with more RAM than this, e.g. 4GiB (default: "
+                       "derived from the host's free memory)")
+    agent.add_argument("--max-disk", type=size, metavar="SIZE",
+                       help="refuse a guest with a larger disk than this, e.g. 64GiB "
+                       "(default: derived from the workdir's free space)")
+    agent.add_argument("--allow", action="append", default=[], metavar="PATTERN",
+                       help="take migrations only from a client certificate whose subject "
+                       "DN or one of whose SANs matches this glob (repeatable); default: "
+                       "every certificate the CA signed")
     agent.add_argument("--json", action="store_true", help="events as JSON lines")
     agent.set_defaults(func=_agent)
 
@@ -232,7 +244,9 @@ def _agent(args: argparse.Namespace) -> int:
                           qemu=args.qemu_binary)
     return asyncio.run(serve_agent(host=host, port=port, pki_dir=args.pki,
                                    workdir=args.workdir, once=args.once,
-                                   emit=_printer(args.json), qemu=qemu))
+                                   emit=_printer(args.json), qemu=qemu,
+                                   max_ram_bytes=args.max_ram, max_disk_bytes=args.max_disk,
+                                   allow=tuple(args.allow)))
 
 
 # -- the clients ------------------------------------------------------------------------
@@ -267,8 +281,6 @@ def _migrate(args: argparse.Namespace) -> int:
     pki = PkiPaths.in_dir(args.pki.absolute(), role="client")  # bad PKI: nothing asked yet
     if args.qemu_qmp is not None:
         return _migrate_qemu(args)
-    if not args.guest.exists():
-        raise GuestNotFound(f"no guest host at {args.guest}: no such socket")
     req = hostctl.MigrateRequest(
         to=args.to, pki=str(pki.directory), server_name=args.server_name,
         max_downtime_s=args.max_downtime, timeout_s=args.timeout, streams=args.streams,
@@ -336,7 +348,13 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout, keep_source=args.keep_source, options=options)
     console = Console()
     view = ProgressView(f"{args.qemu_qmp.name} → {args.to}", budget_s=args.max_downtime)
-    on_event: Any = _printer(True) if args.json else (lambda e: None)
+    render: Any = _printer(True) if args.json else (lambda e: None)
+    asked = [False]  #: the destination was asked (connecting): errors are no longer input's
+
+    def on_event(event: dict[str, Any]) -> None:
+        asked[0] = asked[0] or event.get("event") == "connecting"
+        render(event)
+
     try:
         if console.is_terminal and not args.json:
             from rich.live import Live
@@ -346,7 +364,8 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
                     view.update(event)
                     live.update(view.render())
 
-                report = asyncio.run(migrate_attached(req, show))
+                render = show
+                report = asyncio.run(migrate_attached(req, on_event))
         else:
             report = asyncio.run(migrate_attached(req, on_event))
     except MigrationAborted as err:
@@ -355,9 +374,14 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
         Console(stderr=True).print("[yellow]not migrated: the source QEMU runs on[/]")
         return EXIT_NOT_MIGRATED
     except XmigError as err:
+        # before the destination was asked: the PKI, the socket (not QMP, nothing there) or
+        # the QEMU at it (what xmig cannot migrate), the workdir: bad input, nothing changed
         _red_line(err)
-        return EXIT_BAD_INPUT if isinstance(err, ConfigError | GuestNotFound) else (
-            EXIT_NOT_MIGRATED)
+        return EXIT_NOT_MIGRATED if asked[0] else EXIT_BAD_INPUT
+    return _qemu_report(args, console, report)
+
+
+def _qemu_report(args: argparse.Namespace, console: Console, report: dict[str, Any]) -> int:
     if args.report:
         args.report.write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
