@@ -25,6 +25,7 @@ from xmig.errors import (
     TransportError,
 )
 from xmig.transport.frames import FrameDecoder, Payload
+from xmig.transport.peers import PeerIdentity
 from xmig.transport.session import (
     ConnectionDead,
     MessageReceived,
@@ -131,6 +132,8 @@ class TransportSession:
         self.ready_conns: set[int] = set()  #: connections that completed HELLO/WELCOME
         self._changed = asyncio.Event()  # a connection came or went
         self.connection_errors: list[TransportError] = []
+        #: on the server, who opened the session (only this certificate may resume it)
+        self.identity: PeerIdentity | None = None
         self._send_limit = max(2 * session.config.max_payload, 1 << 20)
 
     # -- application API --------------------------------------------------------------
@@ -175,6 +178,17 @@ class TransportSession:
         async with asyncio.timeout(timeout):
             await self._finished.wait()
         self._raise_if_failed()
+
+    def abort(self, reason: str = "aborted") -> None:
+        """End the session now, without the CLOSE exchange: its connections are dropped and
+        whoever waits on it is woken (a server done with a peer that went away, which would
+        otherwise hold the session until its resume deadline)."""
+        if self.session.state not in (SessionState.ERROR, SessionState.CLOSED):
+            self.session.fail(ConnectionClosed(reason))
+        for proto in list(self._conns.values()):
+            proto.abort(ConnectionClosed(reason))
+        self._finish()
+        self._wake_all()
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked whenever a connection comes or
@@ -260,7 +274,7 @@ class TransportSession:
                 self._changed.set()
         st = self.session.state
         if st in (SessionState.ERROR, SessionState.CLOSED):
-            self._finished.set()
+            self._finish()
 
     def _wake_all(self) -> None:
         for ev in self._readable.values():
@@ -297,7 +311,13 @@ class TransportSession:
         if sent_any or s.all_acked:
             self._send_space.set()
         if s.state is SessionState.CLOSED and s.all_acked:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The session is over: wake whoever waits for that, the timer task too (it ends)."""
+        if not self._finished.is_set():
             self._finished.set()
+            self._timer_changed.set()
 
     async def run_timers(self) -> None:
         """The session's timer task: runs until the session is closed or failed."""

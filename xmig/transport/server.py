@@ -1,6 +1,7 @@
 """The destination side: accept connections, authenticate them, route them to sessions.
 
-    async with listen("0.0.0.0", 7800, tls=server_ctx) as listener:
+    policy = PeerPolicy(allow=("*.example.net",))  # default: the CA's whole tree
+    async with listen("0.0.0.0", 7800, tls=server_ctx, policy=policy) as listener:
         session = await listener.accept()
         data = await session.recv(Channel.MEMORY)
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import time
@@ -16,8 +18,11 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from xmig.errors import (
+    AuthenticationError,
     ConnectionBroken,
     ConnectionClosed,
+    PeerLimitExceeded,
+    PeerNotAllowed,
     ProtocolError,
     SessionExpired,
     TransportError,
@@ -30,22 +35,46 @@ from xmig.transport.driver import (
     single_errors,
     tune_socket,
 )
-from xmig.transport.session import Hello, Session, SessionConfig, refusal
-from xmig.transport.tls import start_tls_server
+from xmig.transport.frames import FrameDecoder
+from xmig.transport.hello import Hello, refusal
+from xmig.transport.peers import HandshakeCounter, PeerIdentity, PeerPolicy, source_address
+from xmig.transport.session import Session, SessionConfig
+from xmig.transport.tls import peer_address, start_tls_server
+
+log = logging.getLogger(__name__)
+
+
+#: Seconds a refused connection stays open, reading paused, after its refusal was written:
+#: closing with the client's HELLO (or data) unread would reset the connection, and a reset
+#: can drop the refusal before the client reads it. The client closes first on reading it.
+REFUSAL_LINGER = 1.0
 
 
 class Listener:
-    """Accepts connections, authenticates them and routes them to their sessions."""
+    """Accepts connections, authenticates them and routes them to their sessions.
+
+    Every connection is admitted in order: its source address under ``policy.max_handshakes``
+    connections not yet past HELLO; TLS (a certificate the CA signed, not revoked); its
+    identity allowed by ``policy.allow``; HELLO; a session it resumes opened by the same
+    certificate; its certificate under ``policy.max_connections`` and, for a new session,
+    ``policy.max_sessions``. A refused connection gets a typed refusal (WELCOME with a code,
+    :data:`~xmig.transport.hello.REFUSALS`) where TLS let it that far, is recorded in
+    :attr:`refused` and logged; nothing else changes.
+    """
 
     def __init__(self, tls: ssl.SSLContext | None, config: SessionConfig,
-                 tg: asyncio.TaskGroup) -> None:
+                 tg: asyncio.TaskGroup, policy: PeerPolicy | None = None) -> None:
         self.tls = tls
         self.config = config
+        self.policy = policy or PeerPolicy()
         self._tg = tg
         self.sessions: dict[str, TransportSession] = {}
         self._accepted: asyncio.Queue[TransportSession] = asyncio.Queue()
-        self.refused: list[TransportError] = []
+        self.refused: list[TransportError] = []  #: every connection refused, oldest first
         self.server: asyncio.Server | None = None
+        self._handshakes = HandshakeCounter(self.policy.max_handshakes)
+        self._pending: set[ConnProtocol] = set()  # accepted, not (yet) attached to a session
+        self._lingering: set[ConnProtocol] = set()  # refusal written, close pending
 
     @property
     def port(self) -> int:
@@ -57,6 +86,20 @@ class Listener:
         """The next new session."""
         return await self._accepted.get()
 
+    def held_sessions(self, key: str) -> int:
+        """Open sessions opened by the peer ``key`` (:attr:`PeerIdentity.key`)."""
+        return sum(
+            1 for h in self.sessions.values()
+            if h.identity is not None and h.identity.key == key and not h._finished.is_set()
+        )
+
+    def held_connections(self, key: str) -> int:
+        """Connections attached to sessions of the peer ``key``."""
+        return sum(
+            len(h._conns) for h in self.sessions.values()
+            if h.identity is not None and h.identity.key == key
+        )
+
     def _on_connection(self) -> ConnProtocol:
         proto = ConnProtocol("client", self.config.max_payload, hold_reading=True)
         def admit() -> None:
@@ -66,24 +109,74 @@ class Listener:
         return proto
 
     async def _admit(self, proto: ConnProtocol) -> None:
-        try:
-            await self._handshake(proto)
-        except TransportError as err:
-            self.refused.append(err)
+        assert proto.transport is not None
+        proto.peer = peer_address(proto.transport) or "client"
+        address = source_address(proto.transport.get_extra_info("peername"))
+        if not self._handshakes.begin(address):
+            err = PeerLimitExceeded(
+                f"{address} already has {self._handshakes.held(address)} connections in "
+                f"their handshake, the most this agent allows one address (max_handshakes)"
+            )
+            self._record(err)
             proto.abort(err)
+            return
+        self._pending.add(proto)
+        try:
+            await self._handshake(proto, address)
+        except TransportError as err:
+            self._record(err)
+            if proto in self._lingering:
+                await asyncio.wait([proto.closed], timeout=REFUSAL_LINGER)
+            proto.abort(err)
+        finally:
+            self._handshakes.end(address)
+            self._pending.discard(proto)
+            self._lingering.discard(proto)
 
-    async def _handshake(self, proto: ConnProtocol) -> None:
+    def _record(self, err: TransportError) -> None:
+        self.refused.append(err)
+        log.warning("refused a connection: %s: %s", type(err).__name__, err)
+
+    async def _handshake(self, proto: ConnProtocol, address: str) -> None:
         transport = proto.transport
         assert transport is not None
         raw = transport.get_extra_info("socket")
         if raw is not None:
             tune_socket(raw, None)
-        peername = transport.get_extra_info("peername")
-        proto.peer = f"{peername[0]}:{peername[1]}" if peername else "client"
         if self.tls is not None:
             proto.transport = await start_tls_server(
                 transport, proto, self.tls, timeout=HANDSHAKE_TIMEOUT
             )
+        identity = self._identity(proto, address)
+        if self.policy.allowed_by(identity) is None:
+            log.warning("%s matches none of the --allow patterns %s", identity,
+                        ", ".join(self.policy.allow))
+            raise self._refuse(proto, "not-allowed", PeerNotAllowed(
+                f"{identity} is not allowed by this agent: neither its subject nor its names "
+                "match its --allow patterns"
+            ))
+        hello, decoder, wire_bytes = await self._read_hello(proto)
+        self._route(proto, identity, hello, decoder, wire_bytes)
+
+    def _identity(self, proto: ConnProtocol, address: str) -> PeerIdentity:
+        if self.tls is None:
+            return PeerIdentity.of_address(address)
+        assert proto.transport is not None
+        ssl_object = proto.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            raise AuthenticationError(f"{proto.peer} presented no TLS certificate")
+        try:
+            return PeerIdentity.of_certificate(der, address)
+        except ValueError as err:
+            raise AuthenticationError(
+                f"the certificate of {proto.peer} cannot be read: {err}"
+            ) from err
+
+    async def _read_hello(self, proto: ConnProtocol) -> tuple[Hello, FrameDecoder, int]:
+        """Wait for the connection's HELLO; also the bytes read with it."""
+        transport = proto.transport
+        assert transport is not None
         decoder = proto.decoder
         got_hello: asyncio.Future[Hello] = asyncio.get_running_loop().create_future()
         wire_bytes = [0]
@@ -113,38 +206,67 @@ class Listener:
             raise ConnectionBroken(f"no HELLO from {proto.peer}") from err
         if not got_hello.done():
             raise proto.closed.result()
-        hello = got_hello.result()
-        handle = self.sessions.get(hello.session_id)
+        return got_hello.result(), decoder, wire_bytes[0]
+
+    def _route(self, proto: ConnProtocol, identity: PeerIdentity, hello: Hello,
+               decoder: FrameDecoder, wire_bytes: int) -> None:
+        """Attach the connection to the session its HELLO names, or refuse it."""
         if hello.max_payload != self.config.max_payload:
             why = f"max_payload {hello.max_payload} != {self.config.max_payload}"
-            self._refuse(proto, "incompatible", why)
-            raise ProtocolError(f"{proto.peer}: {why}")
-        if handle is None or handle._finished.is_set():
+            raise self._refuse(proto, "incompatible", ProtocolError(f"{proto.peer}: {why}"))
+        sid = hello.session_id
+        handle = self.sessions.get(sid)
+        if handle is not None and handle._finished.is_set():
+            handle = None
+        owner = handle.identity if handle is not None else None
+        if identity.authenticated and owner is not None and owner.key != identity.key:
+            raise self._refuse(proto, "not-owner", AuthenticationError(
+                f"{identity} may not join session {sid[:8]}: another certificate opened it "
+                "(a session is resumed only with the certificate that opened it)"
+            ))
+        policy = self.policy
+        if self.held_connections(identity.key) >= policy.max_connections:
+            raise self._refuse(proto, "peer-limit", PeerLimitExceeded(
+                f"{identity} already has {policy.max_connections} connections, the most "
+                "this agent allows one peer (max_connections)"
+            ))
+        if handle is None:
             if not hello.new:
-                self._refuse(proto, "unknown-session", "no such session (expired?)")
-                raise SessionExpired(f"{proto.peer} resumes unknown session {hello.session_id}")
-            session = Session(hello.session_id, client=False, config=self.config,
-                              now=time.monotonic())
+                raise self._refuse(proto, "unknown-session", SessionExpired(
+                    f"{proto.peer} resumes unknown session {sid} (no such session: expired?)"
+                ))
+            if self.held_sessions(identity.key) >= policy.max_sessions:
+                raise self._refuse(proto, "peer-limit", PeerLimitExceeded(
+                    f"{identity} already has {policy.max_sessions} sessions open, the most "
+                    "this agent allows one peer (max_sessions)"
+                ))
+            session = Session(sid, client=False, config=self.config, now=time.monotonic())
             handle = TransportSession(session, proto.peer)
-            self.sessions[hello.session_id] = handle
+            handle.identity = identity
+            self.sessions[sid] = handle
             self._tg.create_task(self._run_session(handle))
             self._accepted.put_nowait(handle)
         conn_id = id(proto)
         handle.session.add_connection(conn_id, time.monotonic(), hello=hello, decoder=decoder)
+        self._pending.discard(proto)
         handle.attach(conn_id, proto)
-        handle._on_frames(conn_id, wire_bytes[0])  # whatever came after HELLO
+        handle._on_frames(conn_id, wire_bytes)  # whatever came after HELLO
 
-    @staticmethod
-    def _refuse(proto: ConnProtocol, code: str, error: str) -> None:
-        if proto.transport is not None:
-            proto.transport.write(refusal(code, error))
-            proto.transport.close()
+    def _refuse(self, proto: ConnProtocol, code: str, error: TransportError) -> TransportError:
+        """Send the client a refusal with ``code`` (:data:`REFUSALS`) and ``error``'s text;
+        stop reading; the caller raises ``error`` (the connection is closed after a linger)."""
+        if proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.write(refusal(code, str(error)))
+            proto.transport.pause_reading()
+            self._lingering.add(proto)
+        return error
 
     async def _run_session(self, handle: TransportSession) -> None:
         try:
             await handle.run_timers()
         finally:
-            self.sessions.pop(handle.session.session_id, None)
+            if self.sessions.get(handle.session.session_id) is handle:
+                del self.sessions[handle.session.session_id]
 
 
 @contextlib.asynccontextmanager
@@ -156,13 +278,19 @@ async def listen(
     insecure_plaintext: bool = False,
     config: SessionConfig | None = None,
     sock: socket.socket | None = None,
+    policy: PeerPolicy | None = None,
 ) -> AsyncIterator[Listener]:
-    """Listen for sessions on ``host:port`` (or on a bound socket ``sock``)."""
+    """Listen for sessions on ``host:port`` (or on a bound socket ``sock``).
+
+    ``policy`` says which client certificates are taken and how much each may hold
+    (:class:`~xmig.transport.peers.PeerPolicy`; default: every certificate the CA signed,
+    8 sessions, 64 connections per certificate, 64 handshakes per source address).
+    """
     check_security(tls, insecure_plaintext)
     loop = asyncio.get_running_loop()
     with single_errors():
         async with asyncio.TaskGroup() as tg:
-            listener = Listener(tls, config or SessionConfig(), tg)
+            listener = Listener(tls, config or SessionConfig(), tg, policy)
             if sock is not None:
                 server = await loop.create_server(listener._on_connection, sock=sock)
             else:
@@ -172,6 +300,8 @@ async def listen(
                 yield listener
             finally:
                 server.close()
+                for proto in list(listener._pending):
+                    proto.abort(ConnectionClosed("listener closed"))
                 for handle in list(listener.sessions.values()):
                     handle._finished.set()
                     handle._timer_changed.set()

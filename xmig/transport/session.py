@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from xmig.errors import (
     ConnectionBroken,
     ConnectionClosed,
+    PeerLimitExceeded,
     ProtocolError,
     SessionExpired,
     StateError,
@@ -50,9 +51,11 @@ from xmig.transport.frames import (
     Payload,
     encode_frame,
 )
+from xmig.transport.hello import PROTOCOL as PROTOCOL
+from xmig.transport.hello import REFUSALS as REFUSALS
+from xmig.transport.hello import Hello as Hello
+from xmig.transport.hello import refusal as refusal
 from xmig.transport.rate import DeliveryRate, RttEstimator, TokenBucket
-
-PROTOCOL = "xmig/1"
 
 
 @dataclass(frozen=True)
@@ -130,51 +133,6 @@ class SessionFailed:
 
 
 Event = MessageReceived | ConnectionReady | ConnectionDead | PeerClosed | SessionFailed
-
-
-@dataclass(frozen=True)
-class Hello:
-    """The first frame a client sends on each connection."""
-
-    session_id: str
-    stream: int
-    new: bool
-    max_payload: int
-    received: dict[int, int] = field(default_factory=dict)  #: channel -> messages held
-    holding: dict[int, list[int]] = field(default_factory=dict)  #: and held out of order
-
-    def encode(self) -> bytes:
-        body = {
-            "protocol": PROTOCOL,
-            "session": self.session_id,
-            "stream": self.stream,
-            "new": self.new,
-            "max_payload": self.max_payload,
-            "received": {str(k): v for k, v in self.received.items()},
-            "holding": {str(k): v for k, v in self.holding.items()},
-        }
-        return encode_frame(FrameType.HELLO, 0, 0, json.dumps(body).encode())
-
-    @classmethod
-    def decode(cls, frame: Frame) -> Hello:
-        if frame.type is not FrameType.HELLO:
-            raise ProtocolError(f"expected HELLO as first frame, got {frame.type.name}")
-        try:
-            body = json.loads(frame.payload)
-            if body["protocol"] != PROTOCOL:
-                raise ProtocolError(f"peer speaks {body['protocol']!r}, not {PROTOCOL!r}")
-            received = {int(k): int(v) for k, v in body.get("received", {}).items()}
-            holding = {int(k): [int(x) for x in v] for k, v in body.get("holding", {}).items()}
-            return cls(str(body["session"]), int(body["stream"]), bool(body["new"]),
-                       int(body["max_payload"]), received, holding)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ProtocolError(f"malformed HELLO: {err}") from err
-
-
-def refusal(code: str, error: str) -> bytes:
-    """A WELCOME frame that refuses a connection (``code``: unknown-session, incompatible)."""
-    body = {"ok": False, "code": code, "error": error}
-    return encode_frame(FrameType.WELCOME, 0, 0, json.dumps(body).encode())
 
 
 @dataclass
@@ -431,9 +389,12 @@ class Session:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ProtocolError(f"malformed WELCOME: {err}") from err
         if not ok:
-            why = f"peer refused the session: {body.get('error', '?')}"
-            gone = body.get("code") == "unknown-session"
-            self._fail(SessionExpired(why) if gone else ProtocolError(why))
+            code = body.get("code")
+            kind = REFUSALS.get(code, ProtocolError) if isinstance(code, str) else ProtocolError
+            error = kind(f"peer refused the session: {body.get('error', '?')}")
+            if kind is PeerLimitExceeded and self._established:
+                raise error  # this connection only: the session goes on with its others
+            self._fail(error)
             return
         self._apply_peer_state(received, holding)
         self._mark_ready(c, now)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xmig.transport.frames import Frame, FrameDecoder
-from xmig.transport.session import Event, Hello, Session, SessionConfig
+from xmig.transport.hello import Hello
+from xmig.transport.session import Event, Session, SessionConfig
 
 
 @dataclass
