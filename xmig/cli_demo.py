@@ -45,29 +45,34 @@ def add_parsers(sub: Any) -> None:
                       help="sim: the reference guest (default); qemu: the test guest booted "
                       "under QEMU (TCG), built from Debian packages in $XMIG_GUEST_BUILD or "
                       "build/guest (make guest-image)")
-    demo.add_argument("--rate", type=_flag(parse_bit_rate, "--rate"), default="200mbit",
+    demo.add_argument("--rate", type=_flag(parse_bit_rate, "--rate"),
+                      metavar="RATE", default="200mbit",
                       help="link rate in bits/s (default %(default)s)")
-    demo.add_argument("--rtt", type=_flag(parse_duration, "--rtt"), default="50ms",
+    demo.add_argument("--rtt", type=_flag(parse_duration, "--rtt"),
+                      metavar="DURATION", default="50ms",
                       help="round-trip time (default %(default)s)")
-    demo.add_argument("--loss", type=_flag(parse_fraction, "--loss"), default="0",
+    demo.add_argument("--loss", type=_flag(parse_fraction, "--loss"),
+                      metavar="FRACTION", default="0",
                       help="random loss, e.g. 0.1%% or 0.001 (default %(default)s)")
-    demo.add_argument("--ram", type=_flag(parse_size, "--ram"), default="256MiB",
+    demo.add_argument("--ram", type=_flag(parse_size, "--ram"), metavar="SIZE", default="256MiB",
                       help="guest RAM (default %(default)s)")
-    demo.add_argument("--disk", type=_flag(parse_size, "--disk"), default="256MiB",
+    demo.add_argument("--disk", type=_flag(parse_size, "--disk"), metavar="SIZE", default="256MiB",
                       help="guest disk (default %(default)s)")
     demo.add_argument("--workload", default="oltp",
                       choices=["idle", "uniform", "hotset", "scan", "oltp"])
-    demo.add_argument("--dirty-rate", type=_flag(parse_byte_rate, "--dirty-rate"),
-                      default="60MB/s", help="page-write rate (default %(default)s)")
-    demo.add_argument("--disk-rate", type=_flag(parse_byte_rate, "--disk-rate"),
-                      default="4MB/s", help="oltp disk-write rate (default %(default)s)")
-    demo.add_argument("--write-size", type=_flag(parse_size, "--write-size"),
+    demo.add_argument("--dirty-rate", type=_flag(parse_byte_rate, "--dirty-rate"), metavar="RATE",
+                      default="60MB/s", help="page-write rate, bytes/s (default %(default)s)")
+    demo.add_argument("--disk-rate", type=_flag(parse_byte_rate, "--disk-rate"), metavar="RATE",
+                      default="4MB/s", help="oltp disk-write rate, bytes/s (default %(default)s)")
+    demo.add_argument("--write-size", type=_flag(parse_size, "--write-size"), metavar="SIZE",
                       default=str(WRITE_SIZE),
                       help="bytes of a page each page write changes (default %(default)s: "
                       "whole pages: the guest outruns the link and SDPS shows)")
     demo.add_argument("--max-downtime", type=_flag(parse_duration, "--max-downtime"),
+                      metavar="DURATION",
                       default="300ms", help="downtime budget (default %(default)s)")
-    demo.add_argument("--timeout", type=_flag(parse_duration, "--timeout"), default="120s",
+    demo.add_argument("--timeout", type=_flag(parse_duration, "--timeout"),
+                      metavar="DURATION", default="120s",
                       help="give up pre-copy after this (default %(default)s)")
     demo.add_argument("--sdps", choices=["on", "off", "autoconverge"], default="on")
     demo.add_argument("--streams", type=int, default=2, help="parallel TCP connections")
@@ -81,9 +86,10 @@ def add_parsers(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--transport", action="store_true",
                       help="only the transport: send --size bytes, cut the link at half way")
-    demo.add_argument("--size", type=_flag(parse_size, "--size"), default="512MiB",
+    demo.add_argument("--size", type=_flag(parse_size, "--size"), metavar="SIZE", default="512MiB",
                       help="with --transport: bytes to send (default %(default)s)")
     demo.add_argument("--cut-seconds", type=_flag(parse_duration, "--cut-seconds"),
+                      metavar="DURATION",
                       default="2s", help="with --transport: length of the link cut, e.g. 2s "
                       "or 1.5 (seconds; 0: none; default %(default)s)")
     out = demo.add_mutually_exclusive_group()
