@@ -110,3 +110,13 @@ def test_describe_and_format() -> None:
     assert format_rate(10**9) == "1gbit"
     assert format_rate(None) == "unshaped"
     assert "rtt 200ms" in LinkSpec.symmetric(rate_bps=10**9, rtt_s=0.2).describe()
+
+
+def test_the_emulator_reads_units_with_xmigs_one_parser() -> None:
+    from xmig import units
+
+    assert parse_rate is units.parse_bit_rate and parse_size is units.parse_size
+    assert parse_duration is units.parse_duration and parse_fraction is units.parse_fraction
+    spec = LinkSpec.symmetric(rate_bps=parse_rate("1gbit"), rtt_s=parse_duration("200ms"),
+                              loss=parse_fraction("0.1%"), queue_bytes=parse_size("4MiB"))
+    assert spec.describe() == "rate 1gbit, rtt 200ms, loss 0.1%, queue 4MiB"  # reads back
