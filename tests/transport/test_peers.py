@@ -275,17 +275,24 @@ async def test_connection_limit_per_certificate(pki: PkiPaths) -> None:
         await exchange(c1, s1, b"unaffected")
 
 
-async def test_handshake_limit_per_address(pki: PkiPaths) -> None:
-    """Connections that never finish their handshake: a few per address, no more."""
+async def test_handshake_limit_per_address(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections that never finish their handshake: a few per address, no more. The
+    listener keeps the last few refusals only, without their tracebacks."""
+    monkeypatch.setattr("xmig.transport.server.REFUSED_KEPT", 3)
     policy = PeerPolicy(max_handshakes=2)
     async with listen(tls=server_context(pki), policy=policy) as lst:
         idle = [await asyncio.open_connection("127.0.0.1", lst.port) for _ in range(2)]
-        reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
-        async with asyncio.timeout(10):
-            assert await reader.read() == b""  # closed at once, nothing said
-        writer.close()
-        assert isinstance(lst.refused[0], PeerLimitExceeded)
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", lst.port)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed at once, nothing said
+            writer.close()
+        assert lst.refused_total == 5 and len(lst.refused) == 3
+        assert all(isinstance(e, PeerLimitExceeded) for e in lst.refused)
         assert "max_handshakes" in str(lst.refused[0]) and "127.0.0.1" in str(lst.refused[0])
+        assert all(e.__traceback__ is None for e in lst.refused)
         for _, w in idle:
             w.close()
         # once those are gone the address may connect again (connect retries the attempt

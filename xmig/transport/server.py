@@ -14,6 +14,7 @@ import logging
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 #: closing with the client's HELLO (or data) unread would reset the connection, and a reset
 #: can drop the refusal before the client reads it. The client closes first on reading it.
 REFUSAL_LINGER = 1.0
+REFUSED_KEPT = 256
 
 
 class Listener:
@@ -70,7 +72,10 @@ class Listener:
         self._tg = tg
         self.sessions: dict[str, TransportSession] = {}
         self._accepted: asyncio.Queue[TransportSession] = asyncio.Queue()
-        self.refused: list[TransportError] = []  #: every connection refused, oldest first
+        #: the connections refused lately, oldest first (the last :data:`REFUSED_KEPT`,
+        #: without their tracebacks: a flood of refusals must not hold memory)
+        self.refused: deque[TransportError] = deque(maxlen=REFUSED_KEPT)
+        self.refused_total = 0  #: connections refused since the listener started
         self.server: asyncio.Server | None = None
         self._handshakes = HandshakeCounter(self.policy.max_handshakes)
         self._pending: set[ConnProtocol] = set()  # accepted, not (yet) attached to a session
@@ -134,8 +139,13 @@ class Listener:
             self._lingering.discard(proto)
 
     def _record(self, err: TransportError) -> None:
-        self.refused.append(err)
         log.warning("refused a connection: %s: %s", type(err).__name__, err)
+        cause: BaseException | None = err
+        while cause is not None:
+            cause.__traceback__ = None
+            cause = cause.__cause__
+        self.refused.append(err)
+        self.refused_total += 1
 
     async def _handshake(self, proto: ConnProtocol, address: str) -> None:
         transport = proto.transport

@@ -101,6 +101,8 @@ _VERIFY_CAUSES = {
     20: "its certificate is not signed by our CA",
     21: "its certificate is not signed by our CA",
     26: "its certificate is not meant for this use (extended key usage)",
+    3: "ca-crl.pem holds no revocation list of its CA",
+    12: "our revocation list (ca-crl.pem) has expired: write a new one (xmig certs revoke)",
 }
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 
