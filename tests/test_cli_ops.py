@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import threading
@@ -93,6 +94,21 @@ def test_bad_pki_changes_nothing(guest: str, tmp_path: Path,
                  "--pki", str(tmp_path / "none")]) == 2
     one_red_line(capsys.readouterr().err, "PkiError|ConfigError")
     assert status(guest)["state"] == "running"
+
+
+def test_an_unusable_client_key_is_bad_input_and_changes_nothing(
+        guest: str, pki: Path, tmp_path: Path) -> None:
+    """The host reads the PKI before it asks anything of the destination: its PkiError
+    travels back and is bad input (exit 2), the guest runs on."""
+    broken = tmp_path / "pki"
+    shutil.copytree(pki, broken)
+    (broken / "client-key.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n")
+    r = xmig("migrate", "--guest", guest, "--to", "127.0.0.1:7", "--pki", str(broken))
+    assert r.returncode == 2, r.stderr
+    one_red_line(r.stderr, "PkiError|ConfigError")
+    assert "client-key.pem" in r.stderr
+    st = status(guest)
+    assert st["state"] == "running" and st["migration"] is None
 
 
 @pytest.mark.parametrize(
