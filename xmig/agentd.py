@@ -129,6 +129,8 @@ class _Agent:
         assert task is not None
         self.receiving.add(task)
         mine = False  #: this session took the agent's migration (with once, its only one)
+        dest: DestResult | None = None
+        arrived: qemu_migrate.QemuDestResult | None = None
         try:
             first = await self._first(session)
             if first is None:
@@ -146,12 +148,12 @@ class _Agent:
                 journal = Journal(sdir / "journal")
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
                 if isinstance(first.guest, control.QemuGuest):
-                    await self._receive_qemu(session, first, sdir, journal)
-                    return
-                dest = await self._negotiated(session, first, sdir, journal)
+                    arrived = await self._receive_qemu(session, first, sdir, journal)
+                else:
+                    dest = await self._negotiated(session, first, sdir, journal)
             elif first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
-                await self._settle_qemu(session, first)
-                return
+                sdir = self.qemu_in_doubt[first.migration][2]
+                arrived = await self._settle_qemu(session, first)
             else:  # a source settling a migration left in doubt here
                 held = self.in_doubt.get(first.migration)
                 sdir = held[2] if held else self.workdir
@@ -172,9 +174,11 @@ class _Agent:
             return
         finally:
             self.receiving.discard(task)
-        if dest is None:
-            return
-        await self._host(dest, sdir, journal)
+            await _done_with(session)
+        if arrived is not None:
+            await self._host_qemu(arrived, sdir)
+        elif dest is not None:
+            await self._host(dest, sdir, journal)
 
     async def _first(self, session: TransportSession
                      ) -> control.Negotiate | control.Go | control.Abort | None:
@@ -214,10 +218,11 @@ class _Agent:
             return None
 
     async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
-                            sdir: Path, journal: Journal) -> None:
+                            sdir: Path, journal: Journal
+                            ) -> qemu_migrate.QemuDestResult | None:
         """A QEMU guest: received by :func:`~xmig.guest.qemu.migrate.receive_qemu` into a
-        QEMU this agent starts, then hosted until it quits (its QMP for the operator is
-        ``DIR/incoming-*/NAME.qmp``) or the agent stops."""
+        QEMU this agent starts; the caller hosts it until it quits (its QMP for the operator
+        is ``DIR/incoming-*/guest.qmp``) or the agent stops."""
         if self.qemu is None:
             await session.send(Channel.CONTROL, control.Refused(
                 first.migration, "ConfigError", "this agent was not told how to start QEMU "
@@ -225,7 +230,7 @@ class _Agent:
             self.emit({"event": "refused", "peer": session.peer,
                        "note": "a QEMU guest, and no --qemu-kernel/--qemu-initrd"})
             self._ended(1)
-            return
+            return None
         template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
         try:
             dest = await qemu_migrate.receive_qemu(
@@ -239,29 +244,30 @@ class _Agent:
             self.qemu_in_doubt[err.migration] = (held, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
-            return
+            return None
         except XmigError as err:
             self.emit({"event": "discarded", "dir": str(sdir),
                        "error": f"{type(err).__name__}: {err}"})
             self._ended(1)
-            return
-        await self._host_qemu(dest, sdir)
+            return None
+        return dest
 
     async def _settle_qemu(self, session: TransportSession,
-                           decision: control.Go | control.Abort) -> None:
-        held, journal, sdir = self.qemu_in_doubt[decision.migration]
+                           decision: control.Go | control.Abort
+                           ) -> qemu_migrate.QemuDestResult | None:
+        held, journal, _ = self.qemu_in_doubt[decision.migration]
         self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
                    "migration": decision.migration, "backend": "qemu"})
         try:
             await resolve_qemu(held, decision, journal=journal, session=session)
         except XmigError as err:
             self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
-            return
+            return None
         del self.qemu_in_doubt[decision.migration]
         if held.status != "running":  # ABORT: discarded
             self._ended(1)
-            return
-        await self._host_qemu(held, sdir)
+            return None
+        return held
 
     async def _host_qemu(self, dest: qemu_migrate.QemuDestResult, sdir: Path) -> None:
         guest = dest.guest
@@ -309,3 +315,21 @@ class _Agent:
                 continue
             return name
         return f"guest-{secrets.token_hex(8)}"
+
+
+async def _done_with(session: TransportSession) -> None:
+    """End a session this agent has no more use for (its guest, if any, is hosted without
+    it), so a peer's sessions never outlive what they were for: an orderly close for up to
+    2 s, cut short when the peer has gone (no connection left), then dropped."""
+    closing = asyncio.ensure_future(session.close("done", timeout=2.0))
+    gone = asyncio.ensure_future(session.wait_until(lambda: not session.session.connections))
+    try:
+        await asyncio.wait([closing, gone], timeout=2.5, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (closing, gone):
+            task.cancel()
+        done, _ = await asyncio.wait([closing, gone])
+        for task in done:  # retrieved: a broken session's error is expected here
+            if not task.cancelled():
+                task.exception()
+        session.abort("the agent is done with this session")
