@@ -190,17 +190,6 @@ class TransportSession:
         self._finish()
         self._wake_all()
 
-    def abort(self, reason: str = "aborted") -> None:
-        """End the session now, without the CLOSE exchange: its connections are dropped and
-        whoever waits on it is woken (a server done with a peer that went away, which would
-        otherwise hold the session until its resume deadline)."""
-        if self.session.state not in (SessionState.ERROR, SessionState.CLOSED):
-            self.session.fail(ConnectionClosed(reason))
-        for proto in list(self._conns.values()):
-            proto.abort(ConnectionClosed(reason))
-        self._finish()
-        self._wake_all()
-
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds; it is checked whenever a connection comes or
         goes. Use it under ``asyncio.timeout``."""
