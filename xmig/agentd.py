@@ -1,11 +1,13 @@
 """The destination agent (``xmig agent``): accepts migrations and hosts the guests that arrive.
 
-Each session is received (:func:`xmig.agent.receive_migration`) into its own directory
-``DIR/incoming-XXXXXXXX/`` (image, ledger, journal, guest log), so an arriving guest never
-touches the files of one already here. Once it runs here, a :class:`~xmig.hostd.GuestHost`
-hosts it exactly as ``xmig guest start`` does, with the control socket ``DIR/NAME.ctl``:
-NAME is the migration's name, which an xmig source host sets to its guest's name (``NAME-2``,
-``NAME-3``, ... when that socket is taken). The guest can be migrated onward from there.
+Each session is received (:func:`xmig.agent.receive_migration`) into a new private
+directory ``DIR/incoming-<16 random hex>/`` (0700; image, NBD socket, ledger, journal, guest
+log under names this agent chooses, 0600), so an arriving guest never touches the files of
+one already here, and nothing a source says becomes a path. Once it runs here, a
+:class:`~xmig.hostd.GuestHost` hosts it exactly as ``xmig guest start`` does, with the
+control socket ``DIR/NAME.ctl`` (0600): NAME is the migration's label (a source host sets
+it to its guest's name; the protocol lets only ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` through),
+``NAME-2``, ``NAME-3``, ... when that socket is taken. The guest can be migrated onward.
 
 Without ``once`` the agent listens and hosts until SIGTERM or SIGINT, which stop every
 guest it hosts and cut a migration still arriving (before GO its source keeps the guest).
