@@ -26,6 +26,7 @@ from xmig.errors import (
     ConfigError,
     PeerLimitExceeded,
     PeerNotAllowed,
+    ProtocolError,
     SessionExpired,
     TransportError,
 )
@@ -301,3 +302,24 @@ async def test_handshake_limit_per_address(
             async with asyncio.timeout(10):
                 server = await lst.accept()
             await exchange(client, server, b"back")
+
+
+async def test_an_unexpected_failure_admitting_one_connection_spares_the_listener(
+    pki: PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with listen(tls=server_context(pki)) as lst:
+        with monkeypatch.context() as patch:
+            def broken(frame: object) -> Hello:
+                raise IndexError("a bug")
+
+            patch.setattr("xmig.transport.server.Hello.decode", broken)
+            with pytest.raises(TransportError):
+                async with asyncio.timeout(10), _connect(pki, lst.port, streams=1):
+                    pass
+        assert [type(e) for e in lst.refused] == [ProtocolError]
+        assert "IndexError: a bug" in str(lst.refused[0])
+        assert isinstance(lst.refused[0].__cause__, IndexError)
+        async with _connect(pki, lst.port) as client:  # the listener still takes sessions
+            async with asyncio.timeout(10):
+                server = await lst.accept()
+            await exchange(client, server, b"alive")

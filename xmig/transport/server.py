@@ -127,7 +127,15 @@ class Listener:
             return
         self._pending.add(proto)
         try:
-            await self._handshake(proto, address)
+            try:
+                await self._handshake(proto, address)
+            except TransportError:
+                raise
+            except Exception as bug:  # one connection must never take the listener down
+                log.exception("admitting a connection from %s failed", proto.peer)
+                raise ProtocolError(
+                    f"{proto.peer}: admitting the connection failed: {type(bug).__name__}: {bug}"
+                ) from bug
         except TransportError as err:
             self._record(err)
             if proto in self._lingering:
