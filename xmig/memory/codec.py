@@ -58,6 +58,11 @@ TRAILER = struct.Struct("<Q")
 FLAG_ZSTD = 1
 FLAG_DIGEST = 1
 MAX_COUNT = 1 << 22  #: entries of one kind in one message, at most (bounds allocation)
+#: a PAGES body's size (decompressed) at most: the decoder refuses a larger one before it
+#: allocates anything. An encoder's body never exceeds its ``max_message`` (every entry
+#: costs the budget at least what it takes in the body), 1 MiB by default, and a message
+#: never exceeds the transport's maximum payload (4 MiB by default).
+MAX_BODY = 16 << 20
 _MASK64 = (1 << 64) - 1
 ZERO_DIGEST = xxhash.xxh3_128_intdigest(bytes(PAGE_SIZE))
 
@@ -83,6 +88,9 @@ class CodecConfig:
             raise ValueError(f"max_message {self.max_message} cannot hold two pages")
         if not 0 <= self.delta_max_words <= WORDS:
             raise ValueError(f"delta_max_words must be within 0..{WORDS}")
+        if self.max_message > MAX_BODY:
+            raise ValueError(f"max_message {self.max_message} > {MAX_BODY}, the most a "
+                             "decoder accepts")
 
 
 @dataclass
@@ -437,10 +445,15 @@ class PageDecoder:
             raise ProtocolError(f"PAGES body length {blen} does not match the message")
         if max(n_runs, n_full, n_delta, n_dup) > MAX_COUNT:
             raise ProtocolError("PAGES message with too many entries")
+        if n_runs + n_full + n_delta + n_dup > self.page_count:  # each page named once
+            raise ProtocolError(f"PAGES message with more entries than the guest's "
+                                f"{self.page_count} pages")
         nwords = n_runs + n_full + n_delta + 2 * n_dup
         head_len = 8 * nwords + 4 * n_runs
         head_len += -head_len % 8
         size = head_len + (n_full + n_delta) * PAGE_SIZE
+        if size > MAX_BODY:  # refused before decompressing into it
+            raise ProtocolError(f"PAGES body of {size} bytes > {MAX_BODY}")
         payload = mv[HEADER.size:len(mv) - TRAILER.size]
         if flags & FLAG_ZSTD:
             try:

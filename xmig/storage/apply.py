@@ -86,18 +86,26 @@ class DiskApplier:
         self.mirror_writes = 0
         self._ahead = RangeSet()  # mirrored ranges at or above bulk_pos
 
-    def fence(self, epoch: int) -> None:
-        """Refuse ``epoch`` if older; adopt it if newer."""
+    def _check_epoch(self, epoch: int) -> None:
+        """Refuse ``epoch`` if older (nothing changes)."""
         if epoch < self.epoch:
             raise StaleEpochError(f"disk write of epoch {epoch} refused: this destination "
                                   f"is at epoch {self.epoch}", epoch=epoch, current=self.epoch)
+
+    def fence(self, epoch: int) -> None:
+        """Refuse ``epoch`` if older; adopt it if newer."""
+        self._check_epoch(epoch)
         self.epoch = epoch
 
+    # Each message below is checked whole (its epoch too) before anything changes: a bad
+    # one raises and leaves the applier, its epoch and the image as they were.
+
     def hello(self, msg: Hello) -> Ready:
-        self.fence(msg.epoch)
+        self._check_epoch(msg.epoch)
         if self.image.size < msg.size:
             raise DiskTooSmall(f"destination image of {self.image.size} bytes cannot hold "
                                f"the source disk of {msg.size} bytes")
+        self.epoch = msg.epoch
         self.source_size = msg.size
         return Ready(self.epoch, self.image.size)
 
@@ -108,14 +116,19 @@ class DiskApplier:
 
     def apply_bulk(self, msg: BulkExtent) -> None:
         size = self._size()
-        self.fence(msg.epoch)
+        self._check_epoch(msg.epoch)
         if msg.start != self.bulk_pos or msg.end > size or msg.end < msg.start:
             raise StorageError(f"bulk extent [{msg.start}, {msg.end}) out of order "
                                f"(at {self.bulk_pos}, disk {size})")
         pos = msg.start
+        for off, data in msg.runs:  # ascending, not overlapping, inside the extent
+            if off < pos or off + len(data) > msg.end:
+                raise StorageError(f"bulk run {off}+{len(data)} out of order or outside "
+                                   f"[{msg.start}, {msg.end})")
+            pos = off + len(data)
+        self.epoch = msg.epoch
+        pos = msg.start
         for off, data in msg.runs:
-            if off < pos:
-                raise StorageError(f"bulk runs out of order at {off}")
             self._zero_around(pos, off)
             self._write_around(off, data)
             pos = off + len(data)
@@ -124,15 +137,16 @@ class DiskApplier:
         self._ahead.drop_below(self.bulk_pos)
 
     def apply_done(self, msg: BulkDone) -> None:
-        self.fence(msg.epoch)
+        self._check_epoch(msg.epoch)
         if msg.size != self._size() or self.bulk_pos != msg.size:
             raise StorageError(f"bulk copy ended at {self.bulk_pos} of {msg.size}")
+        self.epoch = msg.epoch
         self.bulk_done = True
         self._ahead = RangeSet()
 
     def apply_mirror(self, msg: MirrorBatch) -> None:
         size = self._size()
-        self.fence(msg.epoch)
+        self._check_epoch(msg.epoch)
         seq = self.applied_seq
         for r in msg.records:
             if r.seq != seq + 1 or r.offset + r.length > size or (
@@ -140,6 +154,7 @@ class DiskApplier:
                 raise StorageError(f"mirror write seq {r.seq} ({r.offset}+{r.length}) "
                                    f"invalid after seq {seq} on a disk of {size}")
             seq = r.seq
+        self.epoch = msg.epoch
         for r in msg.records:
             if r.data is None:
                 self._zero(r.offset, r.offset + r.length)

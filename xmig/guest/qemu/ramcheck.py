@@ -86,11 +86,17 @@ def encode_digest_messages(digests: Digests,
 
 
 class DigestAssembler:
-    """Collects :func:`encode_digest_messages`' messages back into the digests."""
+    """Collects :func:`encode_digest_messages`' messages back into the digests.
 
-    def __init__(self) -> None:
+    ``chunks``, when given, is how many chunks this side's RAM has: the peer's count must
+    match it, which bounds what the assembler keeps (without it, the peer's messages are
+    kept until the count they announced is reached). A bad message raises
+    :class:`ProtocolError` and changes nothing."""
+
+    def __init__(self, chunks: int | None = None) -> None:
         self._parts: list[Digests] = []
         self._next = 0
+        self.chunks = chunks
         self.total: int | None = None
         self.done = False
 
@@ -101,12 +107,15 @@ class DigestAssembler:
         start, total, more = _DIGESTS_HEAD.unpack_from(message, 0)
         if self.done or start != self._next or (self.total is not None and total != self.total):
             raise ProtocolError("RAM digests messages out of order")
-        self.total = total
+        if self.chunks is not None and total != self.chunks:
+            raise ProtocolError(f"RAM digests of {total} chunks, this RAM has {self.chunks}")
+        end = self._next + (len(message) - _DIGESTS_HEAD.size) // 8
+        if end > total or (not more and end != total):
+            raise ProtocolError(f"RAM digests: {end} of {total}")
         part = np.frombuffer(bytes(message[_DIGESTS_HEAD.size:]), dtype="<u8")
         self._parts.append(part.astype(np.uint64))
-        self._next += len(part)
-        if self._next > total or (not more and self._next != total):
-            raise ProtocolError(f"RAM digests: {self._next} of {total}")
+        self.total = total
+        self._next = end
         self.done = not more
         return self.done
 
@@ -175,28 +184,46 @@ def encode_fixups(path: str | os.PathLike[str], chunks: npt.NDArray[np.int64],
     return out
 
 
-def apply_fixups(path: str | os.PathLike[str], message: bytes | bytearray) -> tuple[int, bool]:
-    """Write a fixup message's chunks into the RAM file: how many, and whether more
-    messages follow (blocking)."""
-    view = memoryview(message)
+def _fixup_items(view: memoryview, size: int) -> tuple[list[tuple[int, memoryview]], bool]:
+    """A fixup message's (offset, bytes) items, each checked against a RAM file of ``size``
+    bytes, and whether more messages follow."""
     if len(view) < _HEAD.size:
         raise ProtocolError("truncated RAM fixup message")
     _chunk, count, more = _HEAD.unpack_from(view, 0)
+    if count > (len(view) - _HEAD.size) // _ITEM.size:
+        raise ProtocolError(f"RAM fixup message of {len(view)} bytes cannot hold {count} items")
+    items = []
     pos = _HEAD.size
-    size = Path(path).stat().st_size
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        for _ in range(count):
-            if pos + _ITEM.size > len(view):
-                raise ProtocolError("truncated RAM fixup message")
-            offset, length = _ITEM.unpack_from(view, pos)
-            pos += _ITEM.size
-            if pos + length > len(view) or offset + length > size:
-                raise ProtocolError("RAM fixup out of range")
-            os.pwrite(fd, view[pos:pos + length], offset)
-            pos += length
-    finally:
-        os.close(fd)
+    for _ in range(count):
+        if pos + _ITEM.size > len(view):
+            raise ProtocolError("truncated RAM fixup message")
+        offset, length = _ITEM.unpack_from(view, pos)
+        pos += _ITEM.size
+        if pos + length > len(view) or offset + length > size:
+            raise ProtocolError("RAM fixup out of range")
+        items.append((offset, view[pos:pos + length]))
+        pos += length
     if pos != len(view):
         raise ProtocolError("trailing bytes in a RAM fixup message")
-    return int(count), bool(more)
+    return items, bool(more)
+
+
+def apply_fixups(path: str | os.PathLike[str], message: bytes | bytearray) -> tuple[int, bool]:
+    """Write a fixup message's chunks into the RAM file: how many, and whether more
+    messages follow (blocking). The message is checked whole first: a bad one raises
+    :class:`ProtocolError` and writes nothing."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError as err:
+        raise QemuError(f"cannot write guest RAM {path}: {err}") from err
+    items, more = _fixup_items(memoryview(message), size)
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for offset, data in items:
+                os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise QemuError(f"cannot write guest RAM {path}: {err}") from err
+    return len(items), more
