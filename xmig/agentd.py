@@ -1,7 +1,7 @@
 """The destination agent (``xmig agent``): accepts migrations and hosts the guests that arrive.
 
 Each session is received (:func:`xmig.agent.receive_migration`) into a new private
-directory ``DIR/incoming-<16 random hex>/`` (0700; image, NBD socket, ledger, journal, guest
+directory ``DIR/incoming-<8 random hex>/`` (0700; image, NBD socket, ledger, journal, guest
 log under names this agent chooses, 0600), so an arriving guest never touches the files of
 one already here, and nothing a source says becomes a path. Once it runs here, a
 :class:`~xmig.hostd.GuestHost` hosts it exactly as ``xmig guest start`` does, with the
@@ -146,7 +146,7 @@ class _Agent:
                 return
             if isinstance(first, control.Negotiate):
                 self.taken = mine = True
-                sdir = private_dir(self.workdir / f"incoming-{secrets.token_hex(8)}")
+                sdir = self._new_incoming_dir()
                 journal = Journal(sdir / "journal")
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
                 if isinstance(first.guest, control.QemuGuest):
@@ -181,6 +181,12 @@ class _Agent:
             await self._host_qemu(arrived, sdir)
         elif dest is not None:
             await self._host(dest, sdir, journal)
+
+    def _new_incoming_dir(self) -> Path:
+        """A new private directory for an arriving guest (short: sockets live in it)."""
+        while True:
+            with contextlib.suppress(FileExistsError):
+                return private_dir(self.workdir / f"incoming-{secrets.token_hex(4)}")
 
     async def _first(self, session: TransportSession
                      ) -> control.Negotiate | control.Go | control.Abort | None:

@@ -494,7 +494,7 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
 
 
 #: what this host names an arriving QEMU guest's files, in its own (new, private) workdir
-IMAGE_NAME, STREAM_NAME = "disk.raw", "stream.in"
+IMAGE_NAME, STREAM_NAME = "disk.raw", "mig.in"
 
 
 def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
