@@ -22,7 +22,7 @@ import pytest
 
 from tests.opsproc import Proc, is_ready, spawn, xmig
 from xmig import control
-from xmig.errors import AuthenticationError, TransportError
+from xmig.errors import AuthenticationError, PeerNotAllowed, TransportError
 from xmig.transport import Channel, SessionConfig, connect
 from xmig.transport.certs import Issued, PkiPaths, init_pki, issue
 from xmig.transport.frames import FrameType, encode_frame
@@ -256,7 +256,7 @@ async def test_a_session_cannot_be_resumed_with_another_certificate(world: World
             answer = b""
         finally:
             writer.close()
-        assert b'"ok": false' in answer or b'"ok":false' in answer or answer == b""
+        assert b'"ok": false' in answer and b"not-owner" in answer, answer
         # the session it tried to take is its owner's still: it answers
         await session.send(Channel.CONTROL, control.Go("nobody", 1, TOKEN).encode())
         async with asyncio.timeout(30):
@@ -284,3 +284,18 @@ async def test_what_a_migration_leaves_on_the_agent_is_private(world: World) -> 
             assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
     assert stat.S_IMODE(world.workdir.stat().st_mode) == 0o700
 
+
+
+async def test_an_identity_outside_allow_is_refused_typed_and_others_go_on(
+        world: World, tmp_path: Path) -> None:
+    picky = spawn(["agent", "--listen", "127.0.0.1:0", "--pki", str(world.pki.directory),
+                   "--workdir", str(tmp_path / "picky"), "--allow", "CN=xmig-client",
+                   "--json"], tmp_path, "picky")
+    try:
+        port = picky.expect(is_ready("agent"), 30)["port"]
+        other = World(world.tmp, world.pki, world.intruder, picky, port, tmp_path / "picky", 0)
+        with pytest.raises(PeerNotAllowed, match="intruder"):
+            await say(other, negotiate(), pki=world.intruder)
+        refused(await say(other, negotiate(migration="../x")), "ProtocolError")
+    finally:
+        picky.kill()

@@ -60,6 +60,7 @@ class DestResult:
     machine: DestMachine | None = None  #: kept while in doubt, for :func:`resolve`
     receiver: DiskReceiver | None = None
     token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
+    owner: str = ""  #: the identity (certificate) of the source that started it
 
 
 #: what this host names the files of an arriving guest, in its own (new, private) workdir
@@ -106,6 +107,7 @@ async def receive_migration(
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
     result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
+    result.owner = owner_of(session)
     machine = DestMachine(msg.epoch)
     receiver: DiskReceiver | None = None
     try:
@@ -200,6 +202,12 @@ async def _receive_state(session: TransportSession, msg: control.Negotiate,
     await guestctl.call(result.guest.load_device_state, bytes(state))
 
 
+def owner_of(session: TransportSession) -> str:
+    """Who opened ``session`` (its client certificate's fingerprint; "" where nothing
+    authenticates it: plaintext, or the client end)."""
+    return session.identity.key if session.identity is not None else ""
+
+
 def _check_decision(decision: control.Go | control.Abort, result: DestResult) -> None:
     """A decision is honoured only for this migration and epoch, with its token."""
     if (decision.migration != result.migration or decision.epoch != result.epoch
@@ -281,10 +289,11 @@ async def settle(session: TransportSession, decision: control.Go | control.Abort
                  ) -> DestResult:
     """A source reached us again with its decision for a migration left in doubt here:
     apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here, or a
-    decision without its token, is refused (typed: GuestNotFound) and nothing changes."""
+    decision without its token or from another identity than the one that started it, is
+    refused (typed: GuestNotFound) and nothing changes."""
     held = in_doubt.get(decision.migration)
     if held is None or held[0].epoch != decision.epoch or not control.token_matches(
-            decision.token, held[0].token):
+            decision.token, held[0].token) or owner_of(session) != held[0].owner:
         await session.send(Channel.CONTROL, control.Refused(
             decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
             f"{decision.epoch} is in doubt here").encode())

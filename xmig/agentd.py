@@ -51,7 +51,7 @@ from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.hostpolicy import HostPolicy
 from xmig.journal import Journal
 from xmig.private import private_dir
-from xmig.transport import Channel, Listener, TransportSession, listen
+from xmig.transport import Channel, Listener, PeerPolicy, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
 
@@ -68,6 +68,7 @@ async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, onc
     host's available memory, the workdir's free space); ``allow``: glob patterns on the
     client certificate's subject DN or SANs (none: every certificate the CA signed)."""
     tls = server_context(PkiPaths.in_dir(pki_dir, role="server"))
+    peers = PeerPolicy(allow=tuple(allow))  # ConfigError for a bad pattern
     workdir = workdir.absolute()
     policy = HostPolicy(max_ram_bytes=max_ram_bytes, max_disk_bytes=max_disk_bytes)
     try:
@@ -78,14 +79,14 @@ async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, onc
         raise ConfigError(f"cannot listen on {host}:{port} (workdir {workdir}): "
                           f"{err.strerror or err}") from err
     sock.setblocking(False)
-    return await _Agent(workdir, once, emit, qemu, policy, allow).run(sock, tls)
+    return await _Agent(workdir, once, emit, qemu, policy, peers).run(sock, tls)
 
 
 class _Agent:
     def __init__(self, workdir: Path, once: bool, emit: Emit, qemu: QemuConfig | None,
-                 policy: HostPolicy, allow: tuple[str, ...]) -> None:
+                 policy: HostPolicy, peers: PeerPolicy) -> None:
         self.workdir, self.once, self.emit, self.qemu = workdir, once, emit, qemu
-        self.policy, self.allow = policy, allow
+        self.policy, self.peers = policy, peers
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
@@ -100,7 +101,8 @@ class _Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
-            async with listen(tls=tls, sock=sock) as lst, asyncio.TaskGroup() as tg:
+            async with listen(tls=tls, sock=sock, policy=self.peers) as lst, \
+                    asyncio.TaskGroup() as tg:
                 addr = sock.getsockname()
                 self.emit({"event": "ready", "role": "agent", "listen": f"{addr[0]}:{addr[1]}",
                            "port": addr[1], "pid": os.getpid(), "workdir": str(self.workdir)})

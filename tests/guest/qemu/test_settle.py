@@ -116,7 +116,8 @@ async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResu
     machine.prepared()
     machine.final_applied()
     return QemuDestResult(migration="q2", epoch=3, status="in-doubt", guest=guest,
-                          image=image, machine=machine, token=TOKEN)
+                          image=image, machine=machine, token=TOKEN,
+                          owner="address:127.0.0.1")  # who a plaintext session's peer is
 
 
 async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestImage,

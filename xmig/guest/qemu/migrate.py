@@ -131,6 +131,7 @@ class QemuDestResult:
     ram_chunks_repaired: int = 0
     image: Path | None = None  #: the destination disk image (filled by the receiver)
     token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
+    owner: str = ""  #: the identity (certificate) of the source that started it
     machine: DestMachine | None = None
     receiver: DiskReceiver | None = None  #: kept while in doubt
     backend: RawFileBackend | None = None  #: the image, open, while in doubt
@@ -533,6 +534,7 @@ async def receive_qemu(
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
     result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
+    result.owner = session.identity.key if session.identity is not None else ""
     machine = DestMachine(msg.epoch)
     tunnel: DestTunnel | None = None
     decision_task: asyncio.Future[control.Message] | None = None

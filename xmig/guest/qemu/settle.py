@@ -64,14 +64,16 @@ async def resolve_qemu(result: QemuDestResult, decision: control.Go | control.Ab
                        timeout: float = 60.0) -> None:
     """Apply the source's decision to a QEMU migration in doubt here: GO runs it (after the
     RAM repair that follows GO on ``session``), ABORT discards it. A decision for another
-    migration or epoch, or without its token, is refused (GuestNotFound) and changes
-    nothing."""
+    migration or epoch, without its token, or from another identity than the one that
+    started it, is refused (GuestNotFound) and changes nothing."""
     machine, guest = result.machine, result.guest
     if result.status != "in-doubt" or machine is None or guest is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
                          state=result.status, event=decision.type)
+    owner = session.identity.key if session.identity is not None else ""
     if (decision.migration != result.migration or decision.epoch != result.epoch
-            or not control.token_matches(decision.token, result.token)):
+            or not control.token_matches(decision.token, result.token)
+            or owner != result.owner):
         await session.send(Channel.CONTROL, control.Refused(
             decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
             f"{decision.epoch} is in doubt here").encode())

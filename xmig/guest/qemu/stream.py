@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Protocol
 
 from xmig.errors import QemuError, XmigError
+from xmig.private import unix_listener
 from xmig.transport import Channel, TransportSession
 
 KiB = 1 << 10
@@ -246,9 +247,8 @@ class SourceTunnel(_Tunnel):
         return f"unix:{self.path}"
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(
-            self._accept, str(self.path), limit=2 * self.chunk)
+            self._accept, sock=unix_listener(self.path), limit=2 * self.chunk)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connected.is_set():  # one migration stream per tunnel
