@@ -208,6 +208,8 @@ class QemuGuest:
             if proc.poll() is not None:
                 raise QemuError(f"QEMU exited with status {proc.returncode}: {self.log_tail()}")
             if self.qmp_socket.exists():
+                with contextlib.suppress(OSError):  # QEMU made it with the umask's mode
+                    os.chmod(self.qmp_socket, 0o600)
                 client = QMPClient(self.config.name)
                 try:
                     await client.connect(str(self.qmp_socket))
