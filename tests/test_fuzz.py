@@ -126,6 +126,13 @@ def test_page_codec_refuses_a_zstd_bomb_before_allocating() -> None:
         small.decode(t_memory.fix_pages(head + bytes(8)))
 
 
+def test_disk_wire_refuses_a_count_its_message_cannot_hold() -> None:
+    for head in (struct.pack(">BQQQI", wire.BULK, 1, 0, 1 << 40, (1 << 32) - 1),
+                 struct.pack(">BQI", wire.MIRROR, 1, (1 << 32) - 1)):
+        with pytest.raises(StorageError, match="entries"):
+            wire.decode(head + bytes(64 << 10))  # refused before 4 G run heads are read
+
+
 def _applier() -> tuple[DiskApplier, t_storage.MemBackend]:
     image = t_storage.MemBackend(1 << 16)
     applier = DiskApplier(image, epoch=5)

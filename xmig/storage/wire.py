@@ -147,6 +147,7 @@ def decode(buf: Data) -> Message:
         if kind == BULK:
             _, epoch, start, end, n = _BULK.unpack_from(view)
             pos = _BULK.size
+            _check_count(view, pos, n, _RUN.size)
             heads = [_RUN.unpack_from(view, pos + i * _RUN.size) for i in range(n)]
             pos += n * _RUN.size
             runs = []
@@ -163,6 +164,7 @@ def decode(buf: Data) -> Message:
         if kind == MIRROR:
             _, epoch, n = _MIRROR.unpack_from(view)
             pos = _MIRROR.size
+            _check_count(view, pos, n, _MW.size)
             heads = [_MW.unpack_from(view, pos + i * _MW.size) for i in range(n)]
             pos += n * _MW.size
             records = []
@@ -183,6 +185,14 @@ def decode(buf: Data) -> Message:
     except (struct.error, IndexError) as err:
         raise StorageError(f"malformed disk message: {err}") from err
     raise StorageError(f"unknown disk message kind {kind}")
+
+
+def _check_count(view: memoryview, pos: int, count: int, size: int) -> None:
+    """Refuse a count of ``size``-byte entries at ``pos`` that ``view`` cannot hold, before
+    anything is made for them."""
+    if count * size > len(view) - pos:
+        raise StorageError(f"malformed disk message: {count} entries of {size} bytes in "
+                           f"{len(view) - pos}")
 
 
 def _check_len(view: memoryview, pos: int) -> None:
