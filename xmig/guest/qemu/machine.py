@@ -49,9 +49,15 @@ POLL_S = 0.05
 _names = itertools.count()
 
 
+#: where RAM files go by default: this user's private (0700) directory in /dev/shm, not
+#: /dev/shm itself, which every user can list
+SHM_DIR = Path(f"/dev/shm/xmig-{os.geteuid()}")
+
+
 @dataclass(frozen=True)
 class QemuConfig:
-    """What to boot. ``mem_path``: the shared RAM file (default ``/dev/shm/xmig-NAME-PID-N``);
+    """What to boot. ``mem_path``: the shared RAM file (default
+    ``/dev/shm/xmig-UID/NAME-PID-N.ram``, 0600 in a 0700 directory);
     ``extra``: more QEMU arguments, appended (e.g. ``("-S",)`` or ``("-incoming", "defer")``)."""
 
     kernel: Path
@@ -79,7 +85,7 @@ class QemuGuest:
         self.mem_path = (
             Path(config.mem_path).resolve()
             if config.mem_path
-            else Path(f"/dev/shm/xmig-{config.name}-{os.getpid()}-{next(_names)}.ram")
+            else SHM_DIR / f"{config.name}-{os.getpid()}-{next(_names)}.ram"
         )
         self._sock_dir: str | None = None
         sock = self.workdir / f"{config.name}.qmp"
@@ -177,6 +183,8 @@ class QemuGuest:
             raise QemuError(f"{c.qemu} not found: apt-get install qemu-system-x86")
         argv = self.argv()
         private_dir(self.workdir, exist_ok=True)
+        if self.mem_path.parent == SHM_DIR:
+            private_dir(SHM_DIR, exist_ok=True)
         try:  # QEMU maps the file made here: 0600, never another guest's (O_EXCL)
             os.close(create_file(self.mem_path, c.ram_mb << 20))
         except FileExistsError as err:

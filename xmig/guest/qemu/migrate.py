@@ -455,14 +455,27 @@ async def migrate_qemu(
     return result
 
 
-async def cancel_migration(source: QemuGuest) -> None:
-    """``migrate_cancel`` if QEMU's outgoing migration is live, and wait until it ended
-    (QEMU restarts the vCPUs it stopped once it ends cancelled)."""
+async def cancel_migration(source: QemuGuest,
+                           sever: Callable[[], Awaitable[None]] | None = None) -> None:
+    """End QEMU's outgoing migration if it is live, and wait until it ended (QEMU restarts
+    the vCPUs it stopped once it ends). With ``sever`` (closing our end of its stream), the
+    stream is cut first and QEMU fails the migration on its own, on the path it takes when
+    a network breaks; ``migrate_cancel`` only if it lingers: QEMU 7.2 cancelled while its
+    return-path thread reads the stream sometimes corrupted its heap and died (1 run in 4
+    with the destination killed in pre-copy), taking the source guest with it."""
     info = await source.execute("query-migrate")
-    if info.get("status") in LIVE_STATES:
-        with source.listener("MIGRATION") as events:
-            await source.execute("migrate_cancel")
-            await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
+    if info.get("status") not in LIVE_STATES:
+        return
+    with source.listener("MIGRATION") as events:
+        if sever is not None:
+            await sever()
+            with contextlib.suppress(QemuError):
+                await wait_migration(events, source, {"cancelled", "failed"}, 5.0)
+                return
+            if (await source.execute("query-migrate")).get("status") not in LIVE_STATES:
+                return
+        await source.execute("migrate_cancel")
+        await wait_migration(events, source, {"cancelled", "failed"}, 10.0)
 
 
 async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
@@ -473,11 +486,9 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
     journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
-    if tunnel is not None:
-        await tunnel.discard()  # QEMU is never left blocked in a write while cancelled
     with contextlib.suppress(XmigError):
         if migrating:
-            await cancel_migration(source)
+            await cancel_migration(source, None if tunnel is None else tunnel.sever)
         if await source.status() in ("paused", "finish-migrate"):
             await source.cont()
     if tunnel is not None:

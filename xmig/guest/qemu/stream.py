@@ -159,22 +159,17 @@ class _Tunnel:
             self.received.add(len(data), time.monotonic())
             self._moved.set()
 
-    async def discard(self) -> None:
-        """Stop carrying: QEMU's stream is read on and dropped, nothing is written to QEMU.
-        Before ``migrate_cancel``: a QEMU blocked writing into a stalled session (the
-        destination gone) is unblocked first; QEMU 7.2 cancelled while blocked there
-        sometimes corrupted its heap and died, taking the source guest with it."""
+    async def sever(self) -> None:
+        """Stop carrying and close our end of QEMU's socket: its migration thread meets a
+        broken pipe and its return-path thread the end of its stream, and QEMU fails the
+        migration itself (the source guest runs on)."""
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
-        reader = self._reader
-        self._tasks = [] if reader is None else [asyncio.create_task(self._drain(reader))]
-
-    async def _drain(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while await reader.read(self.chunk):
-                pass
+        self._tasks = []
+        if self._writer is not None:
+            self._writer.transport.abort()
 
     async def wait_sent(self) -> None:
         """Until QEMU's end closed (and the peer was told); typed error if a pump failed."""

@@ -23,6 +23,7 @@ from xmig.guest.sim import shm
 from xmig.guest.sim.config import SimConfig
 from xmig.guest.sim.control import MessageReader, b64, raise_for, send_message, unb64
 from xmig.guest.sim.shm import SharedPaths, SimMemory
+from xmig.private import private_dir
 
 START_TIMEOUT_S = 120.0
 QUIT_TIMEOUT_S = 5.0
@@ -178,6 +179,8 @@ class SimGuest:
         shm_dir = Path(config.shm_dir)
         if not shm_dir.is_dir():
             raise ConfigError(f"shm_dir {shm_dir} is not a directory")
+        # this user's private directory in it: shm_dir (/dev/shm) is listable by everyone
+        shm_dir = private_dir(shm_dir / f"xmig-{os.geteuid()}", exist_ok=True)
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         name = name or f"xmig-sim-{token}"
         # shared files are unique even when two runs choose the same name
