@@ -96,6 +96,19 @@ def test_journal_is_durable_and_ignores_a_torn_tail(tmp_path: Path) -> None:
     assert j.next_epoch() == 2
 
 
+def test_a_torn_tail_is_dropped_before_the_next_record_so_the_journal_stays_readable(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    j = Journal(tmp_path / "journal")
+    j.append("START", "m1", 1)
+    with open(j.path, "a") as f:
+        f.write('{"kind": "READY", "migr')  # power lost mid-write
+    j.append("ABORT", "m1", 1, reason="restarted")  # the next run goes on writing
+    assert [r.kind for r in j.records()] == ["START", "ABORT"]
+    assert j.next_epoch() == 2
+    assert "torn" in caplog.text
+    assert j.path.read_text().count("\n") == 2
+
+
 def test_journal_with_a_bad_middle_record_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "journal"
     path.write_text('{"kind": "GO", "migration": "m", "epoch": 1, "at": 0}\nnot json\n{}\n')

@@ -50,7 +50,7 @@ from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.hostpolicy import HostPolicy
 from xmig.journal import Journal
-from xmig.private import private_dir
+from xmig.private import fsync_dir, private_dir
 from xmig.transport import Channel, Listener, PeerPolicy, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
@@ -188,7 +188,9 @@ class _Agent:
         """A new private directory for an arriving guest (short: sockets live in it)."""
         while True:
             with contextlib.suppress(FileExistsError):
-                return private_dir(self.workdir / f"incoming-{secrets.token_hex(4)}")
+                made = private_dir(self.workdir / f"incoming-{secrets.token_hex(4)}")
+                fsync_dir(self.workdir)  # its entry survives a power loss with its journal
+                return made
 
     async def _first(self, session: TransportSession
                      ) -> control.Negotiate | control.Go | control.Abort | None:

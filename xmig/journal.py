@@ -9,6 +9,7 @@ line; a torn last line (crash mid-write) is ignored, an unreadable middle line i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from xmig.errors import ConfigError
+from xmig.private import fsync_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,19 +44,28 @@ class Journal:
                            "at": rec.at, **fields}, sort_keys=True) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            self._drop_torn_tail(fd)
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         if new:
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.path.parent)
         return rec
+
+    def _drop_torn_tail(self, fd: int) -> None:
+        """A crash mid-write leaves a last line without its newline: it never counted, and
+        appending after it would glue the next record to it. Cut it off (logged)."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        start = max(0, size - 65536)
+        tail = os.pread(fd, size - start, start)
+        keep = start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        log.warning("%s: dropping a torn last record (%d bytes)", self.path, size - keep)
+        os.ftruncate(fd, keep)
 
     def records(self) -> list[Record]:
         """Every complete record, oldest first."""

@@ -47,6 +47,15 @@ def private_dir(path: Path, *, exist_ok: bool = False) -> Path:
     return path
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (a file or directory just made in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def create_file(path: Path, size: int = 0) -> int:
     """Create ``path`` (which must not exist: ``O_EXCL``, no symlink followed) with mode 0600
     and ``size`` bytes (sparse); returns an ``O_RDWR`` descriptor the caller closes."""
