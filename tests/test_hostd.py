@@ -77,6 +77,7 @@ def test_guest_migrates_between_processes_across_the_wan(
         # the source host discarded its copy and exited
         assert source.wait(30) == 0
         assert not Path(ctl).exists()
+        assert not (tmp_path / "src" / "vm1" / "disk.raw").exists()  # its image went too
         # stopping the guest ends the --once agent
         r = xmig("guest", "stop", "--guest", arrived["ctl"])
         assert r.returncode == 0, r.stderr

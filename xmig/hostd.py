@@ -181,7 +181,9 @@ class GuestHost:
         self._done.set()
 
     async def _teardown(self, state: str) -> None:
-        """Quit the guest (it flushes through NBD), close NBD, close the disk. Idempotent."""
+        """Quit the guest (it flushes through NBD), close NBD, close the disk; once the guest
+        runs elsewhere ("migrated") its image here is deleted too (an agent that guests pass
+        through would otherwise fill its disk with their copies). Idempotent."""
         if self._torn_down:
             return
         self._torn_down = True
@@ -189,6 +191,9 @@ class GuestHost:
         await asyncio.to_thread(self.guest.quit)
         await self.nbd.close()
         self.disk.close()
+        if state == "migrated":
+            with contextlib.suppress(FileNotFoundError):
+                self.disk.path.unlink()
 
     async def _watch(self) -> None:
         """Sample the guest's progress; end the host if the guest process dies."""
