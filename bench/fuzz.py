@@ -73,15 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder()
     t0 = time.monotonic()
     deadline = t0 + seconds
-    mutator_errors = 0
     if engine == "atheris":
         errors = run_atheris(names, share, deadline, args.seed, rec, Path(__file__).resolve())
     else:
         targets, errors = load(names)
         with guarded():
-            mutator_errors = run_mutation(targets, share, deadline, args.seed, rec)
+            run_mutation(targets, share, deadline, args.seed, rec)
     out = report(rec, engine=engine, seed=args.seed, seconds=time.monotonic() - t0,
-                 mutator_errors=mutator_errors, errors=errors)
+                 errors=errors)
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 1 if out["crashes"] or errors else 0
 

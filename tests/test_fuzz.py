@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def short_run() -> dict[str, Any]:
 def test_short_run_figures(short_run: dict[str, Any]) -> None:
     assert short_run["inputs"] == SHORT_RUN_INPUTS
     assert set(short_run["per_decoder"]) == set(engine.NAMES)
-    assert not short_run["errors"] and short_run["mutator_errors"] == 0
+    assert not short_run["errors"] and not short_run["mutator_errors"]
     assert short_run["max_rss_mb"] <= 512
     assert short_run["crashes"] == sum(d["crashes"] for d in short_run["per_decoder"].values())
     for name, d in short_run["per_decoder"].items():
@@ -81,8 +82,11 @@ def test_nasty_inputs_are_typed_refusals(name: str) -> None:
     (target,), errors = engine.load([name])
     assert not errors
     rec = core.Recorder()
-    with core.guarded():
-        outcomes = [rec.run(target, data) for data in target.nasty()]
+    try:
+        with core.guarded():
+            outcomes = [rec.run(target, data) for data in target.nasty()]
+    finally:
+        t_nbd.close()
     assert rec.crashes == 0, [c.as_json() for c in rec.examples]
     assert all(o is not None for o in outcomes)
 
@@ -187,6 +191,13 @@ def test_digest_assembler_is_bounded_by_the_local_chunk_count() -> None:
     assert [asm.add(m) for m in msgs][-1] and np.array_equal(asm.digests(), digests)
 
 
+@pytest.fixture
+def nbd_loop() -> Iterator[None]:
+    yield
+    t_nbd.close()
+
+
+@pytest.mark.usefixtures("nbd_loop")
 def test_nbd_parser_refuses_huge_lengths() -> None:
     flags = struct.pack(">I", 3)
     huge_option = struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_INFO, 1 << 31)

@@ -139,6 +139,9 @@ class Recorder:
         self.stats: dict[str, DecoderStats] = {}
         self.examples: list[Crash] = []
         self.kinds: dict[str, int] = {}  #: "decoder: Type at where" -> crashes
+        #: the fuzzer's own mutators failing ("decoder: Type at where" -> times): a bug of
+        #: the fuzzer, not of xmig (the parent then went through a byte-level mutation)
+        self.mutator_errors: dict[str, int] = {}
 
     @property
     def inputs(self) -> int:
@@ -191,11 +194,18 @@ class Recorder:
             self.examples.append(Crash(name, type(err).__name__, str(err)[:300], where,
                                        data[:200].hex(), len(data)))
 
+    def mutator_failed(self, name: str, err: Exception) -> None:
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
+        kind = f"{name}: {type(err).__name__} at {where}"
+        self.mutator_errors[kind] = self.mutator_errors.get(kind, 0) + 1
+
     def as_json(self) -> dict[str, Any]:
         return {
             "per_decoder": {k: v.as_json() for k, v in sorted(self.stats.items())},
             "crash_examples": [c.as_json() for c in self.examples],
             "crash_kinds": dict(sorted(self.kinds.items())),
+            "mutator_errors": dict(sorted(self.mutator_errors.items())),
         }
 
     def merge(self, part: dict[str, Any]) -> None:
@@ -204,6 +214,8 @@ class Recorder:
             self.stats.setdefault(name, DecoderStats()).merge(st)
         for kind, n in part["crash_kinds"].items():
             self.kinds[kind] = self.kinds.get(kind, 0) + int(n)
+        for kind, n in part["mutator_errors"].items():
+            self.mutator_errors[kind] = self.mutator_errors.get(kind, 0) + int(n)
         for c in part["crash_examples"]:
             if len(self.examples) < self.max_examples:
                 self.examples.append(Crash(**c))
@@ -219,6 +231,7 @@ def guarded(extra_mb: int | None = 768) -> Iterator[None]:
     ``extra_mb`` is None) the address space is capped at its current size plus
     ``extra_mb``, so that a decoder allocating from a peer-given count gets a MemoryError
     (a crash) instead of the machine's memory. Both are restored on exit."""
+    timer = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout's, say: re-armed on exit
     old = signal.signal(signal.SIGALRM, _on_alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if extra_mb is not None:
@@ -232,4 +245,6 @@ def guarded(extra_mb: int | None = 768) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        if timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, *timer)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -108,9 +108,8 @@ class _Pool:
 
 
 def run_mutation(targets: Sequence[Target], share: dict[str, int], deadline: float,
-                 seed: int, rec: Recorder) -> int:
-    """The mutation engine; returns how many times a mutator itself failed (its parent
-    then went through a byte-level mutation instead)."""
+                 seed: int, rec: Recorder) -> None:
+    """The mutation engine."""
     pools = []
     for t in targets:
         seeds = t.seeds()
@@ -118,21 +117,19 @@ def run_mutation(targets: Sequence[Target], share: dict[str, int], deadline: flo
         p.queue = [*reversed(seeds), *reversed(t.nasty())]
         pools.append(p)
     left = {t.name: share[t.name] for t in targets}
-    mutator_errors = 0
     while pools and time.monotonic() < deadline:
         for p in list(pools):
             try:
                 data = p.next()
-            except Exception:  # a bug of the fuzzer's mutator, not of xmig
+            except Exception as err:  # a bug of the fuzzer's mutator, not of xmig
                 if os.environ.get("XMIG_FUZZ_DEBUG"):
                     raise
-                mutator_errors += 1
+                rec.mutator_failed(p.target.name, err)
                 data = bytes_mutation(p.rng.choice(p.inputs), p.rng, (), p.target.max_len)
             p.keep(data, rec.run(p.target, data))
             left[p.target.name] -= 1
             if left[p.target.name] <= 0:
                 pools.remove(p)
-    return mutator_errors
 
 
 # -- atheris ---------------------------------------------------------------------------------
@@ -202,7 +199,8 @@ def atheris_worker(name: str, n: int, seconds: float, seed: int, out: Path) -> N
                 return target.mutate(data, rng)[:max_size]
             data = atheris.Mutate(data, max_size)
             return target.fixup(data)[:max_size] if target.fixup and rng.random() < 0.8 else data
-        except Exception:  # a bug of the fuzzer's mutator: libFuzzer's mutation instead
+        except Exception as err:  # a bug of the fuzzer's mutator: libFuzzer's instead
+            rec.mutator_failed(name, err)
             return bytes(atheris.Mutate(data, max_size))
 
     stack.enter_context(guarded())
@@ -241,7 +239,7 @@ def versions(engine: str) -> dict[str, str]:
     return out
 
 
-def report(rec: Recorder, *, engine: str, seed: int, seconds: float, mutator_errors: int,
+def report(rec: Recorder, *, engine: str, seed: int, seconds: float,
            errors: dict[str, str]) -> dict[str, Any]:
     from .core import max_rss_mb
 
@@ -254,5 +252,5 @@ def report(rec: Recorder, *, engine: str, seed: int, seconds: float, mutator_err
         if seconds else 0, "seed": seed, "versions": versions(engine),
         "limits": {"slow_s": rec.slow_s, "alarm_s": rec.alarm_s,
                    "mem_step_mb": rec.mem_step_kb // 1024, "address_space_extra_mb": 768},
-        "mutator_errors": mutator_errors, "errors": errors,
+        "mutator_errors": part["mutator_errors"], "errors": errors,
     }

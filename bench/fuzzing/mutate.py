@@ -135,6 +135,16 @@ def _paths(obj: Any, limit: int = 64) -> list[tuple[Any, Any]]:
     return out
 
 
+def _number(val: float, rng: random.Random) -> Any:
+    """A number near ``val``, or it in another type."""
+    k = rng.randrange(5)
+    try:
+        return (-val if k == 0 else val + 1 if k == 1 else val * 2 ** 40 if k == 2
+                else str(val) if k == 3 else float(val))
+    except (OverflowError, ValueError):  # float() of a huge int, str() of > 4300 digits
+        return weird_value(rng)
+
+
 def _mutate_obj(obj: Any, rng: random.Random, keys: Sequence[str]) -> Any:
     paths = _paths(obj)
     op = rng.random()
@@ -152,7 +162,7 @@ def _mutate_obj(obj: Any, rng: random.Random, keys: Sequence[str]) -> Any:
         if isinstance(val, bool):
             cont[key] = not val
         elif isinstance(val, int | float):
-            cont[key] = rng.choice((-val, val + 1, val * 2 ** 40, str(val), float(val)))
+            cont[key] = _number(val, rng)
         elif isinstance(val, str):
             cont[key] = rng.choice((val * 50, val[:1], val.upper(), val + "\ud800", [val]))
         else:

@@ -11,6 +11,7 @@ import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xxhash
@@ -172,7 +173,7 @@ RAM_BYTES = 8 * ramcheck.CHUNK
 for _path in (_RAM, _SRC):
     with open(_path, "wb") as _f:
         _f.write(random.Random(_path).randbytes(RAM_BYTES))
-_shadow = [open(_RAM, "rb").read()]  # noqa: SIM115 -- what the RAM file holds
+_shadow = [Path(_RAM).read_bytes()]  # what the RAM file holds
 
 
 def fixup_seeds() -> list[bytes]:

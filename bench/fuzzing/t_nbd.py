@@ -103,6 +103,12 @@ def run(data: bytes) -> str:
         raise
 
 
+def close() -> None:
+    """Close the run's event loop (a test calls this; a fuzz run just exits)."""
+    if _LOOP is not None:
+        _LOOP.close()
+
+
 # -- the client's side, as fields --------------------------------------------------------
 
 _OPT_HEAD = struct.Struct(">QII")
