@@ -115,6 +115,37 @@ def test_a_migration_that_cannot_converge_aborts_and_the_source_runs_on(
     assert source.wait(30) == 0
 
 
+def test_a_guest_whose_migration_aborted_migrates_when_retried(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """What operators do first after an outage: retry. The aborted migration's rounds had
+    cleared the guest's dirty log; the retry must still send every page (it verifies)."""
+    pki = tmp_path / "pki"
+    assert xmig("certs", "init", str(pki), "--server-name", "127.0.0.1").returncode == 0
+    agent = spawn(["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir",
+                   str(tmp_path / "dst"), "--json"], tmp_path, "agent")
+    procs.append(agent)
+    source = spawn(["guest", "start", "--name", "vm2", "--workdir", str(tmp_path / "src"),
+                    "--ram", "64MiB", "--disk", "8MiB", "--workload", "oltp", "--rate",
+                    "5MB/s", "--disk-rate", "1MB/s", "--seed", "5", "--json"], tmp_path, "source")
+    procs.append(source)
+    port = agent.expect(is_ready("agent"), 30)["port"]
+    ctl = source.expect(is_ready("source"), 60)["ctl"]
+    to = ["--to", f"127.0.0.1:{port}", "--pki", str(pki), "--json"]
+    r = xmig("migrate", "--guest", ctl, *to, "--timeout", "2s", "--bandwidth", "20mbit",
+             timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["status"] == "aborted"
+    r = xmig("migrate", "--guest", ctl, *to, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.splitlines()[-1])
+    assert report["status"] == "done" and report["verified"] is True
+    assert report["lost_acknowledged_writes"] == 0
+    arrived = agent.expect(is_ready("destination"), 30)
+    assert status(arrived["ctl"])["guest_state"] == "running"
+    assert xmig("guest", "stop", "--guest", arrived["ctl"]).returncode == 0
+
+
 def test_a_second_host_for_the_same_guest_name_is_refused(
     tmp_path: Path, procs: list[Proc]
 ) -> None:

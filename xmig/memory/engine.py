@@ -253,7 +253,8 @@ class MemorySender:
         call :meth:`final_round`; or call this again to go on). Raises NotConverging past
         the timeout. The throttle is released if this raises or is cancelled."""
         now = self._clock()
-        if self.planner is None:
+        if self.planner is None:  # a new migration: round 0 is every page, whatever an
+            self.memory.mark_all_dirty()  # earlier, aborted migration fetched before
             self.planner = PrecopyPlanner(self._planner_cfg, start=now)
             self._next_progress = now
         planner = self.planner

@@ -36,6 +36,11 @@ class SourceMemory(Protocol):
         before this returns. The first call after the guest starts returns every page."""
         ...
 
+    def mark_all_dirty(self) -> None:
+        """Mark every page dirty: the next fetch returns every page. A migration starts so,
+        whatever an earlier, aborted one already fetched (its destination is gone)."""
+        ...
+
     def read_pages(self, indices: PageIndices) -> memoryview:
         """The current contents of ``indices``, concatenated (``len(indices) * PAGE_SIZE``).
         Contents may be newer than the dirty log says; never older."""

@@ -137,6 +137,10 @@ class ArrayMemory:
             self._dirty[idx] = False
         return idx
 
+    def mark_all_dirty(self) -> None:
+        with self._lock:
+            self._dirty[:] = True
+
     def read_pages(self, indices: PageIndices) -> memoryview:
         return self.pages[np.asarray(indices, np.int64)].reshape(-1).data
 

@@ -237,6 +237,10 @@ class SimMemory:
         self._dirty[indices] = 0
         return indices.astype(np.int64, copy=False)
 
+    def mark_all_dirty(self) -> None:
+        """Every page dirty again (a new migration sends them all)."""
+        self._dirty[:] = 1
+
     def read_pages(self, indices: PageIndices) -> memoryview:
         """Copies of the pages at ``indices``, concatenated."""
         return self._ram[np.asarray(indices, dtype=np.int64)].reshape(-1).data
