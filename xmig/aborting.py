@@ -5,10 +5,15 @@ raise what the caller must see."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
-from xmig.errors import MigrationAborted
+from xmig import control
+from xmig.errors import MigrationAborted, XmigError
+from xmig.transport import Channel, TransportSession
+
+ABORT_DELIVERY_S = 5.0  #: how long an abort waits for the peer to have read ABORT
 
 
 async def run_abort(abort: Awaitable[None], err: BaseException,
@@ -26,3 +31,13 @@ async def run_abort(abort: Awaitable[None], err: BaseException,
     if isinstance(err, asyncio.CancelledError):
         raise err
     raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+
+
+async def tell_abort(session: TransportSession, abort: control.Abort,
+                     timeout: float = ABORT_DELIVERY_S) -> None:
+    """Send ABORT and wait (bounded) until the peer has read it: the session is torn down
+    next, and an ABORT still queued then would leave the destination waiting, paused."""
+    with contextlib.suppress(XmigError, TimeoutError):
+        async with asyncio.timeout(timeout):
+            await session.send(Channel.CONTROL, abort.encode())
+            await session.drain(Channel.CONTROL)

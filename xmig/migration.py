@@ -26,7 +26,7 @@ from typing import Any
 import xxhash
 
 from xmig import control, guestctl
-from xmig.aborting import run_abort
+from xmig.aborting import run_abort, tell_abort
 from xmig.errors import (
     MigrationError,
     ProtocolError,
@@ -350,7 +350,4 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
             await sender.stop()
     if was_paused or guest.paused:
         await guestctl.call(guest.resume)
-    with contextlib.suppress(XmigError, TimeoutError):
-        async with asyncio.timeout(2.0):
-            await session.send(Channel.CONTROL, control.Abort(
-                migration, epoch, _reason(err), token).encode())
+    await tell_abort(session, control.Abort(migration, epoch, _reason(err), token))

@@ -124,6 +124,7 @@ class TransportSession:
             ch: asyncio.Event() for ch in session.recv_channels
         }
         self._send_space = asyncio.Event()
+        self._heard = asyncio.Event()  #: frames came in (acknowledgements among them)
         self._timer_changed = asyncio.Event()
         self._armed: float | None = None
         self._finished = asyncio.Event()
@@ -163,12 +164,20 @@ class TransportSession:
         self._after_io()
         return data
 
-    async def drain(self) -> None:
-        """Wait until the peer's application has consumed everything sent so far."""
-        while not self.session.all_acked:
+    async def drain(self, channel: int | None = None) -> None:
+        """Wait until the peer's application has consumed everything sent so far (on
+        ``channel`` only, if given: a last control message, before the session is left,
+        need not wait for bulk data queued behind it)."""
+        def done() -> bool:
+            if channel is None:
+                return self.session.all_acked
+            return self.session.send_channels[channel].idle
+
+        while not done():
             self._raise_if_unusable()
-            self._send_space.clear()
-            await self._send_space.wait()
+            wake = self._send_space if channel is None else self._heard
+            wake.clear()
+            await wake.wait()
 
     async def close(self, reason: str = "", timeout: float = 30.0) -> None:
         """Orderly close: wait until all sent data is consumed, exchange CLOSE, disconnect."""
@@ -231,6 +240,7 @@ class TransportSession:
             if proto is not None:
                 proto.abort(err)
         self._after_io()
+        self._heard.set()
 
     def _on_closed(self, conn_id: int, error: TransportError) -> None:
         if self._conns.pop(conn_id, None) is None:
@@ -281,6 +291,7 @@ class TransportSession:
             ev.set()
         self._changed.set()
         self._send_space.set()
+        self._heard.set()
         self._ready.set()
 
     def _pump(self) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from xmig import control
-from xmig.aborting import run_abort
+from xmig.aborting import run_abort, tell_abort
 from xmig.errors import (
     InDoubt,
     MigrationError,
@@ -495,11 +495,8 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
         await tunnel.close()
     if mirror is not None:
         await mirror.close()
-    with contextlib.suppress(XmigError, TimeoutError):
-        async with asyncio.timeout(2.0):
-            await session.send(Channel.CONTROL, control.Abort(
-                migration, epoch, f"{type(err).__name__}: {err}"[:control.MAX_TEXT],
-                token).encode())
+    await tell_abort(session, control.Abort(
+        migration, epoch, f"{type(err).__name__}: {err}"[:control.MAX_TEXT], token))
 
 
 # -- the destination ---------------------------------------------------------------------
