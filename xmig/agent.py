@@ -123,7 +123,7 @@ async def receive_migration(
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await _recv(session, reply_timeout_s)
         if isinstance(decision, control.Go | control.Abort):
-            _check_decision(decision, result)
+            control.check_decision(decision, result.migration, result.epoch, result.token)
         if isinstance(decision, control.Abort):
             raise MigrationError(f"source aborted: {decision.reason}")
         if not isinstance(decision, control.Go):
@@ -175,7 +175,7 @@ async def _receive_state(session: TransportSession, msg: control.Negotiate,
     try:
         final = await _recv(session, reply_timeout_s)
         if isinstance(final, control.Abort):
-            _check_decision(final, result)
+            control.check_decision(final, result.migration, result.epoch, result.token)
             raise MigrationError(f"source aborted: {final.reason}")
         if not isinstance(final, control.Final):
             raise ProtocolError(f"expected final, got {final.type}")
@@ -206,14 +206,6 @@ def owner_of(session: TransportSession) -> str:
     """Who opened ``session`` (its client certificate's fingerprint; "" where nothing
     authenticates it: plaintext, or the client end)."""
     return session.identity.key if session.identity is not None else ""
-
-
-def _check_decision(decision: control.Go | control.Abort, result: DestResult) -> None:
-    """A decision is honoured only for this migration and epoch, with its token."""
-    if (decision.migration != result.migration or decision.epoch != result.epoch
-            or not control.token_matches(decision.token, result.token)):
-        raise ProtocolError(f"a {decision.type} for migration {decision.migration} epoch "
-                            f"{decision.epoch} without this migration's token: ignored")
 
 
 async def _failed(session: TransportSession, result: DestResult, machine: DestMachine,
@@ -315,7 +307,7 @@ async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
     if result.status != "in-doubt" or machine is None or receiver is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
                          state=result.status, event=decision.type)
-    _check_decision(decision, result)
+    control.check_decision(decision, result.migration, result.epoch, result.token)
     if isinstance(decision, control.Abort):
         machine.abort(decision.reason)
         result.status, result.error = "discarded", f"source aborted: {decision.reason}"

@@ -207,6 +207,14 @@ def token_matches(given: str, expected: str) -> bool:
     return bool(expected) and hmac.compare_digest(given, expected)
 
 
+def check_decision(decision: Go | Abort, migration: str, epoch: int, token: str) -> None:
+    """ProtocolError unless ``decision`` is for this migration and epoch, with its token."""
+    if (decision.migration != migration or decision.epoch != epoch
+            or not token_matches(decision.token, token)):
+        raise ProtocolError(f"a {decision.type} for migration {decision.migration} epoch "
+                            f"{decision.epoch} without this migration's token: ignored")
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.__struct_config__.tag: m  # type: ignore[misc]
     for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed)

@@ -239,15 +239,6 @@ async def _source_digests(session: TransportSession, decision: asyncio.Future[co
     return assembler.digests()
 
 
-def check_decision(decision: control.Go | control.Abort, migration: str, epoch: int,
-                   token: str) -> None:
-    """A decision is honoured only for this migration and epoch, with its token."""
-    if (decision.migration != migration or decision.epoch != epoch
-            or not control.token_matches(decision.token, token)):
-        raise ProtocolError(f"a {decision.type} for migration {decision.migration} epoch "
-                            f"{decision.epoch} without this migration's token: ignored")
-
-
 def _unexpected(msg: control.Message, wanted: str) -> XmigError:
     if isinstance(msg, control.Abort):
         return MigrationError(f"peer aborted: {msg.reason}")
@@ -612,7 +603,7 @@ async def receive_qemu(
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await decision_task
         if isinstance(decision, control.Go | control.Abort):
-            check_decision(decision, result.migration, result.epoch, result.token)
+            control.check_decision(decision, result.migration, result.epoch, result.token)
         if not isinstance(decision, control.Go):
             raise _unexpected(decision, "go")
         on_event({"event": "step", "step": "go", "at": time.monotonic()})
