@@ -107,7 +107,7 @@ def mutate_pages(data: bytes, rng: random.Random) -> bytes:
     op = rng.random()
     if op < 0.25:
         k = rng.randrange(3, 7)
-        fields[k] = rng.choice((0, 1, fields[k] + 1, fields[k] - 1 if fields[k] else 0,
+        fields[k] = rng.choice((0, 1, (fields[k] + 1) & 0xFFFFFFFF, max(0, fields[k] - 1),
                                 MAX_COUNT, MAX_COUNT + 1, PAGES, (1 << 32) - 1))
     elif op < 0.6 and len(body) >= 8:
         at = 8 * rng.randrange(len(body) // 8)
