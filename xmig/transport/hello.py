@@ -7,8 +7,10 @@ state, or a refusal whose ``code`` the client turns into a typed error (:data:`R
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
+
+import msgspec
 
 from xmig.errors import (
     AuthenticationError,
@@ -23,6 +25,45 @@ from xmig.transport.frames import Frame, FrameType, encode_frame
 PROTOCOL = "xmig/1"
 
 
+_Channel = Annotated[int, msgspec.Meta(ge=0, le=255)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+_Received = Annotated[dict[_Channel, _Count], msgspec.Meta(max_length=256)]
+#: a side lists at most 4096 messages it holds out of order per channel
+_Holding = Annotated[dict[_Channel, Annotated[list[_Count], msgspec.Meta(max_length=4096)]],
+                     msgspec.Meta(max_length=256)]
+_SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_Text = Annotated[str, msgspec.Meta(max_length=4096)]
+
+
+class _HelloBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    protocol: Annotated[str, msgspec.Meta(max_length=64)]
+    session: _SessionId
+    stream: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+    new: bool
+    max_payload: Annotated[int, msgspec.Meta(ge=1, le=2**31)]
+    received: _Received = {}
+    holding: _Holding = {}
+
+
+class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The server's answer to HELLO: its own state of the session, or a refusal."""
+
+    ok: bool
+    session: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    received: _Received = {}
+    holding: _Holding = {}
+    code: Annotated[str, msgspec.Meta(max_length=64)] = ""  #: a refusal's, see REFUSALS
+    error: _Text = ""
+
+    def encode(self) -> bytes:
+        return encode_frame(FrameType.WELCOME, 0, 0, msgspec.json.encode(self))
+
+    @classmethod
+    def decode(cls, payload: bytes | bytearray) -> Welcome:
+        """ProtocolError for anything but a valid WELCOME (typed, whatever the bytes)."""
+        return _decode(_welcome, payload, "WELCOME")
+
+
 @dataclass(frozen=True)
 class Hello:
     """The first frame a client sends on each connection."""
@@ -35,31 +76,34 @@ class Hello:
     holding: dict[int, list[int]] = field(default_factory=dict)  #: and held out of order
 
     def encode(self) -> bytes:
-        body = {
-            "protocol": PROTOCOL,
-            "session": self.session_id,
-            "stream": self.stream,
-            "new": self.new,
-            "max_payload": self.max_payload,
-            "received": {str(k): v for k, v in self.received.items()},
-            "holding": {str(k): v for k, v in self.holding.items()},
-        }
-        return encode_frame(FrameType.HELLO, 0, 0, json.dumps(body).encode())
+        body = _HelloBody(PROTOCOL, self.session_id, self.stream, self.new, self.max_payload,
+                          self.received, self.holding)
+        return encode_frame(FrameType.HELLO, 0, 0, msgspec.json.encode(body))
 
     @classmethod
     def decode(cls, frame: Frame) -> Hello:
+        """ProtocolError for anything but a valid HELLO (typed, whatever the bytes)."""
         if frame.type is not FrameType.HELLO:
             raise ProtocolError(f"expected HELLO as first frame, got {frame.type.name}")
-        try:
-            body = json.loads(frame.payload)
-            if body["protocol"] != PROTOCOL:
-                raise ProtocolError(f"peer speaks {body['protocol']!r}, not {PROTOCOL!r}")
-            received = {int(k): int(v) for k, v in body.get("received", {}).items()}
-            holding = {int(k): [int(x) for x in v] for k, v in body.get("holding", {}).items()}
-            return cls(str(body["session"]), int(body["stream"]), bool(body["new"]),
-                       int(body["max_payload"]), received, holding)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ProtocolError(f"malformed HELLO: {err}") from err
+        body = _decode(_hello, frame.payload, "HELLO")
+        if body.protocol != PROTOCOL:
+            raise ProtocolError(f"peer speaks {body.protocol!r}, not {PROTOCOL!r}")
+        return cls(body.session, body.stream, body.new, body.max_payload,
+                   dict(body.received), {k: list(v) for k, v in body.holding.items()})
+
+
+_hello = msgspec.json.Decoder(_HelloBody)
+_welcome = msgspec.json.Decoder(Welcome)
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], payload: bytes | bytearray, what: str) -> T:
+    try:
+        return decoder.decode(payload)
+    except msgspec.MsgspecError as err:
+        raise ProtocolError(f"malformed {what}: {err}") from err
+    except (RecursionError, MemoryError, UnicodeError) as err:  # defence in depth
+        raise ProtocolError(f"malformed {what}: {type(err).__name__}") from err
 
 
 #: The codes a server refuses a connection with, and the error each is on the client.
@@ -74,5 +118,4 @@ REFUSALS: dict[str, type[TransportError]] = {
 
 def refusal(code: str, error: str) -> bytes:
     """A WELCOME frame that refuses a connection (``code``: one of :data:`REFUSALS`)."""
-    body = {"ok": False, "code": code, "error": error}
-    return encode_frame(FrameType.WELCOME, 0, 0, json.dumps(body).encode())
+    return Welcome(ok=False, code=code, error=error[:4096]).encode()

@@ -23,7 +23,6 @@ Session states (transitions in :data:`TRANSITIONS`; an illegal one raises
 from __future__ import annotations
 
 import enum
-import json
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -54,6 +53,7 @@ from xmig.transport.frames import (
 from xmig.transport.hello import PROTOCOL as PROTOCOL
 from xmig.transport.hello import REFUSALS as REFUSALS
 from xmig.transport.hello import Hello as Hello
+from xmig.transport.hello import Welcome
 from xmig.transport.hello import refusal as refusal
 from xmig.transport.rate import DeliveryRate, RttEstimator, TokenBucket
 
@@ -242,10 +242,8 @@ class Session:
                 )
             self._apply_peer_state(hello.received, hello.holding)
             received, holding = self._received_state()
-            welcome = {"ok": True, "session": self.session_id,
-                       "received": {str(k): v for k, v in received.items()},
-                       "holding": {str(k): v for k, v in holding.items()}}
-            c.control.append(encode_frame(FrameType.WELCOME, 0, 0, json.dumps(welcome).encode()))
+            c.control.append(Welcome(ok=True, session=self.session_id, received=received,
+                                     holding=holding).encode())
             self._mark_ready(c, now)
 
     def _received_state(self) -> tuple[dict[int, int], dict[int, list[int]]]:
@@ -381,22 +379,16 @@ class Session:
             self._on_peer_close(frame.payload.decode("utf-8", "replace"))
 
     def _on_welcome(self, c: _Conn, frame: Frame, now: float) -> None:
-        try:
-            body = json.loads(frame.payload)
-            ok = bool(body["ok"])
-            received = {int(k): int(v) for k, v in body.get("received", {}).items()}
-            holding = {int(k): [int(x) for x in v] for k, v in body.get("holding", {}).items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ProtocolError(f"malformed WELCOME: {err}") from err
-        if not ok:
-            code = body.get("code")
-            kind = REFUSALS.get(code, ProtocolError) if isinstance(code, str) else ProtocolError
-            error = kind(f"peer refused the session: {body.get('error', '?')}")
+        body = Welcome.decode(frame.payload)
+        if not body.ok:
+            kind = REFUSALS.get(body.code, ProtocolError)
+            error = kind(f"peer refused the session: {body.error or '?'}")
             if kind is PeerLimitExceeded and self._established:
                 raise error  # this connection only: the session goes on with its others
             self._fail(error)
             return
-        self._apply_peer_state(received, holding)
+        self._apply_peer_state(dict(body.received),
+                               {k: list(v) for k, v in body.holding.items()})
         self._mark_ready(c, now)
 
     def _on_peer_close(self, reason: str) -> None:
