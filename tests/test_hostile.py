@@ -25,8 +25,8 @@ from xmig import control
 from xmig.errors import AuthenticationError, PeerNotAllowed, TransportError
 from xmig.transport import Channel, SessionConfig, connect
 from xmig.transport.certs import Issued, PkiPaths, init_pki, issue
-from xmig.transport.frames import FrameType, encode_frame
-from xmig.transport.session import Hello
+from xmig.transport.frames import HEADER_SIZE, FrameType, encode_frame
+from xmig.transport.hello import Hello, Welcome
 from xmig.transport.tls import client_context
 
 MiB = 1 << 20
@@ -256,7 +256,8 @@ async def test_a_session_cannot_be_resumed_with_another_certificate(world: World
             answer = b""
         finally:
             writer.close()
-        assert b'"ok": false' in answer and b"not-owner" in answer, answer
+        welcome = Welcome.decode(answer[HEADER_SIZE:])
+        assert not welcome.ok and welcome.code == "not-owner", welcome
         # the session it tried to take is its owner's still: it answers
         await session.send(Channel.CONTROL, control.Go("nobody", 1, TOKEN).encode())
         async with asyncio.timeout(30):

@@ -68,10 +68,14 @@ def netns_holders(inodes: set[int]) -> list[str]:
     namespaces, open fds, bind mounts. Empty means the kernel has freed them."""
     wanted = {f"net:[{ino}]" for ino in inodes}
     found = []
+    # a thread of ours that Python joined can linger in /proc for a moment while the kernel
+    # ends it (join returns before the task is gone): only live threads hold anything
+    ours = {str(t.native_id) for t in threading.enumerate()}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         links = [f"/proc/{pid}/ns/net"]
         with contextlib.suppress(OSError):
-            links += [f"/proc/{pid}/task/{t}/ns/net" for t in os.listdir(f"/proc/{pid}/task")]
+            links += [f"/proc/{pid}/task/{t}/ns/net" for t in os.listdir(f"/proc/{pid}/task")
+                      if int(pid) != os.getpid() or t in ours]
         with contextlib.suppress(OSError):
             links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
         for link in links:
