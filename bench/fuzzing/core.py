@@ -92,17 +92,22 @@ class DecoderStats:
     outcomes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  #: spent in the decoder (the guard's clock)
     slowest: float = 0.0  #: the slowest input, seconds
+    rss_mb: float = 0.0  #: peak RSS of the worker process that ran it alone (atheris)
 
     def as_json(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "outcomes": len(self.outcomes), "crashes": self.crashes,
-                "outcome_counts": dict(sorted(self.outcomes.items())),
-                "seconds": round(self.seconds, 2), "slowest_ms": round(self.slowest * 1e3, 1)}
+        out = {"inputs": self.inputs, "outcomes": len(self.outcomes), "crashes": self.crashes,
+               "outcome_counts": dict(sorted(self.outcomes.items())),
+               "seconds": round(self.seconds, 2), "slowest_ms": round(self.slowest * 1e3, 1)}
+        if self.rss_mb:
+            out["max_rss_mb"] = round(self.rss_mb, 1)
+        return out
 
     def merge(self, other: dict[str, Any]) -> None:
         self.inputs += int(other["inputs"])
         self.crashes += int(other["crashes"])
         self.seconds += float(other["seconds"])
         self.slowest = max(self.slowest, float(other["slowest_ms"]) / 1e3)
+        self.rss_mb = max(self.rss_mb, float(other.get("max_rss_mb", 0.0)))
         for name, n in other["outcome_counts"].items():
             self.outcomes[name] = self.outcomes.get(name, 0) + int(n)
 
@@ -120,10 +125,10 @@ def _where(err: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
-def max_rss_mb() -> float:
+def max_rss_mb(*, children: bool = True) -> float:
     """Peak RSS of this process (and of its waited-for children), MiB."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if children else 0
     return max(own, kids) / 1024
 
 

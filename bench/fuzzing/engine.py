@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core import Recorder, Target, guarded
+from .core import DecoderStats, Recorder, Target, guarded, max_rss_mb
 from .mutate import bytes_mutation
 
 #: every target's name, and the module that defines it
@@ -42,6 +42,9 @@ NAMES: dict[str, str] = {
     "ramcheck_fixups": "t_memory", "ramcheck_digests": "t_memory", "ramcheck_chunks": "t_memory",
 }
 POOL = 512  #: inputs kept per target (seeds and inputs with new outcomes)
+#: libFuzzer's longest input: its corpus is held in memory, and grows with coverage (the
+#: longer nasty inputs run before libFuzzer starts)
+ATHERIS_MAX_LEN = 1 << 16
 
 
 def select(only: str | None) -> list[str]:
@@ -176,6 +179,7 @@ def atheris_worker(name: str, n: int, seconds: float, seed: int, out: Path) -> N
     stack = ExitStack()
 
     def dump(done: bool) -> None:
+        rec.stats.setdefault(name, DecoderStats()).rss_mb = max_rss_mb(children=False)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"recorder": rec.as_json(), "done": done}))
         os.replace(tmp, out)
@@ -210,7 +214,8 @@ def atheris_worker(name: str, n: int, seconds: float, seed: int, out: Path) -> N
     for k, data in enumerate(target.seeds()):
         Path(corpus, f"seed{k}").write_bytes(data)
     lib_seed = random.Random(f"{seed}:{name}").randrange(1, 1 << 31)
-    flags = [f"-seed={lib_seed}", f"-max_len={target.max_len}", "-timeout=0",
+    flags = [f"-seed={lib_seed}", f"-max_len={min(target.max_len, ATHERIS_MAX_LEN)}",
+             "-timeout=0",
              "-rss_limit_mb=2048", "-print_final_stats=0"]
     if seconds < 1e9:  # a backstop: the worker stops itself at its deadline
         flags.append(f"-max_total_time={int(seconds) + 30}")
@@ -241,8 +246,6 @@ def versions(engine: str) -> dict[str, str]:
 
 def report(rec: Recorder, *, engine: str, seed: int, seconds: float,
            errors: dict[str, str]) -> dict[str, Any]:
-    from .core import max_rss_mb
-
     part = rec.as_json()
     return {
         "engine": engine, "inputs": rec.inputs, "per_decoder": part["per_decoder"],

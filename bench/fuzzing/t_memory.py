@@ -5,6 +5,7 @@ written into a RAM file, the source's digests, READY's chunk list)."""
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import random
 import shutil
@@ -44,9 +45,15 @@ _ZSTD = zstandard.ZstdCompressor(level=1)
 
 def page_seeds() -> list[bytes]:
     """Messages of every form (zero runs, full, delta, dup; compressed or not; END)."""
+    return list(_page_seeds())
+
+
+@functools.cache
+def _page_seeds() -> tuple[bytes, ...]:
     rng = np.random.default_rng(7)
     src = ArrayMemory(PAGES)
-    pages = rng.integers(0, 256, (PAGES, PAGE_SIZE), dtype=np.uint8)
+    pattern = rng.integers(0, 256, (PAGES, 64), dtype=np.uint8)
+    pages = np.tile(pattern, (1, PAGE_SIZE // 64))  # compressible: small seeds
     pages[::5] = 0
     pages[3] = pages[1]  # a dup
     src.pages[:] = pages
@@ -55,11 +62,13 @@ def page_seeds() -> list[bytes]:
     out = enc.encode(idx, src.read_pages(idx))
     src.pages[2:10] = 0  # zero runs where the destination holds data
     src.pages[11, :8] ^= 0xFF  # a delta
-    again = np.arange(2, 12, dtype=np.int64)
-    out += enc.encode(again, src.read_pages(again))
+    src.pages[21] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)  # noise: sent raw
+    again = np.array([*range(2, 12), 21], dtype=np.int64)
+    out += enc.encode(again[:-1], src.read_pages(again[:-1]))
+    out += enc.encode(again[-1:], src.read_pages(again[-1:]))
     out.append(enc.end(rounds=2, digest=bytes(range(16))))
     out.append(enc.end(rounds=0))
-    return out
+    return tuple(out)
 
 
 def _seal(head: bytes, body: bytes) -> bytes:

@@ -6,6 +6,7 @@ a typed error must leave the applier and the image as they were."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import struct
 from typing import Any, cast
@@ -87,7 +88,12 @@ def _wire_seeds() -> list[wire.Message]:
 
 
 def wire_seeds() -> list[bytes]:
-    return [wire.encode(m) for m in _wire_seeds()]
+    return list(_wire_seed_bytes())
+
+
+@functools.cache
+def _wire_seed_bytes() -> tuple[bytes, ...]:
+    return tuple(wire.encode(m) for m in _wire_seeds())
 
 
 def _mutate_parts(msg: BulkExtent | MirrorBatch, rng: random.Random) -> wire.Message:
