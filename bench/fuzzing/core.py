@@ -126,10 +126,24 @@ def _where(err: BaseException) -> str:
 
 
 def max_rss_mb(*, children: bool = True) -> float:
-    """Peak RSS of this process (and of its waited-for children), MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak RSS of this process (and of its waited-for children), MiB. This process's own
+    comes from ``VmHWM`` (its memory since exec): ``getrusage`` keeps the peak across
+    fork and exec, so a fuzzer started by a big process (pytest late in a whole run)
+    would report its parent's size."""
+    own = _vm_hwm_kib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if children else 0
     return max(own, kids) / 1024
+
+
+def _vm_hwm_kib() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class Recorder:
