@@ -164,7 +164,8 @@ def _mutate_obj(obj: Any, rng: random.Random, keys: Sequence[str]) -> Any:
         elif isinstance(val, int | float):
             cont[key] = _number(val, rng)
         elif isinstance(val, str):
-            cont[key] = rng.choice((val * 50, val[:1], val.upper(), val + "\ud800", [val]))
+            cont[key] = rng.choice((val * (50 if len(val) < 1000 else 1), val[:1], val.upper(),
+                                    val + "\ud800", [val]))
         else:
             cont[key] = weird_value(rng)
     elif isinstance(cont, list):
@@ -201,11 +202,31 @@ def json_mutation(data: bytes, rng: random.Random, keys: Sequence[str] = (),
         return bytes_mutation(data, rng, max_len=max_len)
     for _ in range(rng.choice((1, 1, 2, 3))):
         obj = _mutate_obj(obj, rng, keys)
+    if not _fits(obj, max_len):  # repeats of repeats (shared, so cheap) would print huge
+        return _text_mutation(data, rng)[:max_len]
     try:
         text = json.dumps(obj).encode("utf-8", "surrogatepass")
     except (ValueError, RecursionError):
         return data
     return text[:max_len]
+
+
+def _fits(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` prints in about ``limit`` bytes (every value at least one byte, each
+    time a shared one occurs), without printing it."""
+    todo = [obj]
+    size = 0
+    while todo:
+        cur = todo.pop()
+        if isinstance(cur, dict):
+            todo += cur.values()
+            size += sum(len(k) + 3 for k in cur)
+        elif isinstance(cur, list):
+            todo += cur
+        size += len(cur) if isinstance(cur, str) else 1
+        if size > limit:
+            return False
+    return True
 
 
 # -- length-prefixed sequences of messages -----------------------------------------------

@@ -69,5 +69,5 @@ def nasty() -> list[bytes]:
     return out
 
 
-TARGETS = [Target("control", run, seeds, lambda d, r: json_mutation(d, r, KEYS), None, nasty,
-                  max_len=1 << 18)]
+TARGETS = [Target("control", run, seeds, lambda d, r: json_mutation(d, r, KEYS, 1 << 16), None,
+                  nasty, max_len=1 << 16)]

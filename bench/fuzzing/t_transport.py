@@ -36,6 +36,7 @@ SID = "s" * 32
 CONFIG = SessionConfig()
 HELLO_KEYS = ("protocol", "session", "stream", "new", "max_payload", "received", "holding")
 WELCOME_KEYS = ("ok", "session", "received", "holding", "code", "error")
+JSON_MAX = 1 << 16  #: mutated JSON inputs at most (the nasty ones are longer)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def _mutate_frame(f: RawFrame, rng: random.Random) -> None:
             setattr(f, name, extreme_int(rng, _WIDTH[name], cur, len(f.payload)))
     elif f.type in (FrameType.HELLO, FrameType.WELCOME) and op < 0.8:
         keys = HELLO_KEYS if f.type == FrameType.HELLO else WELCOME_KEYS
-        f.payload = json_mutation(f.payload, rng, keys, max_len=1 << 17)
+        f.payload = json_mutation(f.payload, rng, keys, max_len=JSON_MAX)
     else:
         f.payload = bytes_mutation(f.payload, rng, max_len=1 << 17)
 
@@ -317,10 +318,11 @@ TARGETS = [
     Target("frames", run_frames, _frame_seeds, mutate_stream, fix_frames, _frames_nasty,
            max_len=1 << 17),
     Target("hello", run_hello, _hello_seeds,
-           lambda d, r: json_mutation(d, r, HELLO_KEYS), None, _hello_nasty, max_len=1 << 18),
+           lambda d, r: json_mutation(d, r, HELLO_KEYS, JSON_MAX), None, _hello_nasty,
+           max_len=JSON_MAX),
     Target("welcome", run_welcome, _welcome_seeds,
-           lambda d, r: json_mutation(d, r, WELCOME_KEYS), None, _welcome_nasty,
-           max_len=1 << 18),
+           lambda d, r: json_mutation(d, r, WELCOME_KEYS, JSON_MAX), None, _welcome_nasty,
+           max_len=JSON_MAX),
     Target("session", run_session, _session_seeds,
            lambda d, r: d[:1] + mutate_stream(d[1:], r), lambda d: d[:1] + fix_frames(d[1:]),
            _session_nasty, max_len=1 << 15),
