@@ -170,8 +170,9 @@ def _add_agent(sub: Any) -> None:
                        "(default: derived from the workdir's free space)")
     agent.add_argument("--allow", action="append", default=[], metavar="PATTERN",
                        help="take migrations only from a client certificate whose subject "
-                       "DN or one of whose SANs matches this glob (repeatable); default: "
-                       "every certificate the CA signed")
+                       "DN (RFC 4514, e.g. 'CN=src*.example.net') or one of whose SANs "
+                       "matches this glob (repeatable); default: every certificate the CA "
+                       "signed")
     agent.add_argument("--json", action="store_true", help="events as JSON lines")
     agent.set_defaults(func=_agent)
 
