@@ -125,25 +125,26 @@ def _where(err: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
-def max_rss_mb(*, children: bool = True) -> float:
-    """Peak RSS of this process (and of its waited-for children), MiB. This process's own
-    comes from ``VmHWM`` (its memory since exec): ``getrusage`` keeps the peak across
-    fork and exec, so a fuzzer started by a big process (pytest late in a whole run)
-    would report its parent's size."""
-    own = _vm_hwm_kib()
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if children else 0
-    return max(own, kids) / 1024
+def max_rss_mb() -> float:
+    """Peak RSS of this process since exec, MiB, from ``VmHWM``: ``getrusage`` keeps the
+    peak across fork and exec (for children too), so a fuzzer started by a big process
+    (pytest late in a whole run) would report its parent's size. Workers report their own
+    (``per_decoder``)."""
+    return _vm_hwm_kib() / 1024
+
+
+_status: list[int] = []  #: an open /proc/self/status, read again with pread (about 5 us)
 
 
 def _vm_hwm_kib() -> int:
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if not _status:
+            _status.append(os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC))
+        text = os.pread(_status[0], 8192, 0)
+        at = text.index(b"VmHWM:") + 6
+        return int(text[at:text.index(b"kB", at)])
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 class Recorder:
@@ -174,7 +175,7 @@ class Recorder:
         """Run one input; its outcome, or None for a crash."""
         st = self.stats.setdefault(target.name, DecoderStats())
         st.inputs += 1
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss0 = _vm_hwm_kib()  # not getrusage: its peak may be a parent's, from before exec
         t0 = time.perf_counter()
         err: BaseException | None = None
         outcome = ""
@@ -195,7 +196,7 @@ class Recorder:
         st.slowest = max(st.slowest, took)
         if err is None and took > self.slow_s:
             err = SlowInput(f"{outcome} after {took:.2f} s")
-        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+        grew = _vm_hwm_kib() - rss0
         if err is None and grew > self.mem_step_kb:
             err = ExcessiveMemory(f"{outcome}: peak RSS grew by {grew // 1024} MiB")
         if err is not None:

@@ -179,7 +179,7 @@ def atheris_worker(name: str, n: int, seconds: float, seed: int, out: Path) -> N
     stack = ExitStack()
 
     def dump(done: bool) -> None:
-        rec.stats.setdefault(name, DecoderStats()).rss_mb = max_rss_mb(children=False)
+        rec.stats.setdefault(name, DecoderStats()).rss_mb = max_rss_mb()
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"recorder": rec.as_json(), "done": done}))
         os.replace(tmp, out)
@@ -250,7 +250,8 @@ def report(rec: Recorder, *, engine: str, seed: int, seconds: float,
     return {
         "engine": engine, "inputs": rec.inputs, "per_decoder": part["per_decoder"],
         "crashes": rec.crashes, "crash_examples": part["crash_examples"],
-        "crash_kinds": part["crash_kinds"], "max_rss_mb": round(max_rss_mb(), 1),
+        "crash_kinds": part["crash_kinds"],
+        "max_rss_mb": round(max([max_rss_mb(), *(s.rss_mb for s in rec.stats.values())]), 1),
         "seconds": round(seconds, 2), "inputs_per_second": round(rec.inputs / seconds)
         if seconds else 0, "seed": seed, "versions": versions(engine),
         "limits": {"slow_s": rec.slow_s, "alarm_s": rec.alarm_s,
