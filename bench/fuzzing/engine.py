@@ -17,6 +17,7 @@ Both run every input through :class:`~.core.Recorder` inside :func:`~.core.guard
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
@@ -185,6 +186,7 @@ def atheris_worker(name: str, n: int, seconds: float, seed: int, out: Path) -> N
         os.replace(tmp, out)
         if done:
             stack.close()
+            atexit._run_exitfuncs()  # the targets' temporary files: os._exit skips them
             os._exit(0)
 
     def one(data: bytes) -> None:
