@@ -220,10 +220,11 @@ async def _send_ram_digests(session: TransportSession, source: QemuGuest,
 
 
 async def _source_digests(session: TransportSession, decision: asyncio.Future[control.Message],
-                          timeout: float) -> ramcheck.Digests:
-    """The source's RAM digests (:func:`_send_ram_digests`); an ABORT (or any control
+                          timeout: float, chunks: int) -> ramcheck.Digests:
+    """The source's RAM digests (:func:`_send_ram_digests`), as many as this RAM has
+    ``chunks`` (a peer's other count is refused, not kept); an ABORT (or any control
     message) before them ends the wait with its error."""
-    assembler = ramcheck.DigestAssembler()
+    assembler = ramcheck.DigestAssembler(chunks)
     async with asyncio.timeout(timeout):
         while not assembler.done:
             receiving = asyncio.ensure_future(session.recv(Channel.DEVICE_STATE))
@@ -589,7 +590,7 @@ async def receive_qemu(
         result.stream = tunnel.stats()
         ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
         on_event({"event": "step", "step": "ram hashed", "at": time.monotonic()})
-        theirs = await _source_digests(session, decision_task, reply_timeout_s)
+        theirs = await _source_digests(session, decision_task, reply_timeout_s, len(ram))
         stale = ramcheck.differing(theirs, ram)  # every chunk; sizes differ: typed error
         on_event({"event": "step", "step": "ram compared", "at": time.monotonic(),
                   "stale": len(stale)})
