@@ -9,7 +9,7 @@ GUEST_BUILD ?= build/guest
 $(BIN)/xmig: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,fast]'
+	$(BIN)/pip install --quiet -e '.[test,fast,fuzz]'
 	touch $@
 
 install: $(BIN)/xmig
