@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
 from xmig import agent, control
 from xmig.agent import IMAGE_NAME, NBD_NAME, receive_migration
@@ -31,20 +32,6 @@ MiB = 1 << 20
 def negotiate(ram: int = 8 * MiB, disk: int = 4 * MiB) -> control.Negotiate:
     spec = control.SimSpec(ram_bytes=ram, disk_bytes=disk, table_bytes=MiB, hotset_bytes=MiB)
     return control.Negotiate("vm1", 1, control.SimGuest(spec, verify=False), disk, ram, TOKEN)
-
-
-def instead(exc: BaseException) -> Callable[..., Any]:
-    def fail(*args: Any, **kwargs: Any) -> Any:
-        raise exc
-    return fail
-
-
-def after(real: Callable[..., Any], exc: BaseException) -> Callable[..., Any]:
-    """The real step runs (its resource exists), then the failure comes."""
-    async def fail(*args: Any, **kwargs: Any) -> Any:
-        await real(*args, **kwargs)
-        raise exc
-    return fail
 
 
 STEPS: dict[str, Callable[[pytest.MonkeyPatch, BaseException], None]] = {

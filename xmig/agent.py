@@ -107,7 +107,7 @@ async def receive_migration(
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
     result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
-    result.owner = owner_of(session)
+    result.owner = session.peer_key
     machine = DestMachine(msg.epoch)
     receiver: DiskReceiver | None = None
     try:
@@ -202,20 +202,13 @@ async def _receive_state(session: TransportSession, msg: control.Negotiate,
     await guestctl.call(result.guest.load_device_state, bytes(state))
 
 
-def owner_of(session: TransportSession) -> str:
-    """Who opened ``session`` (its client certificate's fingerprint; "" where nothing
-    authenticates it: plaintext, or the client end)."""
-    return session.identity.key if session.identity is not None else ""
-
-
 async def _failed(session: TransportSession, result: DestResult, machine: DestMachine,
                   receiver: DiskReceiver | None, journal: Journal, err: BaseException,
                   on_event: Callable[[dict[str, Any]], None]) -> None:
     """Whatever failed (typed, a bug, a cancellation): READY and anything but the source's
     ABORT is in doubt (raises InDoubt; a cancellation keeps the paused guest and
-    propagates); else
-    discard everything, journaled, shielded from a second cancellation, and tell the source
-    (REFUSED before PREPARED, ABORT after)."""
+    propagates); else discard everything, journaled, shielded from a second cancellation, and
+    tell the source (REFUSED before PREPARED, ABORT after)."""
     result.error = f"{type(err).__name__}: {err}"
     if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
         # READY and the source is gone: it may have journaled GO. Discarding could
@@ -249,19 +242,14 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
     journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
     if not isinstance(err, asyncio.CancelledError) and not (
             prepared and isinstance(err, MigrationError)):
-        reason = (result.error or "")[:control.MAX_TEXT]
         word: control.Message = (
-            control.Abort(result.migration, result.epoch, f"destination: {reason}")
-            if prepared else control.Refused(result.migration, _refusal_name(err), reason))
+            control.Abort(result.migration, result.epoch,
+                          f"destination: {result.error}"[:control.MAX_TEXT])
+            if prepared else control.Refused.of(result.migration, err))
         with contextlib.suppress(XmigError, TimeoutError):
             async with asyncio.timeout(2.0):
                 await session.send(Channel.CONTROL, word.encode())
     await _discard(result, receiver)
-
-
-def _refusal_name(err: BaseException) -> str:
-    """The error class a refusal names: a typed one's own, MigrationError for a bug."""
-    return type(err).__name__ if isinstance(err, XmigError) else "MigrationError"
 
 
 async def first_message(session: TransportSession, timeout: float = 60.0
@@ -285,7 +273,7 @@ async def settle(session: TransportSession, decision: control.Go | control.Abort
     refused (typed: GuestNotFound) and nothing changes."""
     held = in_doubt.get(decision.migration)
     if held is None or held[0].epoch != decision.epoch or not control.token_matches(
-            decision.token, held[0].token) or owner_of(session) != held[0].owner:
+            decision.token, held[0].token) or session.peer_key != held[0].owner:
         await session.send(Channel.CONTROL, control.Refused(
             decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
             f"{decision.epoch} is in doubt here").encode())

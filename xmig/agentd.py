@@ -203,8 +203,7 @@ class _Agent:
                        "error": f"ProtocolError: {err}"})
             with contextlib.suppress(XmigError, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL, control.Refused(
-                        "", "ProtocolError", str(err)[:control.MAX_TEXT]).encode())
+                    await session.send(Channel.CONTROL, control.Refused.of("", err).encode())
             return None
 
     async def _negotiated(self, session: TransportSession, first: control.Negotiate,

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from xmig import errors
+from xmig import errors, strictjson
 from xmig.errors import ProtocolError
 
 GiB = 1 << 30
@@ -142,6 +142,15 @@ class Refused(Message, tag="refused", frozen=True):
     error: ErrorName  #: the typed error's class name
     reason: Text
 
+    @classmethod
+    def of(cls, migration: str, err: BaseException) -> Refused:
+        """The refusal telling a source why: a typed error by its class (the source raises
+        that class again, :meth:`as_error`), anything else as MigrationError with its class
+        in the reason."""
+        if isinstance(err, errors.XmigError):
+            return cls(migration, type(err).__name__, str(err)[:MAX_TEXT])
+        return cls(migration, "MigrationError", error_text(err))
+
     def as_error(self) -> errors.XmigError:
         """The typed error the destination named (MigrationError for a name xmig does not
         know, or one that is not a refusal: nothing else is instantiated from the wire)."""
@@ -197,6 +206,12 @@ class Resumed(Message, tag="resumed", frozen=True):
     at: Annotated[float, msgspec.Meta(ge=0)]
 
 
+def error_text(err: BaseException) -> str:
+    """An error as a peer is told it (an ABORT's or a refusal's reason): class and message,
+    bounded."""
+    return f"{type(err).__name__}: {err}"[:MAX_TEXT]
+
+
 def new_token() -> str:
     """A fresh migration token (the source makes one per migration)."""
     return secrets.token_hex(16)
@@ -230,12 +245,7 @@ def decode(data: bytes | bytearray | memoryview) -> AnyMessage:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"control message of {len(data)} bytes exceeds "
                             f"{MAX_MESSAGE_BYTES}")
-    try:
-        return _decoder.decode(data)
-    except msgspec.MsgspecError as err:
-        raise ProtocolError(f"malformed control message: {err}") from err
-    except (RecursionError, MemoryError, UnicodeError) as err:  # defence in depth
-        raise ProtocolError(f"malformed control message: {type(err).__name__}") from err
+    return strictjson.decode(_decoder, data, "control message")
 
 
 def migration_of(data: bytes | bytearray | memoryview) -> str:

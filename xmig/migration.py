@@ -134,10 +134,6 @@ def sim_spec(config: SimConfig) -> control.SimSpec:
         disk_queue_depth=config.disk_queue_depth, udp=config.udp_addr is not None)
 
 
-def _reason(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"[:control.MAX_TEXT]
-
-
 async def _recv_control(session: TransportSession, timeout: float) -> control.Message:
     async with asyncio.timeout(timeout):
         return control.decode(await session.recv(Channel.CONTROL))
@@ -350,4 +346,4 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
             await sender.stop()
     if was_paused or guest.paused:
         await guestctl.call(guest.resume)
-    await tell_abort(session, control.Abort(migration, epoch, _reason(err), token))
+    await tell_abort(session, control.Abort(migration, epoch, control.error_text(err), token))

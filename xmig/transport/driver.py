@@ -188,6 +188,12 @@ class TransportSession:
             await self._finished.wait()
         self._raise_if_failed()
 
+    @property
+    def peer_key(self) -> str:
+        """Who opened the session, as :attr:`identity`'s key (its certificate's fingerprint);
+        "" where no identity was recorded (the client end)."""
+        return self.identity.key if self.identity is not None else ""
+
     def abort(self, reason: str = "aborted") -> None:
         """End the session now, without the CLOSE exchange: its connections are dropped and
         whoever waits on it is woken (a server done with a peer that went away, which would

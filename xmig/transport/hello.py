@@ -8,10 +8,11 @@ state, or a refusal whose ``code`` the client turns into a typed error (:data:`R
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import msgspec
 
+from xmig import strictjson
 from xmig.errors import (
     AuthenticationError,
     PeerLimitExceeded,
@@ -61,7 +62,7 @@ class Welcome(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @classmethod
     def decode(cls, payload: bytes | bytearray) -> Welcome:
         """ProtocolError for anything but a valid WELCOME (typed, whatever the bytes)."""
-        return _decode(_welcome, payload, "WELCOME")
+        return strictjson.decode(_welcome, payload, "WELCOME")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Hello:
         """ProtocolError for anything but a valid HELLO (typed, whatever the bytes)."""
         if frame.type is not FrameType.HELLO:
             raise ProtocolError(f"expected HELLO as first frame, got {frame.type.name}")
-        body = _decode(_hello, frame.payload, "HELLO")
+        body = strictjson.decode(_hello, frame.payload, "HELLO")
         if body.protocol != PROTOCOL:
             raise ProtocolError(f"peer speaks {body.protocol!r}, not {PROTOCOL!r}")
         return cls(body.session, body.stream, body.new, body.max_payload,
@@ -94,16 +95,6 @@ class Hello:
 
 _hello = msgspec.json.Decoder(_HelloBody)
 _welcome = msgspec.json.Decoder(Welcome)
-T = TypeVar("T")
-
-
-def _decode(decoder: msgspec.json.Decoder[T], payload: bytes | bytearray, what: str) -> T:
-    try:
-        return decoder.decode(payload)
-    except msgspec.MsgspecError as err:
-        raise ProtocolError(f"malformed {what}: {err}") from err
-    except (RecursionError, MemoryError, UnicodeError) as err:  # defence in depth
-        raise ProtocolError(f"malformed {what}: {type(err).__name__}") from err
 
 
 #: The codes a server refuses a connection with, and the error each is on the client.

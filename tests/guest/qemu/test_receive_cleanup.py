@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
 from xmig import control
 from xmig.guest.qemu import migrate as qemu_migrate
@@ -24,25 +25,12 @@ TOKEN = "d1" * 16
 MiB = 1 << 20
 
 
-def fail_with(exc: BaseException) -> Callable[..., Any]:
-    def fail(*args: Any, **kwargs: Any) -> Any:
-        raise exc
-    return fail
-
-
-def fail_after(real: Callable[..., Any], exc: BaseException) -> Callable[..., Any]:
-    async def fail(*args: Any, **kwargs: Any) -> Any:
-        await real(*args, **kwargs)
-        raise exc
-    return fail
-
-
 STEPS: dict[str, Callable[[pytest.MonkeyPatch, BaseException], None]] = {
     "check_resources": lambda mp, e: mp.setattr(qemu_migrate, "check_resources",
-                                                fail_with(e)),
-    "image": lambda mp, e: mp.setattr(RawFileBackend, "create", fail_with(e)),
+                                                instead(e)),
+    "image": lambda mp, e: mp.setattr(RawFileBackend, "create", instead(e)),
     "disk receiver": lambda mp, e: mp.setattr(DiskReceiver, "start",
-                                              fail_after(DiskReceiver.start, e)),
+                                              after(DiskReceiver.start, e)),
 }
 
 
@@ -52,7 +40,7 @@ async def test_a_failure_at_each_step_before_qemu_runs_is_cleaned_up_and_refused
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str,
         exc_type: type[BaseException]) -> None:
     exc = exc_type("injected")
-    launch = fail_with(exc) if step == "launch" else None
+    launch = instead(exc) if step == "launch" else None
     if step in STEPS:
         STEPS[step](monkeypatch, exc)
 

@@ -488,7 +488,7 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     if mirror is not None:
         await mirror.close()
     await tell_abort(session, control.Abort(
-        migration, epoch, f"{type(err).__name__}: {err}"[:control.MAX_TEXT], token))
+        migration, epoch, control.error_text(err), token))
 
 
 # -- the destination ---------------------------------------------------------------------
@@ -534,7 +534,7 @@ async def receive_qemu(
     if not isinstance(msg, control.Negotiate):
         raise ProtocolError(f"expected negotiate, got {msg.type}")
     result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
-    result.owner = session.identity.key if session.identity is not None else ""
+    result.owner = session.peer_key
     machine = DestMachine(msg.epoch)
     tunnel: DestTunnel | None = None
     decision_task: asyncio.Future[control.Message] | None = None
@@ -627,9 +627,8 @@ async def receive_qemu(
             # before PREPARED: the source learns why at once (and nothing is left)
             with contextlib.suppress(XmigError, TimeoutError):
                 async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL, control.Refused(
-                        msg.migration, type(err).__name__ if isinstance(err, XmigError)
-                        else "MigrationError", str(err)[:control.MAX_TEXT]).encode())
+                    await session.send(Channel.CONTROL,
+                                       control.Refused.of(msg.migration, err).encode())
         if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
             result.status, result.machine = "in-doubt", machine
             result.receiver, result.backend = receiver, image

@@ -70,10 +70,9 @@ async def resolve_qemu(result: QemuDestResult, decision: control.Go | control.Ab
     if result.status != "in-doubt" or machine is None or guest is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
                          state=result.status, event=decision.type)
-    owner = session.identity.key if session.identity is not None else ""
     if (decision.migration != result.migration or decision.epoch != result.epoch
             or not control.token_matches(decision.token, result.token)
-            or owner != result.owner):
+            or session.peer_key != result.owner):
         await session.send(Channel.CONTROL, control.Refused(
             decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
             f"{decision.epoch} is in doubt here").encode())
