@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -202,6 +203,11 @@ class GuestProcess:
                         disk_size=self.disk_size)
 
     def _teardown(self) -> None:
+        # a parent-death or stop signal now would raise out of the teardown half done
+        # (leaving the shared files of an orphan behind): the process ends after it anyway
+        # (ignored, not masked: another thread may take the signal for the main thread)
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         for close in (self._close_udp, self._close_disk):
             try:
                 close()
