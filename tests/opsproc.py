@@ -77,7 +77,7 @@ def spawn(argv: list[str], tmp: Path, label: str,
 def xmig(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     """Run ``xmig ARGV`` to its end."""
     return subprocess.run(XMIG + list(argv), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+                          check=False, stdin=subprocess.DEVNULL)
 
 
 def status(ctl: str | Path) -> dict[str, Any]:

@@ -28,9 +28,17 @@ from typing import Any, cast
 
 import pytest
 
+from xmig import recovery
 from xmig.agent import IMAGE_NAME, DestResult, first_message, receive_migration, settle
-from xmig.control import Abort, Go
-from xmig.errors import ConnectionClosed, GuestError, InDoubt, MigrationAborted
+from xmig.control import Abort, Go, Resumed
+from xmig.errors import (
+    ConnectionClosed,
+    DeadlineExceeded,
+    GuestError,
+    GuestNotFound,
+    InDoubt,
+    MigrationAborted,
+)
 from xmig.guest.sim import (
     DowntimeProbe,
     SimClient,
@@ -52,7 +60,8 @@ from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import Listener, SessionConfig, TransportSession
+from xmig.switchover import DestPhase
+from xmig.transport import Channel, Listener, SessionConfig, TransportSession
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
 
@@ -100,6 +109,7 @@ class Outcome:
     dst_journal: list[str]
     dst_epochs: set[int]
     epoch: int
+    token: str
     dst_image_exists: bool
     dst_running: bool
     puts_acknowledged: int
@@ -128,7 +138,7 @@ def fill_disk(path: Path) -> None:
 
 
 async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
-                         settle: bool = False) -> Outcome:
+                         settle: bool = False, blackout_timeout_s: float = 10.0) -> Outcome:
     """Migrate a fresh guest; the first event of side ``on`` ("src" or "dst") for which
     ``trigger`` holds fires ``fault``. Both sides then run to their end (within
     RUN_TIMEOUT_S); a destination left in doubt is settled with the source's journaled
@@ -172,7 +182,8 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                         dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
                         reply_timeout_s=DEST_REPLY_TIMEOUT_S, on_event=watch("dst")))
                     options = MigrationOptions(reply_timeout_s=SOURCE_REPLY_TIMEOUT_S,
-                                               timeout_s=PRECOPY_TIMEOUT_S)
+                                               timeout_s=PRECOPY_TIMEOUT_S,
+                                               blackout_timeout_s=blackout_timeout_s)
                     rig.src_task = asyncio.create_task(migrate(
                         session, guest, disk, nbd, migration="m1",
                         journal=Journal(src_dir / "journal"), options=options,
@@ -213,6 +224,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 dst_journal=[r.kind for r in dst_journal],
                 dst_epochs={r.epoch for r in dst_journal},
                 epoch=src_journal[0].epoch,
+                token=str(src_journal[0].fields.get("token", "")),
                 dst_image_exists=(dst_dir / IMAGE_NAME).exists(),
                 dst_running=dst_guest is not None and dst_guest.running,
                 puts_acknowledged=len(seen.acknowledged), puts_lost=puts_lost,
@@ -328,6 +340,20 @@ def kill_source(rig: Rig) -> None:
     rig.src_task.cancel()
 
 
+def stall_destination(rig: Rig) -> None:
+    """The destination stalls (its disk hangs, say): its next word (READY) waits until
+    the source has ended its migration, then goes out."""
+    send = rig.dst_session.send
+
+    async def stalled(channel: Channel, data: bytes) -> None:
+        if channel is Channel.CONTROL:
+            assert rig.src_task is not None
+            await asyncio.wait({rig.src_task})
+        await send(channel, data)
+
+    rig.dst_session.send = stalled  # type: ignore[method-assign]
+
+
 # -- invariants ----------------------------------------------------------------------------
 
 def assert_destination_discarded(out: Outcome) -> None:
@@ -420,12 +446,35 @@ async def test_source_killed_at_the_switchover_decision_does_not_go(tmp_path: Pa
     assert_destination_discarded(out)
 
 
+async def test_a_destination_stalled_in_the_blackout_is_aborted_at_its_deadline(
+        tmp_path: Path) -> None:
+    out = await run_with_fault(tmp_path, on="src", trigger=in_prepare, fault=stall_destination,
+                               blackout_timeout_s=1.5)
+    # the source's reply timeout (5 s) is longer: the blackout's own bound ended it
+    assert isinstance(out.src, MigrationAborted), out.src
+    assert isinstance(out.src.__cause__, DeadlineExceeded), repr(out.src.__cause__)
+    assert "blackout passed its deadline of 1.5 s" in str(out.src.__cause__)
+    assert out.src_journal[-1] == "ABORT", out.src_journal
+    assert_source_runs_the_guest(out)
+    # the stalled destination, once it moves, finds the ABORT and discards
+    assert_destination_discarded(out)
+
+
 async def test_link_cut_after_go_reached_the_destination(tmp_path: Path) -> None:
     out = await run_with_fault(tmp_path, on="dst", trigger=destination_running,
                                fault=cut_link)
-    assert isinstance(out.src, SourceResult) and out.src.status == "done", out.src
+    # RESUMED never came: the source keeps its paused copy, in doubt, until it hears
+    assert isinstance(out.src, SourceResult) and out.src.status == "in-doubt", out.src
+    assert not out.src_running and out.src_journal[-1] == "GO", out.src_journal
     assert isinstance(out.dst, DestResult) and out.dst.status == "running", out.dst
     assert_destination_has_the_guest(out)
+    # settling again, it is told (from the destination's journal) that the guest runs there
+    [held] = recovery.read_dir(tmp_path / "dst")
+    assert held.phase is DestPhase.RUNNING and held.token == out.token
+    go = Go("m1", out.epoch, out.token)
+    assert recovery.answer([held], go, held.owner) == Resumed("m1", out.epoch, 0.0)
+    with pytest.raises(GuestNotFound):  # another identity is told nothing
+        recovery.answer([held], go, "someone-else")
     # I5: memory and device state at resume equal the source's at pause (by digest)
     src = out.src
     assert src.memory_digest and src.ready_digests["memory"] == src.memory_digest

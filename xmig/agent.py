@@ -117,7 +117,8 @@ async def receive_migration(
         on_event({"event": "phase", "phase": machine.phase.value})
         await _receive_state(session, msg, result, receiver, reply_timeout_s)
         machine.final_applied()
-        journal.append("READY", msg.migration, msg.epoch)
+        # durable before it is said, with what a settling source must show (token, identity)
+        journal.append("READY", msg.migration, msg.epoch, token=msg.token, owner=result.owner)
         await session.send(Channel.CONTROL, control.Ready(
             msg.migration, msg.epoch, result.digests).encode())
         on_event({"event": "phase", "phase": machine.phase.value})
@@ -213,6 +214,7 @@ async def _failed(session: TransportSession, result: DestResult, machine: DestMa
     if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
         # READY and the source is gone: it may have journaled GO. Discarding could
         # lose the guest (I1); running could run it twice. Stay paused, in doubt.
+        machine.cut_off()
         result.status, result.machine, result.receiver = "in-doubt", machine, receiver
         on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
         if isinstance(err, asyncio.CancelledError):

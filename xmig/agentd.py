@@ -20,7 +20,10 @@ A migration left in doubt (the destination voted READY and lost the source befor
 process, which then does not exit by itself, even with ``once``, until the source reaches
 it again with a session that opens with its journaled decision
 (:func:`xmig.migration.send_decision`, which the source host retries on its own): GO runs
-and hosts the guest here, ABORT discards it.
+and hosts the guest here, ABORT discards it. An operator may decide instead (``xmig
+resolve``, when the source's site is gone): the agent's own control socket ``DIR/agent.ctl``
+(:mod:`xmig.hostctl`) answers ``status`` (the migrations in doubt here) and ``resolve`` (a
+forced GO or ABORT, journaled as FORCED; the source's contrary decision is refused after).
 
 A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is received by
 :func:`~xmig.guest.qemu.migrate.receive_qemu` into a QEMU this agent starts, and hosted
@@ -39,18 +42,27 @@ import socket
 import ssl
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from xmig import control
-from xmig.agent import DestResult, first_message, receive_migration, settle
-from xmig.errors import ConfigError, GuestStateError, InDoubt, ProtocolError, XmigError
+from xmig import control, hostctl, recovery
+from xmig.agent import DestResult, first_message, receive_migration, resolve, settle
+from xmig.errors import (
+    ConfigError,
+    GuestNotFound,
+    GuestStateError,
+    InDoubt,
+    ProtocolError,
+    XmigError,
+)
 from xmig.guest.qemu import migrate as qemu_migrate
 from xmig.guest.qemu.machine import QemuConfig
-from xmig.guest.qemu.settle import resolve_qemu
+from xmig.guest.qemu.settle import force_qemu, resolve_qemu
 from xmig.hostctl import NAME_RE
 from xmig.hostd import Emit, GuestHost, claim_socket
 from xmig.hostpolicy import HostPolicy
 from xmig.journal import Journal
-from xmig.private import fsync_dir, private_dir
+from xmig.private import fsync_dir, private_dir, unix_listener
+from xmig.switchover import DestPhase
 from xmig.transport import Channel, Listener, PeerPolicy, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
@@ -79,7 +91,37 @@ async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, onc
         raise ConfigError(f"cannot listen on {host}:{port} (workdir {workdir}): "
                           f"{err.strerror or err}") from err
     sock.setblocking(False)
-    return await _Agent(workdir, once, emit, qemu, policy, peers).run(sock, tls)
+    try:
+        lock = recovery.lock_workdir(workdir)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        _recover(workdir, emit)
+        return await _Agent(workdir, once, emit, qemu, policy, peers).run(sock, tls)
+    finally:
+        os.close(lock)
+
+
+def _recover(workdir: Path, emit: Emit) -> None:
+    """Settle what an earlier run of an agent left in ``workdir`` (:func:`recovery.recover`)
+    and remove the control sockets of the guests that died with it."""
+    for held in recovery.recover(workdir):
+        if held.phase is DestPhase.ABANDONED:
+            emit({"event": "abandoned", "migration": held.migration, "epoch": held.epoch,
+                  "dir": str(held.dir), "note": "READY journaled by an earlier run, whose "
+                  "paused guest is gone: this epoch never runs here; its source may resume"})
+        else:
+            emit({"event": "discarded", "migration": held.migration, "epoch": held.epoch,
+                  "dir": str(held.dir), "note": "cut off mid-receive by the end of an "
+                  "earlier run"})
+    for ctl in sorted(workdir.glob("*.ctl")):
+        with contextlib.suppress(XmigError, OSError):
+            claim_socket(ctl)  # a live one (not ours) stays: claim_socket refuses it
+
+
+#: the agent's own control socket in its workdir (xmig.hostctl: status, resolve)
+AGENT_CTL = "agent.ctl"
 
 
 class _Agent:
@@ -92,6 +134,7 @@ class _Agent:
         #: migrations left in doubt here, by migration id: (result, journal, directory)
         self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
         self.qemu_in_doubt: dict[str, tuple[qemu_migrate.QemuDestResult, Journal, Path]] = {}
+        self.ctl = workdir / AGENT_CTL
         self.stopping = asyncio.Event()
         self.taken = False  #: a migration was accepted (with once, the only one)
         self.rc = 0
@@ -107,7 +150,14 @@ class _Agent:
                 self.emit({"event": "ready", "role": "agent", "listen": f"{addr[0]}:{addr[1]}",
                            "port": addr[1], "pid": os.getpid(), "workdir": str(self.workdir)})
                 acceptor = tg.create_task(self._accept(lst, tg))
-                await self.stopping.wait()
+                ctl = await asyncio.start_unix_server(
+                    lambda r, w: self._on_ctl(r, w, tg), sock=unix_listener(self.ctl))
+                try:
+                    await self.stopping.wait()
+                finally:
+                    ctl.close()
+                    with contextlib.suppress(OSError):
+                        self.ctl.unlink()
                 acceptor.cancel()
                 if self.in_doubt or self.qemu_in_doubt:
                     self.emit({"event": "warning",
@@ -122,6 +172,71 @@ class _Agent:
                 loop.remove_signal_handler(sig)
         self.emit({"event": "exit", "role": "agent", "rc": self.rc})
         return self.rc
+
+    # -- the control socket: migrations in doubt, an operator's forced decision -----------
+
+    def _status(self) -> dict[str, Any]:
+        doubts = [{"migration": m, "epoch": r.epoch, "role": "destination", "backend": b,
+                   "dir": str(d), "owner": r.owner}
+                  for b, held in (("sim", self.in_doubt), ("qemu", self.qemu_in_doubt))
+                  for m, (r, _, d) in held.items()]
+        return {"role": "agent", "pid": os.getpid(), "workdir": str(self.workdir),
+                "hosting": sorted(self.hosts), "in_doubt": doubts}
+
+    async def _on_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      tg: asyncio.TaskGroup) -> None:
+        reply: dict[str, Any]
+        try:
+            async with asyncio.timeout(10.0):
+                req = hostctl.parse_request(await reader.readuntil(b"\n"))
+            if isinstance(req, hostctl.ResolveRequest):
+                await self._force(req, tg)
+            elif not isinstance(req, hostctl.StatusRequest):
+                raise ConfigError(f"the agent's control socket takes status and resolve, "
+                                  f"not {req.op}")
+            reply = {"ok": True, "status": self._status()}
+        except XmigError as err:
+            reply = {"ok": False, "error": hostctl.error_dict(err)}
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as err:
+            reply = {"ok": False, "error": hostctl.error_dict(ConfigError(
+                f"no request line: {type(err).__name__}"))}
+        with contextlib.suppress(OSError, ConnectionError):
+            writer.write(hostctl.encode(reply))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+    async def _force(self, req: hostctl.ResolveRequest, tg: asyncio.TaskGroup) -> None:
+        """An operator decides a migration in doubt here (its source's site is gone):
+        journaled (FORCED) before it acts. ``go`` runs and hosts the guest here, ``abort``
+        discards it; either way a later contrary decision of the source is refused from the
+        journal (:func:`xmig.recovery.answer`): GO after a forced abort with
+        EpochAbandoned (the source resumes its copy), ABORT after a forced go as too late."""
+        self.emit({"event": "forced", "migration": req.migration, "decision": req.force})
+        if req.migration in self.qemu_in_doubt:
+            held, journal, sdir = self.qemu_in_doubt[req.migration]
+            await force_qemu(held, req.force, journal=journal)
+            self.qemu_in_doubt.pop(req.migration, None)
+            if held.status == "running":
+                tg.create_task(self._host_qemu(held, sdir))
+            else:
+                self._ended(1)
+            return
+        if req.migration not in self.in_doubt:
+            raise GuestNotFound(f"no migration {req.migration} is in doubt at this agent")
+        dest, journal, sdir = self.in_doubt[req.migration]
+        decision: control.Go | control.Abort = (
+            control.Go(dest.migration, dest.epoch, dest.token) if req.force == "go" else
+            control.Abort(dest.migration, dest.epoch, "forced by an operator", dest.token))
+        journal.append("FORCED", dest.migration, dest.epoch, decision=req.force,
+                       reason="forced by an operator (xmig resolve)")
+        await resolve(dest, decision, journal=journal,
+                      on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        self.in_doubt.pop(req.migration, None)
+        if dest.status == "running":
+            tg.create_task(self._host(dest, sdir, journal))
+        else:
+            self._ended(1)
 
     async def _accept(self, lst: Listener, tg: asyncio.TaskGroup) -> None:
         while True:  # with once, later sessions may only settle a migration in doubt
@@ -158,10 +273,11 @@ class _Agent:
             elif first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
                 sdir = self.qemu_in_doubt[first.migration][2]
                 arrived = await self._settle_qemu(session, first)
+            elif first.migration not in self.in_doubt:  # settled, or held by an earlier run
+                await self._answer_from_journals(session, first)
+                return
             else:  # a source settling a migration left in doubt here
-                held = self.in_doubt.get(first.migration)
-                sdir = held[2] if held else self.workdir
-                journal = held[1] if held else Journal(sdir / "journal")
+                _, journal, sdir = self.in_doubt[first.migration]
                 self.emit({"event": "decision", "peer": session.peer, "decision": first.type,
                            "migration": first.migration})
                 dest = await settle(session, first, {
@@ -183,6 +299,27 @@ class _Agent:
             await self._host_qemu(arrived, sdir)
         elif dest is not None:
             await self._host(dest, sdir, journal)
+
+    async def _answer_from_journals(self, session: TransportSession,
+                                    decision: control.Go | control.Abort) -> None:
+        """A decision for a migration no guest here is held for: what the journals say
+        (:func:`xmig.recovery.answer`): RESUMED if it ran here, EpochAbandoned if this
+        agent abandoned it after a restart; GuestNotFound if nothing is known."""
+        self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
+                   "migration": decision.migration, "held": False})
+        try:
+            reply = recovery.answer(recovery.scan(self.workdir), decision,
+                                   session.peer_key)
+        except GuestNotFound as err:
+            reply = control.Refused.of(decision.migration, err)
+        if reply is None:
+            return
+        self.emit({"event": "answered", "migration": decision.migration, "reply": reply.type,
+                   **({"error": reply.error} if isinstance(reply, control.Refused) else {})})
+        with contextlib.suppress(XmigError, TimeoutError):
+            async with asyncio.timeout(5.0):
+                await session.send(Channel.CONTROL, reply.encode())
+                await session.drain(Channel.CONTROL)
 
     def _new_incoming_dir(self) -> Path:
         """A new private directory for an arriving guest (short: sockets live in it)."""

@@ -1,8 +1,8 @@
 """The ``xmig`` command. It parses flags, calls the library and renders what it reports.
 
 A typed :class:`~xmig.errors.XmigError` becomes one red line on stderr and exit status 2
-(``xmig migrate`` tells bad input, 2, from a migration that did not happen, 3, or failed
-after GO, 4: :mod:`xmig.cli_ops`). Sizes, rates and durations are read by :mod:`xmig.units`.
+(``xmig migrate`` tells bad input, 2, from a migration that did not happen, 3, or one in
+doubt after GO, 4: :mod:`xmig.cli_ops`). Sizes, rates and durations are read by :mod:`xmig.units`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     transport_cli.add_parsers(sub)
     netem_cli.add_parsers(sub)
-    from xmig import cli_demo, cli_ops
+    from xmig import cli_demo, cli_ops, cli_resolve
 
     cli_demo.add_parsers(sub)
     cli_ops.add_parsers(sub)
+    cli_resolve.add_parsers(sub)
     return parser
 
 

@@ -11,8 +11,9 @@ given cannot be used and nothing was asked of the destination (flags, PKI, a pat
 what its flag needs: no xmig guest host's control socket at ``--guest``, no QMP socket of a
 QEMU xmig can migrate at ``--qemu-qmp``); 3 when the migration did not happen or was aborted
 (the source guest runs on: host busy, agent unreachable, refused, not converging, ...); 4 when
-it failed after GO (the source guest is gone; the destination holds it). Every error is one
-red line ``xmig: TYPE: what, in words``.
+it is in doubt: GO was given and the destination has not confirmed that the guest runs there
+(the source keeps its paused copy and keeps telling the destination until it answers).
+Every error is one red line ``xmig: TYPE: what, in words``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from xmig.cli_view import ProgressView, summary
 from xmig.errors import ConfigError, XmigError
 from xmig.units import argtype, parse_bit_rate, parse_byte_rate, parse_duration, parse_size
 
-EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_AFTER_GO = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_IN_DOUBT = 2, 3, 4
 
 
 def _endpoint(text: str) -> str:
@@ -103,7 +104,9 @@ def _add_migrate(sub: Any) -> None:
         "on a terminal, JSON lines with --json, nothing otherwise; then the report. "
         "Exit status: 0 migrated; 2 bad input (flags, PKI, a path that is not what its flag "
         "needs), nothing asked of the destination; 3 not migrated or aborted (the source "
-        "guest runs on); 4 failed after GO.")
+        "guest runs on); 4 in doubt: GO was given and the destination has not confirmed "
+        "that the guest runs there (the source keeps its paused copy and keeps telling the "
+        "destination until it answers).")
     which = mig.add_mutually_exclusive_group(required=True)
     which.add_argument("--guest", type=Path, metavar="CTL",
                        help="the control socket of a guest's host (xmig guest start)")
@@ -124,6 +127,9 @@ def _add_migrate(sub: Any) -> None:
                      help="downtime budget (default %(default)s)")
     mig.add_argument("--timeout", type=duration, default="300s", metavar="DURATION",
                      help="abandon a pre-copy not converged by then (default %(default)s)")
+    mig.add_argument("--blackout-timeout", type=duration, default="10s", metavar="DURATION",
+                     help="abort (the source runs on) when the guest has been paused this "
+                     "long without the destination's READY (default %(default)s)")
     mig.add_argument("--connect-timeout", type=duration, default="10s", metavar="DURATION",
                      help="give up reaching the agent after this (default %(default)s)")
     mig.add_argument("--streams", type=positive, default=2, help="parallel TCP connections")
@@ -286,7 +292,8 @@ def _migrate(args: argparse.Namespace) -> int:
         to=args.to, pki=str(pki.directory), server_name=args.server_name,
         max_downtime_s=args.max_downtime, timeout_s=args.timeout, streams=args.streams,
         sdps=args.sdps or "on", verify=not args.no_verify, bandwidth_bps=args.bandwidth,
-        link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout)
+        link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout,
+        blackout_timeout_s=args.blackout_timeout)
     try:
         return _run_migrate(args, req)
     except KeyboardInterrupt:
@@ -327,7 +334,7 @@ def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
     if outcome.error is not None:
         _red_line(outcome.error)
         if outcome.after_go:
-            return EXIT_AFTER_GO
+            return EXIT_IN_DOUBT
         return EXIT_BAD_INPUT if isinstance(outcome.error, ConfigError) else EXIT_NOT_MIGRATED
     return 0
 
@@ -338,7 +345,8 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
     from xmig.qemusource import QemuMigrateRequest, migrate_attached
 
     options = QemuMigrationOptions(downtime_limit_ms=max(1, round(args.max_downtime * 1000)),
-                                   timeout_s=args.timeout, sdps=args.sdps == "on")
+                                   timeout_s=args.timeout, sdps=args.sdps == "on",
+                                   blackout_timeout_s=args.blackout_timeout)
     if args.sdps == "autoconverge":
         raise ConfigError("--sdps autoconverge is for reference guests (a QEMU has its own "
                           "auto-converge)")
@@ -390,9 +398,13 @@ def _qemu_report(args: argparse.Namespace, console: Console, report: dict[str, A
               .decode().rstrip(), flush=True)
     elif console.is_terminal and report["status"] == "done":
         console.print(summary(report))
+    if report["status"] == "aborted":  # the destination abandoned the epoch
+        Console(stderr=True, soft_wrap=True).print(Text(
+            f"xmig: {report['error']}", style="bold red"))
+        return EXIT_NOT_MIGRATED
     if report["status"] != "done":
         Console(stderr=True, soft_wrap=True).print(Text(
-            f"xmig: {report['status']}: {report['error']} (the source QEMU stays paused)",
-            style="bold red"))
-        return EXIT_AFTER_GO
+            f"xmig: InDoubt: {report['status']}: {report['error']} (the source QEMU stays "
+            "paused)", style="bold red"))
+        return EXIT_IN_DOUBT
     return 0

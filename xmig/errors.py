@@ -47,8 +47,13 @@ which sequence number). ``asyncio.CancelledError`` is never wrapped.
           ├── NotConverging          the dirty set will not fit the downtime budget in time
           ├── MigrationAborted       aborted before GO; the source guest runs
           ├── ResourceLimit          the destination's limits (RAM, disk) cannot take it
-          └── InDoubt                (destination) READY, then cut off from the source
-                                     before GO: the guest stays paused until resolved
+          ├── InDoubt                the commit's outcome is not known here yet: READY and
+          │                          cut off before GO (destination), or GO sent and not
+          │                          confirmed (source); the paused copy is kept
+          ├── EpochAbandoned         (destination) restarted without the paused guest of
+          │                          an epoch it voted READY for: it never runs there
+          └── DeadlineExceeded       a step had a deadline and passed it: an answer of the
+                                     peer, or the blackout as a whole (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -249,12 +254,28 @@ class MigrationAborted(MigrationError):
 
 
 class InDoubt(MigrationError):
-    """The destination voted READY and lost the source before GO arrived. It keeps the
-    guest paused and its image (I1: the source may have journaled GO) until the source's
-    decision reaches it (:func:`xmig.agent.resolve`) or an operator forces a side."""
+    """The commit's outcome is not known on this side yet. On a destination: it voted READY
+    and lost the source before GO arrived; it keeps the guest paused and its image (I1: the
+    source may have journaled GO) until the source's decision reaches it
+    (:func:`xmig.agent.resolve`) or an operator forces a side. On a source: GO is journaled
+    and sent and the destination has not confirmed it runs the guest; the source keeps its
+    paused copy and tells the destination again until it answers."""
 
-    def __init__(self, message: str, *, migration: str, epoch: int, result: object) -> None:
+    def __init__(self, message: str, *, migration: str = "", epoch: int = 0,
+                 result: object = None) -> None:
         super().__init__(message)
         self.migration = migration
         self.epoch = epoch
         self.result = result  #: the :class:`xmig.agent.DestResult` holding the paused guest
+
+
+class EpochAbandoned(MigrationError):
+    """A destination restarted without the paused guest it voted READY for (its memory was
+    gone) journaled that this epoch never runs there and refuses GO for it for ever: the
+    source's paused copy is the only one, and it resumes."""
+
+
+class DeadlineExceeded(MigrationError, TimeoutError):
+    """A step passed its deadline: the peer's answer did not come in time, or the blackout
+    (the guest's pause to GO) outlasted its bound. Before GO the migration aborts and the
+    source guest resumes."""

@@ -9,6 +9,11 @@ JSON object on one line) and reads JSON lines back until the answer, an object w
                                            -> {"event": ...}*  then
                                               {"ok": true, "report": {...}}
                                            or {"ok": false, "error": {...}, "report": ...}
+    {"op": "resolve", "migration": NAME, "force": "go"|"abort"}
+                                           -> {"ok": true, "status": {...}}
+
+An agent (``xmig agent``) also listens on ``DIR/agent.ctl`` for ``status`` (its migrations
+in doubt) and ``resolve``; a guest host answers ``resolve`` only while its guest is in doubt.
 
 An error is ``{"type": <XmigError subclass name>, "message": str, "after_go": bool}``; the
 client turns it back into that class. Requests are validated here (:func:`parse_request`);
@@ -88,6 +93,7 @@ class MigrateRequest:
     bandwidth_bps: int | None = None  #: the session's rate cap (SessionConfig.rate_cap_bps)
     link_rate_bps: int | None = None  #: for link_utilization; default: bandwidth_bps
     connect_timeout_s: float = 10.0
+    blackout_timeout_s: float = 10.0  #: pause to GO; past it the migration aborts
 
     op = "migrate"
 
@@ -97,7 +103,8 @@ class MigrateRequest:
         parse_endpoint(self.to)
         if not os.path.isabs(self.pki):
             raise ConfigError(f"pki {self.pki!r} must be an absolute path")
-        for name in ("max_downtime_s", "timeout_s", "connect_timeout_s"):
+        for name in ("max_downtime_s", "timeout_s", "connect_timeout_s",
+                     "blackout_timeout_s"):
             value = getattr(self, name)
             if not _number(value) or not 0 < value < 1e6:
                 raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
@@ -125,7 +132,30 @@ class MigrateRequest:
         return {"op": self.op, **asdict(self)}
 
 
-Request = StatusRequest | StopRequest | MigrateRequest
+FORCES = ("go", "abort")
+
+
+@dataclass(frozen=True)
+class ResolveRequest:
+    """An operator forces the side of a migration in doubt (``xmig resolve``)."""
+
+    migration: str
+    force: str  #: "go": the destination runs it; "abort": the source does
+
+    op = "resolve"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.migration, str):
+            raise ConfigError("migration must be a string")
+        check_name(self.migration)
+        if self.force not in FORCES:
+            raise ConfigError(f"force must be one of {FORCES}, not {self.force!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, **asdict(self)}
+
+
+Request = StatusRequest | StopRequest | MigrateRequest | ResolveRequest
 
 
 def parse_request(line: bytes) -> Request:
@@ -141,12 +171,14 @@ def parse_request(line: bytes) -> Request:
         if data:
             raise ConfigError(f"{op} takes no fields, got {sorted(data)}")
         return StatusRequest() if op == "status" else StopRequest()
-    if op == "migrate":
+    kinds: dict[str, type[MigrateRequest | ResolveRequest]] = {
+        "migrate": MigrateRequest, "resolve": ResolveRequest}
+    if op in kinds:
         try:
-            return MigrateRequest(**data)
+            return kinds[op](**data)
         except TypeError as err:
-            raise ConfigError(f"bad migrate request: {err}") from err
-    raise ConfigError(f"unknown op {op!r}: want status, stop or migrate")
+            raise ConfigError(f"bad {op} request: {err}") from err
+    raise ConfigError(f"unknown op {op!r}: want status, stop, migrate or resolve")
 
 
 def _number(value: Any) -> bool:
@@ -379,3 +411,21 @@ def migrate(path: Path, req: MigrateRequest, *,
             on_event(msg)
     finally:
         conn.close()
+
+
+def resolve(path: Path, req: ResolveRequest, *, timeout: float = 60.0,
+            probe_timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Ask the host or agent at ``path`` to force ``req.force`` on a migration in doubt
+    there: its status afterwards, or its typed refusal (nothing changed). GuestNotFound
+    when ``path`` is not a control socket (as :func:`request`)."""
+    request(path, "status", probe_timeout=probe_timeout)
+    conn = _Connection(path, timeout, known=True)
+    try:
+        conn.send(req.to_json())
+        reply = conn.read(time.monotonic() + timeout)
+    finally:
+        conn.close()
+    if not reply.get("ok"):
+        raise error_from(reply.get("error"))
+    status = reply.get("status")
+    return status if isinstance(status, dict) else {}

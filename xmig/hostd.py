@@ -14,12 +14,13 @@ client that goes away does not stop it. Afterwards:
 - done (GO sent, destination running): the guest is discarded here and the host exits 0;
 - aborted, or refused before it began (bad PKI, agent unreachable, guest busy): the guest
   runs on, untouched, and the host keeps serving;
-- failed after GO (GO is journaled, so this side never resumes: I1): the host keeps the
-  paused guest and its state (state ``failed-after-go``; the destination, READY and in
-  doubt, holds the whole state too), refuses new migrations, and keeps reaching the
-  destination agent to tell it GO (:func:`xmig.migration.send_decision`, with backoff);
-  once it answers, the guest runs there and is discarded here. Stopped before that, it
-  exits 1.
+- in doubt (GO was journaled, so this side never resumes on its own: I1, and the
+  destination has not confirmed it runs): the host keeps the paused guest and its state
+  (state ``in-doubt``), refuses new migrations, and keeps reaching the destination agent
+  with GO (:func:`xmig.migration.send_decision`, with backoff). RESUMED: the guest runs
+  there and is discarded here. ``EpochAbandoned`` (the agent restarted and journaled that
+  this epoch never runs there): ABANDONED is journaled and the paused guest resumes here,
+  state ``running``. Stopped before either, it exits 1.
 
 Stopping (``stop``, SIGTERM, SIGINT) quits the guest and ends the host; it waits for a
 migration in progress to end first. Files stay in the guest's directory (disk image,
@@ -40,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from xmig import guestctl, hostctl
-from xmig.errors import ConfigError, GuestStateError, XmigError
+from xmig.errors import (
+    ConfigError,
+    EpochAbandoned,
+    GuestNotFound,
+    GuestStateError,
+    InDoubt,
+    XmigError,
+)
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.journal import Journal
 from xmig.migration import MigrationOptions, SourceResult, migrate, send_decision
@@ -48,6 +56,7 @@ from xmig.private import private_dir, unix_listener
 from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
+from xmig.switchover import SourceMachine, SourcePhase
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import client_context
@@ -131,7 +140,7 @@ class GuestHost:
         self.name, self.role, self.workdir, self.ctl = name, role, workdir, ctl
         self.guest, self.disk, self.nbd, self.journal = guest, disk, nbd, journal
         self.emit = emit
-        self.state = "running"  #: running migrating migrated failed-after-go stopped failed
+        self.state = "running"  #: running migrating migrated in-doubt stopped failed
         self.rc = 0
         self.migration: dict[str, Any] | None = None
         self._started = time.monotonic()
@@ -141,6 +150,7 @@ class GuestHost:
         self._torn_down = False
         self._tg: asyncio.TaskGroup | None = None
         self._settler: asyncio.Task[None] | None = None
+        self._in_doubt: dict[str, Any] | None = None  #: migration, epoch, to: while in doubt
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -231,7 +241,7 @@ class GuestHost:
                "ram_bytes": self.guest.config.ram_bytes, "disk_bytes": self.disk.size,
                "workload": self.guest.config.workload,
                "uptime_s": round(time.monotonic() - self._started, 3),
-               "migration": self.migration}
+               "migration": self.migration, "in_doubt": self._in_doubt}
         with contextlib.suppress(XmigError):
             p = self.guest.progress()
             out.update(progress=p.counter, progress_rate=p.rate, throttle=p.throttle,
@@ -254,12 +264,20 @@ class GuestHost:
                 return
             if isinstance(req, hostctl.StatusRequest):
                 writer.write(hostctl.encode({"ok": True, "status": self.status()}))
+            elif isinstance(req, hostctl.ResolveRequest):
+                try:
+                    await self._force(req)
+                except XmigError as err:
+                    writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(err)}))
+                else:
+                    writer.write(hostctl.encode({"ok": True, "status": self.status()}))
             elif isinstance(req, hostctl.StopRequest):
-                if self.state not in ("running", "failed-after-go"):
+                if self.state not in ("running", "in-doubt"):
                     busy = GuestStateError(f"guest {self.name} is {self.state}; stop it after")
                     writer.write(hostctl.encode({"ok": False,
                                                  "error": hostctl.error_dict(busy)}))
                 else:
+                    self.rc = 1 if self.state == "in-doubt" else self.rc
                     await self._teardown("stopped")
                     writer.write(hostctl.encode({"ok": True, "status": self.status()}))
                     await writer.drain()
@@ -321,9 +339,16 @@ class GuestHost:
             report = await self._run(req, event, put, timeline, seen_resumed)
             reply: dict[str, Any] = {"ok": True, "report": report}
             ended = "migrated"
+            if report.get("status") == "in-doubt":
+                ended = "in-doubt"
+                reply = {"ok": False, "report": report, "error": hostctl.error_dict(InDoubt(
+                    f"GO was given and the destination has not confirmed that the guest runs "
+                    f"there ({report.get('error')}): this host keeps the paused guest and "
+                    f"keeps telling the destination until it answers; see `xmig guest "
+                    f"status --guest {self.ctl}`"), after_go=True)}
         except Exception as err:  # typed errors, and a bug must not take the guest down
             after_go = any(r.kind == "GO" and r.epoch == epoch for r in self.journal.records())
-            status = "failed-after-go" if after_go else "aborted"
+            status = "in-doubt" if after_go else "aborted"
             if not after_go:
                 await self._ensure_running()
             if not isinstance(err, XmigError | OSError):
@@ -346,19 +371,24 @@ class GuestHost:
             await self._teardown("migrated")
             self._done.set()
             return
-        # after a failure past GO the paused guest never runs here again, but its state is
-        # kept (for an operator) until it is stopped; before GO it simply runs on
+        # in doubt the paused guest is kept until the destination's word: RESUMED (it runs
+        # there: discarded here) or that it abandoned the epoch (it resumes here); before GO
+        # it simply runs on
         self.state = ended
-        self.rc = 1 if ended == "failed-after-go" else self.rc
         if self._stop_after_migration:
+            self.rc = 1 if ended == "in-doubt" else self.rc
             await self._stop()
-        elif ended == "failed-after-go" and self._tg is not None:
-            self._settler = self._tg.create_task(self._settle(req))
+        elif ended == "in-doubt" and self._tg is not None:
+            self._in_doubt = {"migration": self.name, "epoch": epoch, "to": req.to,
+                              "role": "source"}
+            self._settler = self._tg.create_task(self._settle(req, epoch))
 
-    async def _settle(self, req: hostctl.MigrateRequest) -> None:
-        """GO is journaled but the destination may not have heard it (it then waits, in
-        doubt): reach its agent again and tell it, retrying with backoff until it answers
-        or this host is stopped. Then the guest runs there and is discarded here."""
+    async def _settle(self, req: hostctl.MigrateRequest, epoch: int) -> None:
+        """GO is journaled and unconfirmed: reach the destination agent again and tell it,
+        with backoff, until it answers. RESUMED: the guest runs there and is discarded here.
+        EpochAbandoned (it restarted without its paused copy, and journaled that it never
+        runs it): ABANDONED is journaled here and the paused guest resumes. Anything else
+        (unreachable, nothing known there) keeps the guest paused and in doubt."""
         host, port = req.endpoint
         tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
         delay = 1.0
@@ -368,8 +398,12 @@ class GuestHost:
                                    streams=1, connect_timeout=req.connect_timeout_s) as session:
                     decision = await send_decision(session, self.journal, self.name)
                 self.emit({"event": "settled", "name": self.name, "decision": decision.type})
+                self._in_doubt = None
                 await self._teardown("migrated")
                 self._done.set()
+                return
+            except EpochAbandoned as err:
+                await self._resume_abandoned(epoch, err)
                 return
             except XmigError as err:
                 self.emit({"event": "settle-retry", "name": self.name, "in_s": delay,
@@ -377,12 +411,56 @@ class GuestHost:
             await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
             delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)
 
+    async def _resume_abandoned(self, epoch: int, err: EpochAbandoned) -> None:
+        """The destination journaled that ``epoch`` never runs there: this paused copy is
+        the only one. Journal that, then resume it; it may be migrated again."""
+        machine = SourceMachine.in_doubt(epoch)
+        step = machine.abandoned(epoch)
+        self.journal.append("ABANDONED", self.name, epoch, reason=str(err))
+        assert step.phase is SourcePhase.ABORTED
+        await guestctl.call(self.guest.resume)
+        self.state, self._in_doubt = "running", None
+        self.emit({"event": "settled", "name": self.name, "decision": "abandoned",
+                   "note": "the destination abandoned the epoch; the guest runs here again"})
+
+    async def _force(self, req: hostctl.ResolveRequest) -> None:
+        """An operator decides a migration in doubt here (the destination's site is gone):
+        journaled (FORCED) first. ``abort``: the paused guest resumes here (the operator
+        vouches that the destination never runs it); ``go``: the guest is the
+        destination's, the paused copy is discarded and the host ends."""
+        doubt = self._in_doubt
+        if doubt is None or self.state != "in-doubt":
+            raise GuestStateError(f"guest {self.name} is {self.state}: no migration is in "
+                                  "doubt here")
+        if req.migration != doubt["migration"]:
+            raise GuestNotFound(f"no migration {req.migration} is in doubt here (this host's "
+                                f"is {doubt['migration']})")
+        if self._settler is not None:
+            self._settler.cancel()
+            await asyncio.wait({self._settler})
+        epoch = int(doubt["epoch"])
+        self.journal.append("FORCED", self.name, epoch, decision=req.force,
+                            reason="forced by an operator (xmig resolve)")
+        self.emit({"event": "forced", "name": self.name, "decision": req.force,
+                   "epoch": epoch})
+        self._in_doubt = None
+        if req.force == "abort":
+            machine = SourceMachine.in_doubt(epoch)
+            assert machine.abandoned(epoch).phase is SourcePhase.ABORTED
+            await guestctl.call(self.guest.resume)
+            self.state, self.rc = "running", 0
+            return
+        await self._teardown("migrated")
+        self.rc = 0
+        self._done.set()
+
     async def _run(self, req: hostctl.MigrateRequest, event: Emit, put: Emit,
                    timeline: list[dict[str, Any]], seen_resumed: list[float]
                    ) -> dict[str, Any]:
         host, port = req.endpoint
         options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                   sdps=req.sdps, verify=req.verify)
+                                   sdps=req.sdps, verify=req.verify,
+                                   blackout_timeout_s=req.blackout_timeout_s)
         tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
         config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
                                if req.bandwidth_bps else None)
@@ -417,7 +495,8 @@ class GuestHost:
                       rate_before: float | None, timeline: list[dict[str, Any]],
                       seen_resumed: float) -> dict[str, Any]:
         options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                   sdps=req.sdps, verify=req.verify)
+                                   sdps=req.sdps, verify=req.verify,
+                                   blackout_timeout_s=req.blackout_timeout_s)
         after = self.guest.progress()  # frozen at the pause
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(

@@ -28,6 +28,7 @@ import xxhash
 from xmig import control, guestctl
 from xmig.aborting import run_abort, tell_abort
 from xmig.errors import (
+    DeadlineExceeded,
     MigrationError,
     ProtocolError,
     TransportError,
@@ -58,6 +59,9 @@ class MigrationOptions:
     sdps: str = "on"  #: "on" (xmig's SDPS), "off", or "autoconverge" (QEMU's, for comparison)
     mirror_bound: int = 32 * MiB  #: bytes of guest writes queued before acks are delayed
     reply_timeout_s: float = 60.0  #: for each answer of the destination
+    blackout_timeout_s: float = 10.0
+    """From the guest's pause to GO journaled, as a whole: past it the migration aborts
+    (:class:`~xmig.errors.DeadlineExceeded`) and the guest resumes here."""
     verify: bool = True
     """Both sides keep chunk digests of memory and disk current through the pre-copy
     (:mod:`xmig.digest`) and compare them at READY; GO is refused on a mismatch. The
@@ -135,8 +139,11 @@ def sim_spec(config: SimConfig) -> control.SimSpec:
 
 
 async def _recv_control(session: TransportSession, timeout: float) -> control.Message:
-    async with asyncio.timeout(timeout):
-        return control.decode(await session.recv(Channel.CONTROL))
+    try:
+        async with asyncio.timeout(timeout):
+            return control.decode(await session.recv(Channel.CONTROL))
+    except TimeoutError as err:
+        raise DeadlineExceeded(f"no word from the destination within {timeout:g} s") from err
 
 
 async def migrate(
@@ -226,52 +233,65 @@ async def migrate(
         await _watched(brownout(), session, sender, disk)
 
         # -- blackout: from here every step counts towards the downtime -----------------
-        machine.pause()
-        memory.release()
-        # guest control blocks until the vCPU reaches a safe point, which may wait on a disk
-        # write our own NBD server must answer: never call it on the event loop
-        await guestctl.call(guest.pause)
-        result.paused_at = time.monotonic()
-        # the guest's last writes reach the image's disk while FINAL and READY cross the link
-        flushing = asyncio.ensure_future(asyncio.to_thread(disk.flush))
-        # awaited before GO; on an abort before that its outcome must not go unretrieved
-        flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
-        emit("phase", note="guest paused")
-        final = await memory.final_round(digest=options.verify)
-        emit("blackout", step="final pages queued", pages=final.final_pages)
-        result.rounds = final.rounds
-        result.memory_digest = final.digest.hex() if final.digest else ""
-        disk_seq = await sender.seal()
-        emit("blackout", step="mirror sealed", disk_seq=disk_seq)
-        # the source's disk digest is read while the destination applies (it is compared
-        # only when READY comes, before GO), not in front of FINAL
-        digesting = asyncio.ensure_future(sender.digest()) if options.verify else None
-        state = await guestctl.call(guest.device_state)
-        result.device_digest = xxhash.xxh3_64_hexdigest(state)
-        await session.send(Channel.DEVICE_STATE, state)
-        await session.send(Channel.CONTROL, control.Final(
-            migration, epoch, disk_seq=disk_seq,
-            device_state_bytes=len(state)).encode())
-        machine.final_sent()
-        emit("phase", note="final state sent")
+        async def blackout() -> None:
+            """Pause to READY checked and the image flushed: bounded as a whole."""
+            assert memory is not None and sender is not None
+            machine.pause()
+            memory.release()
+            # guest control blocks until the vCPU reaches a safe point, which may wait on a
+            # disk write our own NBD server must answer: never call it on the event loop
+            await guestctl.call(guest.pause)
+            result.paused_at = time.monotonic()
+            # the guest's last writes reach the image's disk while FINAL and READY cross
+            flushing = asyncio.ensure_future(asyncio.to_thread(disk.flush))
+            # awaited before GO; on an abort before that its outcome must be retrieved
+            flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
+            emit("phase", note="guest paused")
+            final = await memory.final_round(digest=options.verify)
+            emit("blackout", step="final pages queued", pages=final.final_pages)
+            result.rounds = final.rounds
+            result.memory_digest = final.digest.hex() if final.digest else ""
+            disk_seq = await sender.seal()
+            emit("blackout", step="mirror sealed", disk_seq=disk_seq)
+            # the source's disk digest is read while the destination applies (compared
+            # only when READY comes, before GO), not in front of FINAL
+            digesting = asyncio.ensure_future(sender.digest()) if options.verify else None
+            state = await guestctl.call(guest.device_state)
+            result.device_digest = xxhash.xxh3_64_hexdigest(state)
+            await session.send(Channel.DEVICE_STATE, state)
+            await session.send(Channel.CONTROL, control.Final(
+                migration, epoch, disk_seq=disk_seq,
+                device_state_bytes=len(state)).encode())
+            machine.final_sent()
+            emit("phase", note="final state sent")
 
-        reply = await _recv_control(session, options.reply_timeout_s)
-        if isinstance(reply, control.Abort):
-            raise MigrationError(f"destination aborted: {reply.reason}")
-        if not isinstance(reply, control.Ready):
-            raise ProtocolError(f"expected ready, got {reply.type}")
-        result.ready_digests = dict(reply.digests)
-        emit("blackout", step="ready received")
-        if digesting is not None:
-            result.disk_digest = await digesting
-        if options.verify and reply.digests.get("memory") != result.memory_digest:
-            raise MigrationError("destination memory digest differs from the source's")
-        if reply.digests.get("device") not in (None, result.device_digest):
-            raise MigrationError("destination device-state digest differs")
-        if options.verify and reply.digests.get("disk") != result.disk_digest:
-            raise MigrationError("destination disk digest differs from the source's")
-        machine.ready(reply.epoch)
-        await flushing
+            reply = await _recv_control(session, options.reply_timeout_s)
+            if isinstance(reply, control.Abort):
+                raise MigrationError(f"destination aborted: {reply.reason}")
+            if not isinstance(reply, control.Ready):
+                raise ProtocolError(f"expected ready, got {reply.type}")
+            result.ready_digests = dict(reply.digests)
+            emit("blackout", step="ready received")
+            if digesting is not None:
+                result.disk_digest = await digesting
+            if options.verify and reply.digests.get("memory") != result.memory_digest:
+                raise MigrationError("destination memory digest differs from the source's")
+            if reply.digests.get("device") not in (None, result.device_digest):
+                raise MigrationError("destination device-state digest differs")
+            if options.verify and reply.digests.get("disk") != result.disk_digest:
+                raise MigrationError("destination disk digest differs from the source's")
+            machine.ready(reply.epoch)
+            await flushing
+        deadline = asyncio.timeout(options.blackout_timeout_s)
+        try:
+            async with deadline:
+                await blackout()
+        except TimeoutError as err:
+            if not deadline.expired():
+                raise
+            raise DeadlineExceeded(
+                f"the blackout passed its deadline of {options.blackout_timeout_s:g} s "
+                f"(phase {machine.phase.value}): aborted, the guest resumes here") from err
         journal.append("GO", migration, epoch)
         # GO is durable: the source guest never runs again, whatever happens next
         await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
@@ -279,9 +299,13 @@ async def migrate(
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
         if not machine.may_resume_source:
-            machine.fail(str(err) or type(err).__name__)
-            result.status, result.error = "failed-after-go", f"{type(err).__name__}: {err}"
-            raise
+            # GO is journaled: the copy stays paused until the destination's word (I1)
+            result.status, result.error = "in-doubt", f"{type(err).__name__}: {err}"
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            machine.cut_off()
+            emit("phase", note=f"in doubt: GO journaled, sending it failed: {result.error}")
+            return result
         # cancelled (source agent stopped, Ctrl-C, an outer deadline) aborts like a
         # failure, shielded from a second cancellation, then the cancellation goes on
         def aborted(error: str) -> None:
@@ -291,19 +315,24 @@ async def migrate(
         await run_abort(_abort(machine, session, guest, memory, sender, nbd, journal,
                                migration, epoch, token, err), err, aborted)
 
-    # -- after GO: wait for the destination to run; the source is discarded ---------------
+    # -- after GO: the destination confirms it runs the guest; until then the copy stays --
     nbd.hook = None
     await sender.stop()
     try:
-        reply = await _recv_control(session, options.reply_timeout_s)
-        if isinstance(reply, control.Resumed):
-            result.resumed_at = reply.at
-            machine.resumed()
+        confirmed: control.Message | None = await _recv_control(session,
+                                                                options.reply_timeout_s)
+        why = "" if confirmed is None else f"got {confirmed.type}"
     except (TransportError, TimeoutError, ProtocolError) as err:
-        # GO was journaled: the destination resumes on GO; it is its job now (I1)
-        result.error = f"no RESUMED after GO: {err}"
-    result.status = "done"
-    emit("phase", note="destination running")
+        confirmed, why = None, f"{type(err).__name__}: {err}"
+    if isinstance(confirmed, control.Resumed):
+        result.resumed_at = confirmed.at
+        machine.resumed()
+        result.status = "done"
+        emit("phase", note="destination running")
+        return result
+    machine.cut_off()
+    result.status, result.error = "in-doubt", f"no RESUMED after GO: {why}"
+    emit("phase", note="in doubt: GO journaled, the destination has not confirmed")
     return result
 
 

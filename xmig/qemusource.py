@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from xmig import hostctl
-from xmig.errors import ConfigError, GuestNotFound, XmigError
+from xmig.errors import ConfigError, EpochAbandoned, XmigError
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
 from xmig.journal import Journal
+from xmig.migration import journaled_decision
 from xmig.private import FILE_MODE, create_file, private_dir
 from xmig.report import downtime_estimate
 from xmig.transport import SessionConfig, connect
@@ -95,9 +96,13 @@ async def migrate_attached(req: QemuMigrateRequest,
                 on_event({"event": "in-doubt", "error": f"{type(err).__name__}: {err}"})
             # GO is journaled: the destination has the guest (or will, once it hears GO)
         settled = result is None or not result.resumed_at
-        if settled:
-            # no RESUMED: the destination may wait in doubt; tell it GO until it answers
-            await _settle(req, name, source.mem_path, on_event)
+        if settled and not await _settle(req, name, source.mem_path, on_event):
+            # no RESUMED, and the destination abandoned the epoch: this copy is the only one
+            await source.cont()
+            return {"status": "aborted", "name": name, "to": req.to, "backend": "qemu",
+                    "error": "EpochAbandoned: the destination restarted without its paused "
+                    "copy and abandoned the epoch; the source QEMU runs on",
+                    "settled": True, "timeline": [] if result is None else result.timeline}
         arrived = True
         total_s = time.monotonic() - started
         if result is None:
@@ -165,10 +170,12 @@ def _go_journaled(workdir: Path, migration: str) -> bool:
 
 
 async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
-                  on_event: Callable[[dict[str, Any]], None]) -> None:
-    """Reach the agent again and tell it the journaled GO (with the RAM repair), retrying
-    with backoff until it answers RESUMED. A refusal (nothing in doubt there: it had GO
-    and runs the guest) ends it too."""
+                  on_event: Callable[[dict[str, Any]], None]) -> bool:
+    """GO is journaled and unconfirmed: reach the agent again and tell it (with the RAM
+    repair), retrying with backoff until it answers. True: it runs the guest (RESUMED);
+    False: it abandoned the epoch (restarted without its paused copy; journaled here
+    too), so the paused source QEMU is the only copy. Anything else (unreachable, nothing
+    known there) keeps it in doubt, paused, and this process retrying."""
     tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
     host, port = hostctl.parse_endpoint(req.to)
     journal = Journal(req.workdir.absolute() / "journal")
@@ -179,12 +186,14 @@ async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
                                streams=1, connect_timeout=req.connect_timeout_s) as session:
                 decision = await send_qemu_decision(session, journal, name, mem_path)
             on_event({"event": "settled", "decision": decision.type})
-            return
-        except GuestNotFound as err:  # not in doubt there: GO had arrived
-            on_event({"event": "settled", "note": str(err)})
-            return
+            return True
+        except EpochAbandoned as err:
+            epoch = journaled_decision(journal, name).epoch
+            journal.append("ABANDONED", name, epoch, reason=str(err))
+            on_event({"event": "settled", "decision": "abandoned", "note": str(err)})
+            return False
         except XmigError as err:
-            on_event({"event": "settle-retry", "in_s": delay,
+            on_event({"event": "settle-retry", "in_s": delay, "in_doubt": True,
                       "error": f"{type(err).__name__}: {err}"})
         await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
         delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)

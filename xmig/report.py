@@ -107,7 +107,7 @@ def source_report(
     verify: bool,
     options: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The report of a migration that reached GO (``src.status`` done or failed-after-go).
+    """The report of a migration that reached GO (``src.status`` done or in-doubt).
 
     ``rate_before`` / ``rate_during``: guest progress units per second before the migration
     and from its start to the pause; ``wire``: the session's ``stats()``."""

@@ -7,18 +7,29 @@ allow raises :class:`~xmig.errors.StateError`; a failure moves to the sticky FAI
 
 Source::
 
-    NEGOTIATE -> BROWNOUT -> BLACKOUT -> PREPARE --ready/GO journaled--> COMMITTED -> DONE
-        \\___________\\___________\\__________\\--abort--> ABORTED (source guest resumed)
+    NEGOTIATE -> BROWNOUT -> BLACKOUT -> PREPARE --ready: GO journaled--> COMMITTED
+        \\___________\\___________\\__________\\--abort--> ABORTED     |        |
+                                                       ^             cut_off  resumed
+                                                   abandoned          v        v
+                                                       \\-------- IN_DOUBT --> DONE
 
 Destination::
 
-    NEGOTIATE -> RECEIVING -> READY (journaled, guest paused) --GO--> RUNNING
-        \\____________\\__________\\--abort--> DISCARDED
+    NEGOTIATE -> RECEIVING -> READY (journaled, paused) --GO--> RUNNING
+        \\____________\\__________\\--abort--> DISCARDED       |    ^
+                                            ^            cut_off  GO
+                                          abort           v     /
+                                            \\-------- IN_DOUBT --abandon--> ABANDONED
+                                                   (restored from the journal after a restart)
 
 The invariants (DESIGN.md, I1): the source writes GO to its journal *before* sending it and
-never resumes its guest afterwards; the destination resumes only on GO; before GO, abort
-resumes the source. A destination READY without GO stays paused until it hears the
-decision, or an operator forces a side (disaster recovery).
+never resumes its guest afterwards, unless the destination answers that it *abandoned* that
+epoch (journaled there first, and GO for it refused for ever: a destination restarted
+without its paused guest); the source keeps its paused copy until the destination confirms
+it runs the guest (RESUMED) or abandoned it, however long that takes (IN_DOUBT). The
+destination resumes only on GO; before GO, abort resumes the source. A destination READY
+without GO stays paused (IN_DOUBT) until it hears the decision, or an operator forces a side
+(disaster recovery). A destination never decides alone.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ class SourcePhase(enum.Enum):
     BLACKOUT = "blackout"  #: guest paused; last pages, mirror drain, device state
     PREPARE = "prepare"  #: all sent; waiting for the destination's READY
     COMMITTED = "committed"  #: GO journaled (and sent): the source never resumes
+    IN_DOUBT = "in-doubt"  #: GO journaled, no word from the destination: the copy is kept
     DONE = "done"  #: the destination runs; the source guest is discarded
     ABORTED = "aborted"  #: the source guest runs as if nothing happened
     FAILED = "failed"  #: sticky; see ``error``
@@ -45,8 +57,10 @@ class DestPhase(enum.Enum):
     NEGOTIATE = "negotiate"
     RECEIVING = "receiving"
     READY = "ready"  #: everything applied and fsynced, READY journaled; guest paused
+    IN_DOUBT = "in-doubt"  #: READY and cut off from the source: paused until it decides
     RUNNING = "running"  #: GO received (and journaled): the guest runs here
     DISCARDED = "discarded"  #: aborted: what was received is thrown away
+    ABANDONED = "abandoned"  #: restarted without the paused guest: this epoch never runs here
     FAILED = "failed"
 
 
@@ -58,6 +72,10 @@ SOURCE_TRANSITIONS: dict[tuple[SourcePhase, str], SourcePhase] = {
     (Src.BLACKOUT, "final_sent"): Src.PREPARE,
     (Src.PREPARE, "ready"): Src.COMMITTED,
     (Src.COMMITTED, "resumed"): Src.DONE,
+    (Src.COMMITTED, "cut_off"): Src.IN_DOUBT,
+    (Src.IN_DOUBT, "resumed"): Src.DONE,
+    (Src.COMMITTED, "abandoned"): Src.ABORTED,
+    (Src.IN_DOUBT, "abandoned"): Src.ABORTED,
     (Src.NEGOTIATE, "abort"): Src.ABORTED,
     (Src.BROWNOUT, "abort"): Src.ABORTED,
     (Src.BLACKOUT, "abort"): Src.ABORTED,
@@ -68,9 +86,13 @@ DEST_TRANSITIONS: dict[tuple[DestPhase, str], DestPhase] = {
     (Dst.NEGOTIATE, "prepared"): Dst.RECEIVING,
     (Dst.RECEIVING, "final_applied"): Dst.READY,
     (Dst.READY, "go"): Dst.RUNNING,
+    (Dst.READY, "cut_off"): Dst.IN_DOUBT,
+    (Dst.IN_DOUBT, "go"): Dst.RUNNING,
+    (Dst.IN_DOUBT, "abandon"): Dst.ABANDONED,
     (Dst.NEGOTIATE, "abort"): Dst.DISCARDED,
     (Dst.RECEIVING, "abort"): Dst.DISCARDED,
     (Dst.READY, "abort"): Dst.DISCARDED,
+    (Dst.IN_DOUBT, "abort"): Dst.DISCARDED,
 }
 
 
@@ -162,6 +184,28 @@ class SourceMachine(_Machine[SourcePhase]):
         """The destination confirmed it runs the guest."""
         return Step(self._go("resumed"), (Action.DISCARD_SOURCE,))
 
+    @classmethod
+    def in_doubt(cls, epoch: int) -> SourceMachine:
+        """The machine of a migration whose journal holds GO and no confirmation."""
+        machine = cls(epoch)
+        machine.phase = Src.IN_DOUBT
+        machine.history.append(("restored", Src.IN_DOUBT.value))
+        return machine
+
+    def cut_off(self) -> Step:
+        """GO sent, no confirmation: keep the paused copy and tell the destination again
+        until it answers (RESUMED, or that it abandoned the epoch)."""
+        return Step(self._go("cut_off"), ())
+
+    def abandoned(self, epoch: int) -> Step:
+        """The destination journaled that this epoch never runs there (restarted without
+        its paused copy): the source's copy is the only one; it resumes."""
+        if epoch != self.epoch:
+            raise StateError(f"abandoned epoch {epoch}, this migration is {self.epoch}",
+                             state=str(self.phase.value), event="abandoned")
+        return Step(self._go("abandoned"), (Action.JOURNAL, Action.RESUME_GUEST),
+                    journal=f"ABANDONED {self.epoch}")
+
     def abort(self, why: str) -> Step:
         """Before GO only: release everything and keep (or make) the source guest running."""
         paused = self.phase in (Src.BLACKOUT, Src.PREPARE)
@@ -176,7 +220,7 @@ class SourceMachine(_Machine[SourcePhase]):
     @property
     def may_resume_source(self) -> bool:
         """Whether the source guest may run again (I1): never once GO is journaled."""
-        return self.phase not in (Src.COMMITTED, Src.DONE)
+        return self.phase not in (Src.COMMITTED, Src.IN_DOUBT, Src.DONE)
 
 
 class DestMachine(_Machine[DestPhase]):
@@ -199,6 +243,24 @@ class DestMachine(_Machine[DestPhase]):
                              state=str(self.phase.value), event="go")
         return Step(self._go("go"), (Action.JOURNAL, Action.RESUME_GUEST),
                     journal=f"RUNNING {self.epoch}")
+
+    def cut_off(self) -> Step:
+        """READY, then the source is gone: it may have journaled GO. Stay paused."""
+        return Step(self._go("cut_off"), ())
+
+    def abandon(self) -> Step:
+        """In doubt after a restart that lost the paused guest: journal that this epoch
+        never runs here (GO for it is refused for ever), then the source may resume."""
+        return Step(self._go("abandon"), (Action.JOURNAL, Action.DISCARD),
+                    journal=f"ABANDONED {self.epoch}")
+
+    @classmethod
+    def in_doubt(cls, epoch: int) -> DestMachine:
+        """The machine of a migration its journal left READY (after a restart)."""
+        machine = cls(epoch)
+        machine.phase = Dst.IN_DOUBT
+        machine.history.append(("restored", Dst.IN_DOUBT.value))
+        return machine
 
     def abort(self, why: str) -> Step:
         if self.phase is Dst.RUNNING:

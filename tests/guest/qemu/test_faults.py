@@ -1,7 +1,8 @@
 """QEMU migrations that meet trouble (issue 4, section 4): a link cut while the disk is being
-mirrored, the destination QEMU killed in pre-copy, a destination that cannot start QEMU or
-has no room for the disk. After each: the migration completes, or it aborts with a typed
-error and the source guest runs on with its disk intact."""
+mirrored, the destination QEMU killed in pre-copy, a destination agent that never answers
+READY after the source QEMU completed, a destination that
+cannot start QEMU or has no room for the disk. After each: the migration completes, or it
+aborts with a typed error and the source guest runs on with its disk intact."""
 
 from __future__ import annotations
 
@@ -9,19 +10,27 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from xmig.errors import DiskFull, DiskTooSmall, MigrationAborted, QemuError, XmigError
+from xmig import control
+from xmig.errors import (
+    DiskFull,
+    DiskTooSmall,
+    MigrationAborted,
+    QemuError,
+    XmigError,
+)
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
 from xmig.journal import Journal
 from xmig.netem import Wan
+from xmig.transport import Channel, TransportSession, connect, listen
 
 from .test_migrate import (
     BOOT_S,
@@ -144,6 +153,75 @@ async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_run
             "DISCARDED"]
         assert not (tmp_path / "dst" / "disk.raw").exists()
         await assert_runs_on_with_its_records(source, disk)
+
+
+@contextlib.asynccontextmanager
+async def loopback_sessions() -> AsyncIterator[tuple[TransportSession, TransportSession]]:
+    """A plaintext session on loopback: the source agent's end, the destination's."""
+    async with (
+        listen(tls=None, insecure_plaintext=True) as lst,
+        connect("127.0.0.1", lst.port, tls=None, insecure_plaintext=True) as src,
+    ):
+        yield src, await lst.accept()
+
+
+async def answer_prepared(session: TransportSession) -> control.Negotiate:
+    """A destination agent's first steps, and no QEMU: NEGOTIATE read, PREPARED sent."""
+    negotiate = control.decode(await session.recv(Channel.CONTROL))
+    assert isinstance(negotiate, control.Negotiate)
+    await session.send(Channel.CONTROL, control.Prepared(negotiate.migration).encode())
+    return negotiate
+
+
+async def until_abort(session: TransportSession) -> control.Abort:
+    """Read the control channel up to the source's ABORT (it waits until it was read)."""
+    while True:
+        msg = control.decode(await session.recv(Channel.CONTROL))
+        if isinstance(msg, control.Abort):
+            return msg
+
+
+async def test_no_ready_after_the_source_qemu_completed_aborts_and_it_runs_on(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    """The destination agent takes the whole stream but never answers READY: the source
+    QEMU (no return path) completes once its last bytes are in the tunnel and waits,
+    ``postmigrate``, disks handed over; at the reply timeout xmig aborts and continues it
+    (``cont`` takes its disk back): the guest runs on in the same process."""
+    config = guest_config(guest_image, "mem", mem_mb=8, mem_rate=1)
+
+    async def swallow(session: TransportSession, channel: Channel) -> None:
+        while True:
+            await session.recv(channel)
+
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        async with loopback_sessions() as (src, dst):
+            async def destination() -> control.Abort:
+                await answer_prepared(dst)
+                readers = [asyncio.create_task(swallow(dst, channel))
+                           for channel in (Channel.MEMORY, Channel.DEVICE_STATE)]
+                try:
+                    return await until_abort(dst)  # FINAL is read and ignored
+                finally:
+                    for task in readers:
+                        task.cancel()
+
+            dst_task = asyncio.create_task(destination())
+            src_task = asyncio.create_task(migrate_qemu(
+                src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
+                workdir=tmp_path / "src", options=QemuMigrationOptions(reply_timeout_s=8)))
+            async with asyncio.timeout(90):
+                src_res, dst_res = await asyncio.gather(src_task, dst_task,
+                                                        return_exceptions=True)
+        assert isinstance(src_res, MigrationAborted), src_res
+        assert isinstance(dst_res, control.Abort), dst_res
+        assert (await source.execute("query-migrate"))["status"] == "completed"
+        assert [r.kind for r in Journal(tmp_path / "src" / "journal").records()] == [
+            "START", "ABORT"]
+        assert await source.status() == "running"
+        now = await source.wait_for_progress(10)
+        later = await source.wait_for_progress(10, min_counter=now.counter + 1)
+        assert later.counter > now.counter and source.alive
 
 
 async def refused_by(tmp_path: Path, source: QemuGuest, template: QemuConfig,

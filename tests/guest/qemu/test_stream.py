@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest_asyncio
 
 from xmig.errors import ProtocolError, QemuError
 from xmig.guest.qemu import ramcheck
-from xmig.guest.qemu.stream import BandwidthGovernor, DestTunnel, Meter, SourceTunnel
+from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, Meter, SourceTunnel
 from xmig.transport import TransportSession, connect, listen
 
 
@@ -69,6 +71,51 @@ async def test_tunnel_carries_both_directions_in_order(
     await source.close()
     await dest.close()
     server.close()
+
+
+async def test_sever_fails_a_write_blocked_in_a_stalled_tunnel_with_epipe(
+    pair: tuple[TransportSession, TransportSession], tmp_path: Path
+) -> None:
+    """The destination never reads the memory channel: the session's window fills, the
+    tunnel stops reading and the source QEMU (a thread here) blocks in send(). sever()
+    wakes that write with EPIPE, QEMU's broken-network path (not a reset), and keeps our
+    end open until close()."""
+    src_session, _ = pair  # the destination's end is never read
+    tunnel = SourceTunnel(src_session, tmp_path / "out.sock", chunk=CHUNK)
+    await tunnel.start()
+    blocked = threading.Event()
+
+    def qemu() -> OSError:
+        data = bytes(1 << 20)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(tunnel.path))
+            sock.settimeout(0.5)
+            while True:
+                try:
+                    sock.sendall(data)
+                except TimeoutError:  # a write blocked for 0.5 s: the tunnel is stalled
+                    blocked.set()
+                    sock.settimeout(None)
+                except OSError as err:
+                    return err
+
+    writing = asyncio.ensure_future(asyncio.to_thread(qemu))
+    try:
+        assert await asyncio.to_thread(blocked.wait, 30), "the writer never blocked"
+        assert not writing.done()
+        stalled_at = tunnel.sent.bytes
+        await tunnel.sever()
+        async with asyncio.timeout(10):
+            err = await writing
+        assert isinstance(err, BrokenPipeError), err
+        assert tunnel.sent.bytes == stalled_at  # nothing more was carried
+        assert tunnel._writer is not None
+        ours = tunnel._writer.get_extra_info("socket")
+        assert ours.fileno() >= 0  # shut down, still open: closed by close() only
+    finally:
+        await tunnel.close()
+        await asyncio.wait([writing])
+    assert ours.fileno() == -1
 
 
 async def test_dest_tunnel_without_qemu_is_a_typed_error(

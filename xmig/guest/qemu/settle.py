@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from xmig import control
-from xmig.errors import GuestNotFound, ProtocolError, StateError, XmigError
+from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateError, XmigError
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.migrate import QemuDestResult
 from xmig.journal import Journal
@@ -99,6 +99,35 @@ async def resolve_qemu(result: QemuDestResult, decision: control.Go | control.Ab
     with contextlib.suppress(XmigError):
         await session.send(Channel.CONTROL, control.Resumed(
             result.migration, result.epoch, result.resumed_at).encode())
+
+
+async def force_qemu(result: QemuDestResult, force: str, *, journal: Journal) -> None:
+    """An operator's decision (``xmig resolve``) for a QEMU migration in doubt here, the
+    source's site gone: journaled (FORCED) first. ``abort`` discards it; ``go`` runs it,
+    only if READY found no stale RAM chunk (the repair of any lives at the source and
+    comes after GO): otherwise GuestStateError and nothing changes."""
+    machine, guest = result.machine, result.guest
+    if result.status != "in-doubt" or machine is None or guest is None:
+        raise GuestStateError(f"migration {result.migration} is {result.status}, not in doubt")
+    if force == "go" and result.ram_stale:
+        raise GuestStateError(
+            f"migration {result.migration}: {result.ram_stale} RAM chunks were stale at "
+            "READY and their repair comes from the source with GO: it cannot run here "
+            "without the source (force abort, or let the source settle it)")
+    journal.append("FORCED", result.migration, result.epoch, decision=force,
+                   reason="forced by an operator (xmig resolve)")
+    if force == "abort":
+        machine.abort("forced by an operator")
+        result.status, result.error = "discarded", "forced abort by an operator"
+        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+        await _discard(result)
+        return
+    machine.go(result.epoch)
+    journal.append("RUNNING", result.migration, result.epoch)
+    await guest.cont()
+    result.resumed_at = time.monotonic()
+    result.status, result.error = "running", None
+    await _release(result)
 
 
 async def _release(result: QemuDestResult) -> None:

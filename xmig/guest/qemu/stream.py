@@ -7,9 +7,10 @@
 
 - :class:`SourceTunnel` listens on a unix socket (``uri`` for QMP ``migrate``); the source
   QEMU connects to it, and every byte it writes is sent on :data:`~Channel.MEMORY` in chunks of
-  up to :data:`CHUNK` bytes. Bytes of the return path (capability ``return-path``: the
-  destination's acknowledgements, ``SHUT`` at the end) arrive on
-  :data:`~Channel.DEVICE_STATE` and are written back into QEMU's socket.
+  up to :data:`CHUNK` bytes. Bytes of a return path (capability ``return-path``: the
+  destination's acknowledgements, ``SHUT`` at the end) would arrive on
+  :data:`~Channel.DEVICE_STATE` and be written back into QEMU's socket; xmig's source QEMU
+  runs without one (:meth:`_Tunnel.sever` says why), so none come.
 - :class:`DestTunnel` connects to the destination QEMU's incoming socket (QMP
   ``migrate-incoming`` with ``unix:D`` on a QEMU started ``-incoming defer``), writes the
   chunks into it and sends what QEMU writes back on :data:`~Channel.DEVICE_STATE`.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -160,16 +162,31 @@ class _Tunnel:
             self._moved.set()
 
     async def sever(self) -> None:
-        """Stop carrying and close our end of QEMU's socket: its migration thread meets a
-        broken pipe and its return-path thread the end of its stream, and QEMU fails the
-        migration itself (the source guest runs on)."""
+        """Stop carrying and shut our end of QEMU's socket down both ways, keeping it open
+        until :meth:`close`: QEMU's migration thread, blocked writing into a stalled tunnel
+        or not, gets EPIPE at once and QEMU fails the migration on its own network-failure
+        path (the source guest runs on). The socket stays open so that nothing else changes
+        under QEMU until it reported the end; close it only then.
+
+        Why not close (or reset) it at once: a QEMU 7.2 with a return-path thread reading
+        this socket ends that thread on the EOF/reset, and the thread closes the socket it
+        shares with the still running migration thread (``source_return_path_thread`` ->
+        ``migration_release_from_dst_file`` -> ``qemu_fclose(rp)``); the migration thread
+        then writes to a closed, soon reused descriptor (``Unable to write to socket: Bad
+        file descriptor``) and the process' heap was corrupted 1 run in 4 (glibc abort,
+        exit status -6). The source QEMU therefore runs without a return path
+        (:func:`~xmig.guest.qemu.migrate.migrate_qemu`); this order keeps QEMU out of
+        its teardown races either way."""
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks = []
         if self._writer is not None:
-            self._writer.transport.abort()
+            sock = self._writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     async def wait_sent(self) -> None:
         """Until QEMU's end closed (and the peer was told); typed error if a pump failed."""
@@ -225,10 +242,10 @@ class SourceTunnel(_Tunnel):
 
     def __init__(self, session: TransportSession, path: str | os.PathLike[str], *,
                  chunk: int = CHUNK) -> None:
-        # the return path's end is not passed on to the source QEMU: it needs none (it
-        # stops reading at SHUT), and QEMU 7.2 meeting it mid-migration (the destination
-        # QEMU died) failed its stream with EBADF and corrupted its heap at migrate_cancel
-        # (1 run in 4); xmig cancels the migration itself when the destination fails
+        # the peer's end of the return path is not passed on to the source QEMU: a QEMU
+        # reading one ends its return-path thread there, which closes the socket under the
+        # migration thread (see sever); xmig ends the migration itself when the
+        # destination fails
         super().__init__(session, out=FORWARD, into=BACK, chunk=chunk, forward_eof=False)
         self.path = Path(path).resolve()
         if len(str(self.path)) > 100:

@@ -1,0 +1,99 @@
+"""xmig.recovery: what a destination agent's journals say after it restarted (real journal
+files, fsynced; no agent process: tests/test_restart.py kills and restarts a real one)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from xmig import control, recovery
+from xmig.agentd import _recover
+from xmig.errors import ConfigError, GuestNotFound
+from xmig.journal import Journal
+from xmig.switchover import DestPhase
+
+TOKEN = "a" * 32
+OWNER = "CN=xmig-client"
+
+
+def incoming(workdir: Path, name: str, *kinds: str, migration: str = "m1") -> Path:
+    """An incoming directory as a killed agent leaves it: a received image, a journal
+    holding ``kinds`` (READY with its token and owner)."""
+    sdir = workdir / f"incoming-{name}"
+    sdir.mkdir(parents=True)
+    (sdir / "disk.raw").write_bytes(b"x" * 4096)
+    for kind in kinds:
+        fields = {"token": TOKEN, "owner": OWNER} if kind == "READY" else {}
+        Journal(sdir / "journal").append(kind, migration, 1, **fields)
+    return sdir
+
+
+def test_recover_abandons_in_doubt_discards_half_received_and_keeps_what_ran(
+        tmp_path: Path) -> None:
+    doubt = incoming(tmp_path, "a", "READY", migration="m1")
+    half = incoming(tmp_path, "b", "NEGOTIATED", migration="m2")
+    ran = incoming(tmp_path, "c", "READY", "RUNNING", migration="m3")
+    bare = incoming(tmp_path, "d", migration="m4")  # killed before its first record
+
+    settled = recovery.recover(tmp_path)
+
+    assert {(h.migration, h.phase) for h in settled} == {
+        ("m1", DestPhase.ABANDONED), ("m2", DestPhase.DISCARDED)}
+    assert [r.kind for r in Journal(doubt / "journal").records()] == ["READY", "ABANDONED"]
+    abandoned = Journal(doubt / "journal").records()[-1]
+    assert abandoned.fields["token"] == TOKEN and abandoned.fields["owner"] == OWNER
+    assert [p.name for p in doubt.iterdir()] == ["journal"]
+    assert [r.kind for r in Journal(half / "journal").records()][-1] == "DISCARDED"
+    assert [p.name for p in half.iterdir()] == ["journal"]
+    # a guest that ran here keeps its disk: it holds writes acknowledged to it
+    assert (ran / "disk.raw").stat().st_size == 4096
+    assert not bare.exists()
+    assert recovery.recover(tmp_path) == []  # settled once, for good
+
+
+def test_answer_from_journals_checks_token_and_owner(tmp_path: Path) -> None:
+    incoming(tmp_path, "a", "READY", migration="m1")
+    incoming(tmp_path, "c", "READY", "RUNNING", migration="m3")
+    recovery.recover(tmp_path)
+    held = recovery.scan(tmp_path)
+
+    refused = recovery.answer(held, control.Go("m1", 1, TOKEN), OWNER)
+    assert isinstance(refused, control.Refused) and refused.error == "EpochAbandoned"
+    assert recovery.answer(held, control.Abort("m1", 1, "x", TOKEN), OWNER) is None
+    resumed = recovery.answer(held, control.Go("m3", 1, TOKEN), OWNER)
+    assert isinstance(resumed, control.Resumed)
+    late = recovery.answer(held, control.Abort("m3", 1, "x", TOKEN), OWNER)
+    assert isinstance(late, control.Refused) and late.error == "GuestStateError"
+    with pytest.raises(GuestNotFound):
+        recovery.answer(held, control.Go("m1", 1, "b" * 32), OWNER)
+    with pytest.raises(GuestNotFound):
+        recovery.answer(held, control.Go("m1", 1, TOKEN), "CN=someone-else")
+    with pytest.raises(GuestNotFound):
+        recovery.answer(held, control.Go("m9", 1, TOKEN), OWNER)
+
+
+def test_one_agent_per_workdir(tmp_path: Path) -> None:
+    fd = recovery.lock_workdir(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=f"in use by another agent \\(pid {os.getpid()}\\)"):
+            recovery.lock_workdir(tmp_path)
+    finally:
+        os.close(fd)
+    os.close(recovery.lock_workdir(tmp_path))  # released with its descriptor
+
+
+def test_restart_removes_stale_control_sockets_and_keeps_live_ones(tmp_path: Path) -> None:
+    stale, live = tmp_path / "gone.ctl", tmp_path / "live.ctl"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(stale))  # its host died: the file stays, nobody listens
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(live))
+        listening.listen()
+        events: list[dict[str, object]] = []
+        _recover(tmp_path, events.append)
+        assert not stale.exists()
+        assert live.is_socket()
+    assert events == []

@@ -1,0 +1,158 @@
+"""``xmig resolve``: an operator lists the migrations in doubt on a host and forces a side
+when the other site is gone. Real processes, TLS, the emulated WAN; the site's loss is a
+``kill -9`` of its process right after the destination said READY."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pty
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.opsproc import SMALL_GUEST, XMIG, Proc, is_ready, spawn, status, xmig
+from xmig import control, recovery
+from xmig.errors import GuestNotFound
+from xmig.guest.sim import read_ledger, verify_ledger
+from xmig.journal import Journal
+from xmig.netem import LinkSpec, Wan, tun_available
+from xmig.storage.raw import RawFileBackend
+from xmig.switchover import DestPhase
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(not tun_available(), reason="needs root and /dev/net/tun")]
+
+#: GO takes one RTT to reach the destination after READY left it: the kill lands first
+LINK = LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.4)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Path]:
+    """An agent and a source guest host, and a migration from one to the other started;
+    returns the agent, the source, the source's control socket and the PKI."""
+    pki = tmp / "pki"
+    assert xmig("certs", "init", str(pki), "--server-name", wan.dst_addr).returncode == 0
+    agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
+                   "--workdir", str(tmp / "dst"), "--json"],
+                  tmp, "agent", functools.partial(wan.popen, "dst"))
+    procs.append(agent)
+    source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp / "src"),
+                    *SMALL_GUEST, "--json"], tmp, "source", functools.partial(wan.popen, "src"))
+    procs.append(source)
+    port = agent.expect(is_ready("agent"), 30)["port"]
+    ctl = source.expect(is_ready("source"), 60)["ctl"]
+    procs.append(spawn(["migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}",
+                        "--pki", str(pki), "--max-downtime", "1s", "--json"], tmp, "migrate"))
+    agent.expect(lambda e: e.get("event") == "phase" and e.get("phase") == "ready", 120)
+    return agent, source, ctl, pki
+
+
+def listed(workdir: Path) -> list[dict[str, object]]:
+    r = xmig("resolve", "--workdir", str(workdir), "--json")
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def resolve_on_a_terminal(workdir: Path, answer: str, *args: str) -> tuple[int, str]:
+    """``xmig resolve`` with a terminal for stdin, ``answer`` typed at its prompt."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([*XMIG, "resolve", "--workdir", str(workdir), *args],
+                                stdin=follower, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        os.write(leader, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    return proc.returncode, out + err
+
+
+def test_a_source_in_doubt_whose_destination_site_is_gone_is_forced_to_abort_and_runs_on(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    with Wan(LINK) as wan:
+        agent, source, ctl, _ = start_pair(wan, tmp_path, procs)
+        agent.popen.send_signal(signal.SIGKILL)  # the destination's site is gone for good
+        agent.popen.wait(10)
+        migrate = procs[-1]
+        assert migrate.wait(120) == 4, migrate.stderr.read_text()
+        [doubt] = listed(tmp_path / "src")
+        assert (doubt["migration"], doubt["role"], doubt["ctl"]) == ("vm1", "source", ctl)
+
+        # bad input changes nothing: no such migration; no terminal to confirm on
+        r = xmig("resolve", "--workdir", str(tmp_path / "src"), "--migration", "vm2",
+                 "--force", "abort", "--yes")
+        assert r.returncode == 2 and r.stderr.startswith("xmig: GuestNotFound:"), r.stderr
+        r = xmig("resolve", "--workdir", str(tmp_path / "src"), "--migration", "vm1",
+                 "--force", "abort")
+        assert r.returncode == 2 and r.stderr.startswith("xmig: ConfigError:"), r.stderr
+        rc, out = resolve_on_a_terminal(tmp_path / "src", "no", "--migration", "vm1",
+                                        "--force", "abort")
+        assert rc == 1 and "nothing changed" in out, out
+        st = status(ctl)
+        assert st["state"] == "in-doubt" and st["guest_state"] == "paused", st
+
+        rc, out = resolve_on_a_terminal(tmp_path / "src", "vm1", "--migration", "vm1",
+                                        "--force", "abort")
+        assert rc == 0 and "forced abort" in out, out
+        st = status(ctl)
+        assert st["state"] == "running" and st["guest_state"] == "running", st
+        assert listed(tmp_path / "src") == []
+        journal = Journal(next((tmp_path / "src").rglob("journal")))
+        forced = journal.records()[-1]
+        assert (forced.kind, forced.fields["decision"]) == ("FORCED", "abort")
+        assert [r.kind for r in journal.records()][-2:] == ["GO", "FORCED"]
+
+        # nothing acknowledged is lost: every write in the guest's ledger is on its disk
+        assert xmig("guest", "stop", "--guest", ctl).returncode == 0
+        assert source.wait(30) == 0
+        with RawFileBackend(next((tmp_path / "src").rglob("disk.raw"))) as disk:
+            check = verify_ledger(read_ledger(next((tmp_path / "src").rglob("*.ledger"))),
+                                  disk.pread)
+        assert check.acknowledged > 0 and not check.lost
+
+
+def test_a_destination_in_doubt_whose_source_site_is_gone_is_forced_to_go_and_runs(
+        tmp_path: Path, procs: list[Proc]) -> None:
+    with Wan(LINK) as wan:
+        agent, source, _, _ = start_pair(wan, tmp_path, procs)
+        source.popen.send_signal(signal.SIGKILL)  # the source's site is gone, its guest too
+        source.popen.wait(10)
+        # the destination gives its session up (idle, then the resume deadline): in doubt
+        agent.expect(lambda e: e.get("event") == "in-doubt", 120)
+        [doubt] = listed(tmp_path / "dst")
+        assert (doubt["migration"], doubt["role"]) == ("vm1", "destination")
+        assert doubt["ctl"] == str(tmp_path / "dst" / "agent.ctl")
+
+        r = xmig("resolve", "--workdir", str(tmp_path / "dst"), "--migration", "vm1",
+                 "--force", "go", "--yes", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["forced"] == "go"
+        hosting = agent.expect(lambda e: e.get("event") == "ready" and bool(e.get("name")), 30)
+        st = status(hosting["ctl"])
+        assert st["state"] == "running" and st["guest_state"] == "running", st
+        assert listed(tmp_path / "dst") == []
+
+        # journaled: FORCED before RUNNING; the source's contrary word is refused for ever
+        [held] = recovery.scan(tmp_path / "dst")
+        kinds = [r.kind for r in Journal(held.dir / "journal").records()]
+        assert kinds[-3:] == ["READY", "FORCED", "RUNNING"], kinds
+        assert held.phase is DestPhase.RUNNING
+        abort = control.Abort("vm1", held.epoch, "the source came back", held.token)
+        reply = recovery.answer([held], abort, held.owner)
+        assert isinstance(reply, control.Refused) and reply.error == "GuestStateError", reply
+        with pytest.raises(GuestNotFound):  # and nobody else is told anything
+            recovery.answer([held], abort, "another-identity")
+        assert xmig("guest", "stop", "--guest", hosting["ctl"]).returncode == 0
