@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from xmig.errors import (
     GuestNotFound,
     InDoubt,
     MigrationAborted,
+    MigrationError,
 )
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -92,6 +94,8 @@ class Rig:
     dst_task: asyncio.Task[DestResult] | None = None
     fired: asyncio.Event = field(default_factory=asyncio.Event)
     fired_at: dict[str, Any] = field(default_factory=dict)
+    fired_mono: float = 0.0
+    dst_ended_mono: float = 0.0
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Outcome:
     dst_in_doubt: bool  #: the destination ended in doubt (then settled, if ``settle``)
     dst_journal_before_settle: list[str]
     dst_image_before_settle: bool
+    dst_ended_after_fault_s: float  #: from the fault to the destination's end
 
 
 Trigger = Callable[[dict[str, Any]], bool]
@@ -138,7 +143,8 @@ def fill_disk(path: Path) -> None:
 
 
 async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
-                         settle: bool = False, blackout_timeout_s: float = 10.0) -> Outcome:
+                         settle: bool = False, blackout_timeout_s: float = 10.0,
+                         link: LinkSpec = LINK) -> Outcome:
     """Migrate a fresh guest; the first event of side ``on`` ("src" or "dst") for which
     ``trigger`` holds fires ``fault``. Both sides then run to their end (within
     RUN_TIMEOUT_S); a destination left in doubt is settled with the source's journaled
@@ -147,7 +153,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
     src_dir.mkdir()
     dst_dir.mkdir()
     with contextlib.ExitStack() as stack:
-        wan = stack.enter_context(Wan(LINK))
+        wan = stack.enter_context(Wan(link))
         pki = init_pki(tmp / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
         disk_path = make_disk_image(src_dir / "disk.raw", DISK)
         fill_disk(disk_path)
@@ -175,12 +181,15 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                             if side == on and not rig.fired.is_set() and trigger(event):
                                 rig.fired.set()
                                 rig.fired_at.update(event)
+                                rig.fired_mono = time.monotonic()
                                 fault(rig)  # synchronously: nothing else runs meanwhile
                         return on_event
 
                     rig.dst_task = asyncio.create_task(receive_migration(
                         dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
                         reply_timeout_s=DEST_REPLY_TIMEOUT_S, on_event=watch("dst")))
+                    rig.dst_task.add_done_callback(
+                        lambda _: setattr(rig, "dst_ended_mono", time.monotonic()))
                     options = MigrationOptions(reply_timeout_s=SOURCE_REPLY_TIMEOUT_S,
                                                timeout_s=PRECOPY_TIMEOUT_S,
                                                blackout_timeout_s=blackout_timeout_s)
@@ -230,7 +239,8 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 puts_acknowledged=len(seen.acknowledged), puts_lost=puts_lost,
                 disk_lost_writes=len(disk_check.lost), dst_in_doubt=in_doubt,
                 dst_journal_before_settle=dst_journal_before,
-                dst_image_before_settle=dst_image_before)
+                dst_image_before_settle=dst_image_before,
+                dst_ended_after_fault_s=rig.dst_ended_mono - rig.fired_mono)
         finally:
             if not probe.report.duration_s:
                 probe.stop()
@@ -436,6 +446,23 @@ async def test_source_killed_before_go_leaves_the_source_running(
     # the destination hears nothing more and discards within its reply timeout
     assert_destination_discarded(out)
     assert_source_runs_the_guest(out)
+
+
+#: a thin, long link: the bulk copy keeps megabytes queued in the connections
+THIN = LinkSpec.symmetric(rate_bps=20_000_000, rtt_s=0.1)
+
+
+async def test_a_source_abort_reaches_the_destination_ahead_of_queued_data(
+        tmp_path: Path) -> None:
+    out = await run_with_fault(tmp_path, on="src", trigger=during_bulk_copy,
+                               fault=kill_source, link=THIN)
+    assert isinstance(out.src, asyncio.CancelledError), out.src
+    assert isinstance(out.dst, MigrationError) and "source aborted" in str(out.dst), out.dst
+    assert_destination_discarded(out)
+    assert_source_runs_the_guest(out)
+    # told, not timed out (DEST_REPLY_TIMEOUT_S): within about 2 RTT + 1 s (a margin of 2 s
+    # for a busy box, where both sides share this process)
+    assert out.dst_ended_after_fault_s < 2 * THIN.rtt_s + 1.0 + 2.0, out.dst_ended_after_fault_s
 
 
 async def test_source_killed_at_the_switchover_decision_does_not_go(tmp_path: Path) -> None:
