@@ -334,6 +334,16 @@ def cut_link(rig: Rig) -> None:
     rig.wan.cut()
 
 
+#: shorter than the session's idle timeout + resume deadline (3 s here): the session resumes
+STALL_S = 1.5
+
+
+def stall_link(rig: Rig) -> None:
+    """The link goes dark for STALL_S, then comes back (a flapping router)."""
+    rig.wan.cut()
+    asyncio.get_running_loop().call_later(STALL_S, rig.wan.restore)
+
+
 def kill_destination(rig: Rig) -> None:
     """The destination agent dies: its task stops and its connections drop (it cleans
     nothing up, as a killed process would not)."""
@@ -446,6 +456,23 @@ async def test_source_killed_before_go_leaves_the_source_running(
     # the destination hears nothing more and discards within its reply timeout
     assert_destination_discarded(out)
     assert_source_runs_the_guest(out)
+
+
+@pytest.mark.parametrize(("on", "trigger"), [
+    *PHASES_BEFORE_GO, pytest.param("src", before_go, id="before-go"),
+    pytest.param("dst", destination_running, id="after-go")])
+async def test_a_stalled_link_at_each_phase_leaves_exactly_one_side_running(
+        on: str, trigger: Trigger, tmp_path: Path) -> None:
+    out = await run_with_fault(tmp_path, on=on, trigger=trigger, fault=stall_link,
+                               settle=True)
+    # the session rides the stall out: the migration completes, or (a deadline passed in
+    # the blackout) aborts; a side left in doubt is settled by the source's journal
+    if out.dst_running:
+        assert_destination_has_the_guest(out)
+    else:
+        assert isinstance(out.src, MigrationAborted), out.src
+        assert_source_runs_the_guest(out)
+        assert_destination_discarded(out)
 
 
 #: a thin, long link: the bulk copy keeps megabytes queued in the connections
