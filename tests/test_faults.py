@@ -21,8 +21,9 @@ import asyncio
 import contextlib
 import os
 import random
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -151,7 +152,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
     decision if ``settle``; the outcome is read, then everything is torn down."""
     src_dir, dst_dir = tmp / "src", tmp / "dst"
     src_dir.mkdir()
-    dst_dir.mkdir()
+    dst_dir.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
         wan = stack.enter_context(Wan(link))
         pki = init_pki(tmp / "pki", server_names=(wan.dst_addr, "127.0.0.1"))
@@ -471,6 +472,39 @@ async def test_a_stalled_link_at_each_phase_leaves_exactly_one_side_running(
         assert_destination_has_the_guest(out)
     else:
         assert isinstance(out.src, MigrationAborted), out.src
+        assert_source_runs_the_guest(out)
+        assert_destination_discarded(out)
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: int) -> Iterator[None]:
+    """A tmpfs of ``size`` bytes mounted on ``path`` (a destination disk that fills)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill_up(path: Path, leave: int) -> Fault:
+    """Another tenant fills ``path``'s filesystem up to ``leave`` bytes free."""
+    def fault(rig: Rig) -> None:
+        st = os.statvfs(path)
+        with open(path / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize - leave)
+    return fault
+
+
+async def test_a_destination_disk_filling_up_mid_copy_aborts_and_the_source_runs_on(
+        tmp_path: Path) -> None:
+    # the image fits when the guest arrives; then the filesystem fills, 1 MiB left
+    (tmp_path / "dst").mkdir()
+    with small_filesystem(tmp_path / "dst", DISK + 8 * MiB):
+        out = await run_with_fault(tmp_path, on="dst", trigger=negotiated,
+                                   fault=fill_up(tmp_path / "dst", MiB))
+        assert isinstance(out.src, MigrationAborted), out.src
+        assert type(out.src.__cause__).__name__ == "DiskFull", repr(out.src.__cause__)
         assert_source_runs_the_guest(out)
         assert_destination_discarded(out)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import DestMachine, DestPhase
 from xmig.transport import Channel, TransportSession
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,7 +244,14 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
     prepared = machine.phase is not DestPhase.NEGOTIATE
     with contextlib.suppress(XmigError):
         machine.abort(str(err))
-    journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+    try:
+        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+        journaled = True
+    except OSError as jerr:
+        # a full disk: what arrived is deleted first, to make room for the record (before
+        # READY nothing was promised, and a restart discards an unfinished directory)
+        log.warning("%s: DISCARDED not journaled yet: %s", journal.path, jerr)
+        journaled = False
     if not isinstance(err, asyncio.CancelledError) and not (
             prepared and isinstance(err, MigrationError)):
         word: control.Message = (
@@ -252,6 +262,11 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
             async with asyncio.timeout(2.0):
                 await session.send(Channel.CONTROL, word.encode())
     await _discard(result, receiver)
+    if not journaled:
+        try:
+            journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+        except OSError as jerr:
+            log.warning("%s: DISCARDED not journaled: %s", journal.path, jerr)
 
 
 async def first_message(session: TransportSession, timeout: float = 60.0
