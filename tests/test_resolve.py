@@ -39,9 +39,9 @@ def procs() -> Iterator[list[Proc]]:
         p.kill()
 
 
-def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Path]:
+def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Proc]:
     """An agent and a source guest host, and a migration from one to the other started;
-    returns the agent, the source, the source's control socket and the PKI."""
+    returns the agent, the source, the source's control socket and the migrate client."""
     pki = tmp / "pki"
     assert xmig("certs", "init", str(pki), "--server-name", wan.dst_addr).returncode == 0
     agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
@@ -53,10 +53,10 @@ def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str,
     procs.append(source)
     port = agent.expect(is_ready("agent"), 30)["port"]
     ctl = source.expect(is_ready("source"), 60)["ctl"]
-    procs.append(spawn(["migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}",
-                        "--pki", str(pki), "--max-downtime", "1s", "--json"], tmp, "migrate"))
-    agent.expect(lambda e: e.get("event") == "phase" and e.get("phase") == "ready", 120)
-    return agent, source, ctl, pki
+    migrate = spawn(["migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}",
+                     "--pki", str(pki), "--max-downtime", "1s", "--json"], tmp, "migrate")
+    procs.append(migrate)
+    return agent, source, ctl, migrate
 
 
 def listed(workdir: Path) -> list[dict[str, object]]:
@@ -83,10 +83,11 @@ def resolve_on_a_terminal(workdir: Path, answer: str, *args: str) -> tuple[int, 
 def test_a_source_in_doubt_whose_destination_site_is_gone_is_forced_to_abort_and_runs_on(
         tmp_path: Path, procs: list[Proc]) -> None:
     with Wan(LINK) as wan:
-        agent, source, ctl, _ = start_pair(wan, tmp_path, procs)
-        agent.popen.send_signal(signal.SIGKILL)  # the destination's site is gone for good
+        agent, source, ctl, migrate = start_pair(wan, tmp_path, procs)
+        # READY reached the source, which journals GO next: the destination's site goes
+        migrate.expect(lambda e: e.get("step") == "ready received", 120)
+        agent.popen.send_signal(signal.SIGKILL)
         agent.popen.wait(10)
-        migrate = procs[-1]
         assert migrate.wait(120) == 4, migrate.stderr.read_text()
         [doubt] = listed(tmp_path / "src")
         assert (doubt["migration"], doubt["role"], doubt["ctl"]) == ("vm1", "source", ctl)
@@ -128,6 +129,7 @@ def test_a_destination_in_doubt_whose_source_site_is_gone_is_forced_to_go_and_ru
         tmp_path: Path, procs: list[Proc]) -> None:
     with Wan(LINK) as wan:
         agent, source, _, _ = start_pair(wan, tmp_path, procs)
+        agent.expect(lambda e: e.get("event") == "phase" and e.get("phase") == "ready", 120)
         source.popen.send_signal(signal.SIGKILL)  # the source's site is gone, its guest too
         source.popen.wait(10)
         # the destination gives its session up (idle, then the resume deadline): in doubt
