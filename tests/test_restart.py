@@ -75,8 +75,8 @@ def test_a_destination_killed_after_ready_and_restarted_abandons_and_the_source_
                         tmp_path, "migrate")
         procs.append(migrate)
 
-        # READY sent: the destination's power goes
-        agent.expect(lambda e: e.get("event") == "phase" and e.get("phase") == "ready", 120)
+        # READY reached the source, which journals GO next: the destination's power goes
+        migrate.expect(lambda e: e.get("step") == "ready received", 120)
         killed = agent.popen.pid
         agent.popen.send_signal(signal.SIGKILL)
         agent.popen.wait(10)
