@@ -1,6 +1,8 @@
-"""Fault injection during whole migrations (issue 3, section 5): at several phases, cut the
-link for longer than the resume deadline, kill the destination agent, or kill the source
-agent; afterwards the commit protocol's invariants must hold (DESIGN.md):
+"""Fault injection during whole migrations (issues 3 and 9): at several phases, cut the
+link for longer than the resume deadline, stall it for less, kill the destination agent, or
+kill the source agent; a destination stalled in the blackout (its deadline), a destination
+filesystem that fills up mid-copy, a source ABORT over a thin link; afterwards the commit
+protocol's invariants must hold (DESIGN.md):
 
 - I1 exactly one side runs the guest or can resume it: before GO the source guest runs
   (unthrottled, not mirrored) and the destination discarded (journal DISCARDED, image
