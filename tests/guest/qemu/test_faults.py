@@ -28,8 +28,11 @@ from xmig.errors import (
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
+from xmig.guest.qemu.mirror import NODE, SourceDiskMirror
 from xmig.journal import Journal
 from xmig.netem import Wan
+from xmig.storage.engine import DiskReceiver
+from xmig.storage.raw import RawFileBackend
 from xmig.transport import Channel, TransportSession, connect, listen
 
 from .test_migrate import (
@@ -152,6 +155,41 @@ async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_run
         assert [r.kind for r in Journal(tmp_path / "dst" / "journal").records()] == [
             "DISCARDED"]
         assert not (tmp_path / "dst" / "disk.raw").exists()
+        await assert_runs_on_with_its_records(source, disk)
+
+
+async def test_closing_a_running_disk_mirror_stops_the_vcpus_around_its_cancel(
+        guest_image: GuestImage, tmp_path: Path) -> None:
+    """An abort's SourceDiskMirror.close() with the job running and the guest writing: the
+    vCPUs stop before the force-cancel (QEMU 7.2 frees the job's in-flight bitmap before it
+    drains the guest's write-blocking writes, which then write into it) and run again once
+    the job has ended and its NBD node is gone; the guest runs on with its records."""
+    disk = source_disk(tmp_path)
+    config = guest_config(guest_image, "memdisk", disk=disk, mem_mb=16, mem_rate=2,
+                          disk_rate=0.5)
+    async with await QemuGuest.launch(config, tmp_path / "src") as source:
+        await source.wait_for_progress(BOOT_S, min_counter=1)
+        async with loopback_sessions() as (src, dst):
+            image = RawFileBackend.create(tmp_path / "dst.raw", DISK)
+            receiver = DiskReceiver(dst, image, epoch=1, fresh=True)
+            await receiver.start()
+            mirror = SourceDiskMirror(src, source, workdir=tmp_path / "src", epoch=1)
+            try:
+                await mirror.start(RUN_S)
+                await source.wait_for_progress(10)  # writing through the mirror
+                with source.listener("STOP", "RESUME", "BLOCK_JOB_CANCELLED") as events:
+                    await mirror.close()
+                    seen = []
+                    while not events.empty():
+                        seen.append((await events.get())["event"])
+            finally:
+                await mirror.close()
+                await receiver.stop()
+                image.close()
+        assert seen == ["STOP", "BLOCK_JOB_CANCELLED", "RESUME"], seen
+        nodes = await source.execute("query-named-block-nodes")
+        assert NODE not in [n.get("node-name") for n in nodes]
+        assert not mirror.shadow_path.exists()
         await assert_runs_on_with_its_records(source, disk)
 
 

@@ -20,7 +20,8 @@
 The commit rules are :mod:`xmig.switchover`'s (the same machines as the reference guest's):
 the destination QEMU runs only on GO; the source writes GO to its journal before sending it,
 and its QEMU, paused since ``pre-switchover``, is never continued after that. Before GO any
-failure aborts: QEMU's stream cut, ``migrate_cancel`` only if it must
+failure aborts: the disk mirror ended (its job cancelled with the vCPUs stopped,
+:func:`_abort_source`), QEMU's stream cut, ``migrate_cancel`` only if it must
 (:func:`cancel_migration`; QEMU resumes the source vCPUs itself if it had paused them;
 ``cont`` makes sure), ABORT journaled and sent; the destination quits its QEMU.
 
@@ -497,11 +498,10 @@ async def cancel_migration(source: QemuGuest,
     to it, and nothing joins it on a pre-copy failure (only ``migration_completion`` calls
     ``await_return_path_close_on_source``). Seen here: ``sendmsg(-1)`` = EBADF in the
     migration thread after the return-path thread's ``close``, the descriptor reused by the
-    main loop, and 1 run in 4 on a loaded box the source QEMU died of heap corruption
-    (``malloc_consolidate(): invalid chunk size``, exit status -6) with the destination
-    killed in pre-copy. Upstream moved that close into the main thread after a join only in
+    main loop. Upstream moved that close into the main thread after a join only in
     8.1.2/8.2. So the source QEMU runs without a return path, and this order keeps QEMU's
-    own teardown (``migrate_fd_cleanup``) from racing anything of ours."""
+    own teardown (``migrate_fd_cleanup``) from racing anything of ours. (The heap
+    corruption seen in the same runs was the disk mirror's: :func:`_abort_source`.)"""
     with source.listener("MIGRATION") as events:
         status = (await source.execute("query-migrate")).get("status")
         if status not in LIVE_STATES:
@@ -528,17 +528,23 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     """Before GO: end the disk mirror, then QEMU's migration, make sure the source runs,
     tell the destination.
 
-    The mirror ends first, while the migration still runs: its job cancelled and its
-    target's held writes answered (a destination that stopped acknowledging them leaves
-    them pending), so no block request of QEMU's waits on us when the migration ends.
-    QEMU 7.2's ``migrate_fd_cleanup`` runs every ``save_cleanup`` handler, and block
-    migration's (``block_migration_cleanup``, migration/block.c) calls ``bdrv_drain_all()``
-    whether block migration is on or not: with a mirror write pending on our NBD server
-    that drain waits in a nested event loop, the mirror job paused (``standby``), and our
-    next QMP commands ran inside the half-done cleanup; the source QEMU's heap was then
-    corrupted (glibc abort or SIGSEGV at the next large allocation, in ``qmp_dispatch`` of
-    our ``block-job-cancel``) in 2 of 17 runs with the destination killed in pre-copy,
-    in 0 of 8 without a disk."""
+    The mirror ends first (:meth:`SourceDiskMirror.close`): its sender stopped (every guest
+    write acknowledged at once), the guest's vCPUs stopped (QMP ``stop`` drains the guest's
+    disk requests) around the job's force-cancel, the NBD node deleted once the job has
+    ended, the vCPUs continued; then the migration (:func:`cancel_migration`), then
+    ``cont`` if QEMU left the guest paused.
+
+    Found: the source QEMU's heap corruption with the destination killed in pre-copy
+    (``malloc_consolidate(): invalid chunk size``, or SIGSEGV, at the next QMP command's
+    ``qdict_new``; 3 of 20 loaded runs) came from QEMU 7.2's mirror job, not from the
+    migration: a force-cancelled job frees its ``in_flight_bitmap`` before it drains the
+    guest's write-blocking writes, and one in flight then clears bits in it (ASan build of
+    the same source: ``heap-use-after-free`` in ``bitmap_clear`` from
+    ``active_write_settle``, freed by ``mirror_run``, in 3 of 12 loaded runs). The cores
+    agree: one bit cleared in a freed 32-byte chunk, QEMU dead before the stream was cut;
+    none without a disk. With the vCPUs stopped around the cancel: 0 of 12 under ASan,
+    20 of 20 with QEMU 7.2 (the earlier theory, block migration's cleanup draining a
+    pending mirror write, did not hold)."""
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
     journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")

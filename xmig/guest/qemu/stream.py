@@ -173,8 +173,7 @@ class _Tunnel:
         shares with the still running migration thread (``source_return_path_thread`` ->
         ``migration_release_from_dst_file`` -> ``qemu_fclose(rp)``); the migration thread
         then writes to a closed, soon reused descriptor (``Unable to write to socket: Bad
-        file descriptor``) and the process' heap was corrupted 1 run in 4 (glibc abort,
-        exit status -6). The source QEMU therefore runs without a return path
+        file descriptor``). The source QEMU therefore runs without a return path
         (:func:`~xmig.guest.qemu.migrate.migrate_qemu`); this order keeps QEMU out of
         its teardown races either way."""
         for task in self._tasks:
