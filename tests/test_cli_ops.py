@@ -172,6 +172,11 @@ def test_agent_cannot_listen_on_a_taken_port(tmp_path: Path, pki: Path,
         b'{"op": "migrate", "to": "h:1", "pki": "/p", "max_downtime_s": -1}\n',
         b'{"op": "migrate", "to": "h:1", "pki": "/p", "bandwidth_bps": 1.5}\n',
         b'{"op": "migrate", "to": 7, "pki": "/p"}\n',
+        b'{"op": "migrate", "to": "h:1", "pki": "/p", "blackout_timeout_s": 0}\n',
+        b'{"op": "resolve", "migration": "vm1"}\n',
+        b'{"op": "resolve", "migration": "vm1", "force": "maybe"}\n',
+        b'{"op": "resolve", "migration": "../x", "force": "go"}\n',
+        b'{"op": "resolve", "migration": 7, "force": "abort"}\n',
     ],
 )
 def test_bad_requests_are_config_errors(line: bytes) -> None:
@@ -184,6 +189,8 @@ def test_requests_and_errors_round_trip() -> None:
     assert req.endpoint == ("::1", 7800)
     assert hostctl.parse_request(hostctl.encode(req.to_json())) == req
     assert isinstance(hostctl.parse_request(b'{"op": "status"}'), hostctl.StatusRequest)
+    forced = hostctl.ResolveRequest("vm1", "abort")
+    assert hostctl.parse_request(hostctl.encode(forced.to_json())) == forced
     err = MigrationAborted("migration aborted")
     err.__cause__ = NotConverging("too hot")
     data = hostctl.error_dict(err)
@@ -497,3 +504,19 @@ def test_an_agent_with_limits_and_an_allow_list_starts(tmp_path: Path, pki: Path
         assert agent.wait(30) == 0
     finally:
         agent.kill()
+
+
+def test_resolve_refuses_bad_flags_and_lists_nothing_where_nothing_is_in_doubt(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["resolve", "--workdir", str(tmp_path / "nope")]) == 2
+    assert "ConfigError" in capsys.readouterr().err
+    assert main(["resolve", "--workdir", str(tmp_path), "--force", "go"]) == 2
+    assert "--force needs --migration" in capsys.readouterr().err
+    assert main(["resolve", "--workdir", str(tmp_path), "--migration", "vm1",
+                 "--force", "abort", "--yes"]) == 2
+    assert "GuestNotFound: no migration vm1 is in doubt" in capsys.readouterr().err
+    (tmp_path / "stale.ctl").write_text("")  # not a socket: skipped
+    assert main(["resolve", "--workdir", str(tmp_path), "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["resolve", "--workdir", str(tmp_path)]) == 0
+    assert "no migration is in doubt here" in capsys.readouterr().out
