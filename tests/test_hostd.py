@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ import pytest
 from tests.opsproc import SMALL_GUEST, Proc, is_ready, spawn, status, xmig
 from xmig.netem import LinkSpec, Wan, tun_available
 from xmig.report import REPORT_KEYS
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 @pytest.mark.root

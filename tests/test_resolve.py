@@ -10,7 +10,6 @@ import os
 import pty
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ pytestmark = [pytest.mark.root,
 
 #: GO takes one RTT to reach the destination after READY left it: the kill lands first
 LINK = LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.4)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Proc]:

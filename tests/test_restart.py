@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ pytestmark = [pytest.mark.root,
 
 #: GO takes one RTT to reach the destination after READY left it: the kill lands first
 LINK = LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.2)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def sim_guests_of(pid: int) -> list[int]:

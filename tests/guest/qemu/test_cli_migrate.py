@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from xmig.netem import LinkSpec, Wan
 pytestmark = [pytest.mark.root, pytest.mark.qemu, pytest.mark.slow]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.kill()
 
 
 def _report(e: dict[str, Any]) -> bool:
