@@ -1,16 +1,16 @@
 """Abort before GO, the same way for every backend: run the abort to its end even when the
 migration is cancelled meanwhile (source agent stopped, Ctrl-C, an outer deadline), then
-raise what the caller must see."""
+raise what the caller must see; and the blackout's deadline, past which a source aborts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
 from xmig import control
-from xmig.errors import MigrationAborted, XmigError
+from xmig.errors import DeadlineExceeded, MigrationAborted, XmigError
 from xmig.transport import Channel, TransportSession
 
 ABORT_DELIVERY_S = 5.0  #: how long an abort waits for the peer to have read ABORT
@@ -41,3 +41,26 @@ async def tell_abort(session: TransportSession, abort: control.Abort,
         async with asyncio.timeout(timeout):
             await session.send(Channel.CONTROL, abort.encode())
             await session.drain(Channel.CONTROL)
+
+
+@contextlib.asynccontextmanager
+async def blackout_deadline(limit_s: float, *, armed: bool,
+                            where: Callable[[], str]) -> AsyncIterator[Callable[[], None]]:
+    """Bound the steps from the pause to GO by ``limit_s``: from now if ``armed``, else from
+    when the yielded ``arm()`` is called (the moment the guest paused). Past it the body is
+    cancelled and :class:`~xmig.errors.DeadlineExceeded` raised, saying ``where()``; the
+    caller aborts (GO is not journaled yet) and its guest runs on."""
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout_at(loop.time() + limit_s if armed else None)
+
+    def arm() -> None:
+        deadline.reschedule(loop.time() + limit_s)
+
+    try:
+        async with deadline:
+            yield arm
+    except TimeoutError as err:
+        if not deadline.expired():
+            raise
+        raise DeadlineExceeded(f"the blackout passed its deadline of {limit_s:g} s "
+                               f"({where()})") from err

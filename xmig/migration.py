@@ -26,7 +26,7 @@ from typing import Any
 import xxhash
 
 from xmig import control, guestctl
-from xmig.aborting import run_abort, tell_abort
+from xmig.aborting import blackout_deadline, run_abort, tell_abort
 from xmig.errors import (
     DeadlineExceeded,
     MigrationError,
@@ -282,16 +282,10 @@ async def migrate(
                 raise MigrationError("destination disk digest differs from the source's")
             machine.ready(reply.epoch)
             await flushing
-        deadline = asyncio.timeout(options.blackout_timeout_s)
-        try:
-            async with deadline:
-                await blackout()
-        except TimeoutError as err:
-            if not deadline.expired():
-                raise
-            raise DeadlineExceeded(
-                f"the blackout passed its deadline of {options.blackout_timeout_s:g} s "
-                f"(phase {machine.phase.value}): aborted, the guest resumes here") from err
+        async with blackout_deadline(
+                options.blackout_timeout_s, armed=True,
+                where=lambda: f"phase {machine.phase.value}: aborted, the guest resumes here"):
+            await blackout()
         journal.append("GO", migration, epoch)
         # GO is durable: the source guest never runs again, whatever happens next
         await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())

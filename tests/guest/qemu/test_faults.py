@@ -19,6 +19,7 @@ import pytest
 
 from xmig import control
 from xmig.errors import (
+    DeadlineExceeded,
     DiskFull,
     DiskTooSmall,
     MigrationAborted,
@@ -223,8 +224,9 @@ async def test_no_ready_after_the_source_qemu_completed_aborts_and_it_runs_on(
         guest_image: GuestImage, tmp_path: Path) -> None:
     """The destination agent takes the whole stream but never answers READY: the source
     QEMU (no return path) completes once its last bytes are in the tunnel and waits,
-    ``postmigrate``, disks handed over; at the reply timeout xmig aborts and continues it
-    (``cont`` takes its disk back): the guest runs on in the same process."""
+    ``postmigrate``, disks handed over; at the blackout's deadline (3 s, well before the
+    60 s reply timeout) xmig aborts and continues it (``cont`` takes its disk back): the
+    guest runs on in the same process."""
     config = guest_config(guest_image, "mem", mem_mb=8, mem_rate=1)
 
     async def swallow(session: TransportSession, channel: Channel) -> None:
@@ -247,11 +249,14 @@ async def test_no_ready_after_the_source_qemu_completed_aborts_and_it_runs_on(
             dst_task = asyncio.create_task(destination())
             src_task = asyncio.create_task(migrate_qemu(
                 src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),
-                workdir=tmp_path / "src", options=QemuMigrationOptions(reply_timeout_s=8)))
+                workdir=tmp_path / "src", options=QemuMigrationOptions(
+                    reply_timeout_s=60, blackout_timeout_s=3)))
             async with asyncio.timeout(90):
                 src_res, dst_res = await asyncio.gather(src_task, dst_task,
                                                         return_exceptions=True)
         assert isinstance(src_res, MigrationAborted), src_res
+        assert isinstance(src_res.__cause__, DeadlineExceeded), repr(src_res.__cause__)
+        assert "blackout passed its deadline of 3 s" in str(src_res.__cause__)
         assert isinstance(dst_res, control.Abort), dst_res
         assert (await source.execute("query-migrate"))["status"] == "completed"
         assert [r.kind for r in Journal(tmp_path / "src" / "journal").records()] == [

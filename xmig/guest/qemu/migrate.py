@@ -46,9 +46,8 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from xmig import control
-from xmig.aborting import run_abort, tell_abort
+from xmig.aborting import blackout_deadline, run_abort, tell_abort
 from xmig.errors import (
-    DeadlineExceeded,
     InDoubt,
     MigrationError,
     NotConverging,
@@ -321,100 +320,96 @@ async def migrate_qemu(
                                      initial_Bps=initial_bandwidth(session, options),
                                      sent=lambda: tunnel.sent.bytes if tunnel else 0)
         await governor.apply()
-        # armed at pre-switchover: the blackout's bound, from the pause to GO
-        blackout = asyncio.timeout(None)
-        try:
-            async with blackout:
-                with source.listener("MIGRATION") as events:
-                    await source.execute("migrate", {"uri": tunnel.uri})
-                    migrating = True
-                    def report() -> None:
-                        assert tunnel is not None and governor is not None
-                        emit("progress", stream=tunnel.stats(), max_bandwidth=governor.current,
-                             session=session.stats())
+        # the blackout's bound, from the pause (armed at pre-switchover) to GO
+        async with blackout_deadline(
+                options.blackout_timeout_s, armed=False,
+                where=lambda: f"phase {machine.phase.value}: aborted, the source QEMU runs "
+                "on") as arm_blackout:
+            with source.listener("MIGRATION") as events:
+                await source.execute("migrate", {"uri": tunnel.uri})
+                migrating = True
+                def report() -> None:
+                    assert tunnel is not None and governor is not None
+                    emit("progress", stream=tunnel.stats(), max_bandwidth=governor.current,
+                         session=session.stats())
 
-                    governing = asyncio.create_task(governor.run(report))
-                    if options.sdps:
-                        sdps = QemuSdps(source, session, cfs_period_us=options.sdps_period_us)
-                        await sdps.start()
-                        throttling = asyncio.create_task(sdps.run())
-                    # the destination's next word is READY; an ABORT (or a broken session) before
-                    # then ends pre-copy at once
-                    ready_task = asyncio.ensure_future(_recv(session, 1e9))
-                    try:
-                        async with asyncio.timeout(options.timeout_s):
-                            paused = wait_migration(events, source, {"pre-switchover"}, 1e9)
-                            if not await _completed_or_message(paused, ready_task):
-                                raise _unexpected(ready_task.result(), "ready")
-                    except TimeoutError:
-                        raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
-                                            f"within {options.timeout_s:g} s") from None
-                    # QEMU stopped the vCPUs: the blackout begins
-                    machine.pause()
-                    result.paused_at = time.monotonic()
-                    governing.cancel()
-                    if throttling is not None:
-                        throttling.cancel()
-                    if sdps is not None:
-                        result.sdps_max_throttle = sdps.max_throttle
-                        sdps.release()  # at switchover, always
-                    emit("phase", note="source paused (pre-switchover)")
-                    if mirror is not None:
-                        result.disk_seq = await mirror.finish(options.reply_timeout_s)
-                        emit("blackout", step="disk mirror sealed", disk_seq=result.disk_seq)
-                    await session.send(Channel.CONTROL, control.Final(
-                        migration, epoch, disk_seq=result.disk_seq, device_state_bytes=0).encode())
-                    await source.execute("migrate-continue", {"state": "pre-switchover"})
-                    machine.final_sent()
-                    emit("blackout", step="migrate-continue")
-                    # the vCPUs are stopped since pre-switchover: the source's RAM is final. Hashed
-                    # while the last pass crosses (not before migrate-continue: the hashing thread
-                    # would slow this loop's QMP); the digests go ahead of its last bytes
-                    hashing = asyncio.ensure_future(_send_ram_digests(session, source, emit))
-                    # READY (the destination loaded everything) and the source's completion (its
-                    # last bytes written into the tunnel) may come in either order: wait for both
-                    try:
-                        completing = wait_migration(events, source, {"completed"},
-                                                    options.reply_timeout_s)
-                        if not await _completed_or_message(completing, ready_task):
-                            reply = ready_task.result()
-                            if not isinstance(reply, control.Ready):
-                                raise _unexpected(reply, "ready")
-                            emit("blackout", step="ready received")
-                            await wait_migration(events, source, {"completed"},
-                                                 options.reply_timeout_s)
-                        result.completed_at = time.monotonic()
-                        emit("blackout", step="source completed")
-                        if not ready_task.done():
-                            async with asyncio.timeout(options.reply_timeout_s):
-                                await ready_task
-                            emit("blackout", step="ready received")
+                governing = asyncio.create_task(governor.run(report))
+                if options.sdps:
+                    sdps = QemuSdps(source, session, cfs_period_us=options.sdps_period_us)
+                    await sdps.start()
+                    throttling = asyncio.create_task(sdps.run())
+                # the destination's next word is READY; an ABORT (or a broken session) before
+                # then ends pre-copy at once
+                ready_task = asyncio.ensure_future(_recv(session, 1e9))
+                try:
+                    async with asyncio.timeout(options.timeout_s):
+                        paused = wait_migration(events, source, {"pre-switchover"}, 1e9)
+                        if not await _completed_or_message(paused, ready_task):
+                            raise _unexpected(ready_task.result(), "ready")
+                except TimeoutError:
+                    raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
+                                        f"within {options.timeout_s:g} s") from None
+                # QEMU stopped the vCPUs: the blackout begins
+                machine.pause()
+                arm_blackout()
+                result.paused_at = time.monotonic()
+                governing.cancel()
+                if throttling is not None:
+                    throttling.cancel()
+                if sdps is not None:
+                    result.sdps_max_throttle = sdps.max_throttle
+                    sdps.release()  # at switchover, always
+                emit("phase", note="source paused (pre-switchover)")
+                if mirror is not None:
+                    result.disk_seq = await mirror.finish(options.reply_timeout_s)
+                    emit("blackout", step="disk mirror sealed", disk_seq=result.disk_seq)
+                await session.send(Channel.CONTROL, control.Final(
+                    migration, epoch, disk_seq=result.disk_seq, device_state_bytes=0).encode())
+                await source.execute("migrate-continue", {"state": "pre-switchover"})
+                machine.final_sent()
+                emit("blackout", step="migrate-continue")
+                # the vCPUs are stopped since pre-switchover: the source's RAM is final. Hashed
+                # while the last pass crosses (not before migrate-continue: the hashing thread
+                # would slow this loop's QMP); the digests go ahead of its last bytes
+                hashing = asyncio.ensure_future(_send_ram_digests(session, source, emit))
+                # READY (the destination loaded everything) and the source's completion (its
+                # last bytes written into the tunnel) may come in either order: wait for both
+                try:
+                    completing = wait_migration(events, source, {"completed"},
+                                                options.reply_timeout_s)
+                    if not await _completed_or_message(completing, ready_task):
                         reply = ready_task.result()
-                    finally:
-                        ready_task.cancel()
-                if not isinstance(reply, control.Ready):
-                    raise _unexpected(reply, "ready")
-                sent = tunnel.sent.bytes
-                if reply.digests.get("stream_bytes") != str(sent):
-                    raise MigrationError(
-                        f"the destination took {reply.digests.get('stream_bytes')} "
-                        f"bytes of the stream, the source sent {sent}")
-                assert hashing is not None
-                stale = ramcheck.decode_chunks(reply.digests.get("ram_stale", ""),
-                                               len(await hashing))
-                result.ram_chunks_repaired = len(stale)
-                fixups = await asyncio.to_thread(ramcheck.encode_fixups, source.mem_path, stale)
-                # the destination writes these into its RAM before it runs (GO waits for them)
-                for message in fixups:
-                    await session.send(Channel.DEVICE_STATE, message)
-                emit("blackout", step="ram checked", repaired_chunks=len(stale))
-                machine.ready(reply.epoch)
-        except TimeoutError as err:
-            if not blackout.expired():
-                raise
-            raise DeadlineExceeded(
-                f"the blackout passed its deadline of {options.blackout_timeout_s:g} s "
-                f"(phase {machine.phase.value}): aborted, the source QEMU runs on") from err
+                        if not isinstance(reply, control.Ready):
+                            raise _unexpected(reply, "ready")
+                        emit("blackout", step="ready received")
+                        await wait_migration(events, source, {"completed"},
+                                             options.reply_timeout_s)
+                    result.completed_at = time.monotonic()
+                    emit("blackout", step="source completed")
+                    if not ready_task.done():
+                        async with asyncio.timeout(options.reply_timeout_s):
+                            await ready_task
+                        emit("blackout", step="ready received")
+                    reply = ready_task.result()
+                finally:
+                    ready_task.cancel()
+            if not isinstance(reply, control.Ready):
+                raise _unexpected(reply, "ready")
+            sent = tunnel.sent.bytes
+            if reply.digests.get("stream_bytes") != str(sent):
+                raise MigrationError(
+                    f"the destination took {reply.digests.get('stream_bytes')} "
+                    f"bytes of the stream, the source sent {sent}")
+            assert hashing is not None
+            stale = ramcheck.decode_chunks(reply.digests.get("ram_stale", ""),
+                                           len(await hashing))
+            result.ram_chunks_repaired = len(stale)
+            fixups = await asyncio.to_thread(ramcheck.encode_fixups, source.mem_path, stale)
+            # the destination writes these into its RAM before it runs (GO waits for them)
+            for message in fixups:
+                await session.send(Channel.DEVICE_STATE, message)
+            emit("blackout", step="ram checked", repaired_chunks=len(stale))
+            machine.ready(reply.epoch)
         # the repaired chunks are journaled with GO: settling a destination left in doubt
         # sends them again (xmig.guest.qemu.settle)
         journal.append("GO", migration, epoch, ram_repair=[int(c) for c in stale])
