@@ -54,6 +54,24 @@ def test_recover_abandons_in_doubt_discards_half_received_and_keeps_what_ran(
     assert recovery.recover(tmp_path) == []  # settled once, for good
 
 
+def test_a_hosted_guests_onward_migrations_are_not_recovered_as_received(
+        tmp_path: Path) -> None:
+    # arrived (epoch 1), ran here, then this host was the source of epoch 2: cut before GO
+    # (the agent died with its guest: the image is the only copy) and of epoch 3 (GO, left)
+    sdir = incoming(tmp_path, "a", "READY", "RUNNING", migration="vm1")
+    journal = Journal(sdir / "journal")
+    journal.append("START", "vm1", 2, token=TOKEN)
+    journal.append("ABORT", "vm1", 2, reason="the destination went")
+    journal.append("START", "vm1", 3, token=TOKEN)
+    before = [r.kind for r in journal.records()]
+    (sdir / "guest.ledger").write_bytes(b"l" * 64)
+
+    assert recovery.recover(tmp_path) == []
+    assert [(h.epoch, h.phase) for h in recovery.read_dir(sdir)] == [(1, DestPhase.RUNNING)]
+    assert [r.kind for r in journal.records()] == before  # nothing journaled for them
+    assert sorted(p.name for p in sdir.iterdir()) == ["disk.raw", "guest.ledger", "journal"]
+
+
 def test_answer_from_journals_checks_token_and_owner(tmp_path: Path) -> None:
     incoming(tmp_path, "a", "READY", migration="m1")
     incoming(tmp_path, "c", "READY", "RUNNING", migration="m3")

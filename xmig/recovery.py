@@ -65,8 +65,11 @@ def scan(workdir: Path) -> list[Received]:
 
 
 def read_dir(sdir: Path) -> list[Received]:
-    """The migrations the journal in ``sdir`` holds (an unreadable journal is logged and
-    skipped: it decides nothing)."""
+    """The migrations the journal in ``sdir`` received (an unreadable journal is logged and
+    skipped: it decides nothing). The epochs of a hosted guest's onward migrations, also
+    journaled there (from START), are not among them: recovering one as "cut off mid-receive"
+    deleted the ledger and logs of a guest that had left, and would delete the only image
+    of one whose agent died while it was the source."""
     path = sdir / JOURNAL_NAME
     if not path.is_file():
         return []
@@ -75,9 +78,14 @@ def read_dir(sdir: Path) -> list[Received]:
     except ConfigError as err:
         log.warning("%s: skipped: %s", path, err)
         return []
+    # a guest hosted here journals its onward migrations (START, GO, ABORT, ...) in the same
+    # file: those epochs are this host's as a source, never received here
+    sent = {(rec.migration, rec.epoch) for rec in records if rec.kind == "START"}
     migrations: dict[tuple[str, int], Received] = {}
     for rec in records:
         key = (rec.migration, rec.epoch)
+        if key in sent:
+            continue
         held = migrations.get(key) or Received(sdir, rec.migration, rec.epoch, None)
         phase = _PHASES.get(rec.kind, held.phase)
         if rec.kind == "READY":
