@@ -367,10 +367,18 @@ def request(path: Path, op: str, *, timeout: float = 30.0,
     ``probe_timeout`` (a ``stop`` is sent only to a socket that answered a ``status``)."""
     if op != "status":
         request(path, "status", probe_timeout=probe_timeout)
-    conn = _Connection(path, timeout, known=op != "status")
+    return _exchange(path, {"op": op}, timeout=timeout, known=op != "status",
+                     reply_timeout=probe_timeout if op == "status" else timeout)
+
+
+def _exchange(path: Path, req: dict[str, Any], *, timeout: float, known: bool,
+              reply_timeout: float) -> dict[str, Any]:
+    """Send one request, read its one answer: the status object it carries, or the typed
+    error it names."""
+    conn = _Connection(path, timeout, known=known)
     try:
-        conn.send({"op": op})
-        reply = conn.read(time.monotonic() + (probe_timeout if op == "status" else timeout))
+        conn.send(req)
+        reply = conn.read(time.monotonic() + reply_timeout)
     finally:
         conn.close()
     if not reply.get("ok"):
@@ -419,13 +427,4 @@ def resolve(path: Path, req: ResolveRequest, *, timeout: float = 60.0,
     there: its status afterwards, or its typed refusal (nothing changed). GuestNotFound
     when ``path`` is not a control socket (as :func:`request`)."""
     request(path, "status", probe_timeout=probe_timeout)
-    conn = _Connection(path, timeout, known=True)
-    try:
-        conn.send(req.to_json())
-        reply = conn.read(time.monotonic() + timeout)
-    finally:
-        conn.close()
-    if not reply.get("ok"):
-        raise error_from(reply.get("error"))
-    status = reply.get("status")
-    return status if isinstance(status, dict) else {}
+    return _exchange(path, req.to_json(), timeout=timeout, known=True, reply_timeout=timeout)

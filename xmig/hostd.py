@@ -398,9 +398,7 @@ class GuestHost:
                                    streams=1, connect_timeout=req.connect_timeout_s) as session:
                     decision = await send_decision(session, self.journal, self.name)
                 self.emit({"event": "settled", "name": self.name, "decision": decision.type})
-                self._in_doubt = None
-                await self._teardown("migrated")
-                self._done.set()
+                await self._discard_here()
                 return
             except EpochAbandoned as err:
                 await self._resume_abandoned(epoch, err)
@@ -414,14 +412,24 @@ class GuestHost:
     async def _resume_abandoned(self, epoch: int, err: EpochAbandoned) -> None:
         """The destination journaled that ``epoch`` never runs there: this paused copy is
         the only one. Journal that, then resume it; it may be migrated again."""
-        machine = SourceMachine.in_doubt(epoch)
-        step = machine.abandoned(epoch)
         self.journal.append("ABANDONED", self.name, epoch, reason=str(err))
+        await self._resume_here(epoch)
+        self.emit({"event": "settled", "name": self.name, "decision": "abandoned",
+                   "note": "the destination abandoned the epoch; the guest runs here again"})
+
+    async def _resume_here(self, epoch: int) -> None:
+        """``epoch`` never runs at the destination (its record journaled by the caller):
+        this paused copy is the only one. It resumes and may be migrated again."""
+        step = SourceMachine.in_doubt(epoch).abandoned(epoch)
         assert step.phase is SourcePhase.ABORTED
         await guestctl.call(self.guest.resume)
         self.state, self._in_doubt = "running", None
-        self.emit({"event": "settled", "name": self.name, "decision": "abandoned",
-                   "note": "the destination abandoned the epoch; the guest runs here again"})
+
+    async def _discard_here(self) -> None:
+        """The destination runs the guest: the paused copy is discarded, the host ends."""
+        self._in_doubt = None
+        await self._teardown("migrated")
+        self._done.set()
 
     async def _force(self, req: hostctl.ResolveRequest) -> None:
         """An operator decides a migration in doubt here (the destination's site is gone):
@@ -443,16 +451,11 @@ class GuestHost:
                             reason="forced by an operator (xmig resolve)")
         self.emit({"event": "forced", "name": self.name, "decision": req.force,
                    "epoch": epoch})
-        self._in_doubt = None
-        if req.force == "abort":
-            machine = SourceMachine.in_doubt(epoch)
-            assert machine.abandoned(epoch).phase is SourcePhase.ABORTED
-            await guestctl.call(self.guest.resume)
-            self.state, self.rc = "running", 0
-            return
-        await self._teardown("migrated")
         self.rc = 0
-        self._done.set()
+        if req.force == "abort":
+            await self._resume_here(epoch)
+        else:
+            await self._discard_here()
 
     async def _run(self, req: hostctl.MigrateRequest, event: Emit, put: Emit,
                    timeline: list[dict[str, Any]], seen_resumed: list[float]

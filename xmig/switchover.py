@@ -147,6 +147,11 @@ class _Machine(Generic[P]):
         self.phase = new
         return new
 
+    def _restore(self, phase: P) -> None:
+        """Start in ``phase``, read back from a journal rather than reached here."""
+        self.phase = phase
+        self.history.append(("restored", str(phase.value)))
+
     def fail(self, why: str) -> None:
         """Something the protocol cannot recover from; the phase becomes FAILED for good."""
         if self.phase is not self.failed:
@@ -188,8 +193,7 @@ class SourceMachine(_Machine[SourcePhase]):
     def in_doubt(cls, epoch: int) -> SourceMachine:
         """The machine of a migration whose journal holds GO and no confirmation."""
         machine = cls(epoch)
-        machine.phase = Src.IN_DOUBT
-        machine.history.append(("restored", Src.IN_DOUBT.value))
+        machine._restore(Src.IN_DOUBT)
         return machine
 
     def cut_off(self) -> Step:
@@ -258,8 +262,7 @@ class DestMachine(_Machine[DestPhase]):
     def in_doubt(cls, epoch: int) -> DestMachine:
         """The machine of a migration its journal left READY (after a restart)."""
         machine = cls(epoch)
-        machine.phase = Dst.IN_DOUBT
-        machine.history.append(("restored", Dst.IN_DOUBT.value))
+        machine._restore(Dst.IN_DOUBT)
         return machine
 
     def abort(self, why: str) -> Step:
