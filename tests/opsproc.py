@@ -3,6 +3,7 @@ read with timeouts (a reader thread per process; nothing sleeps to wait)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import subprocess
@@ -10,8 +11,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xmig.netem import Wan
 
 XMIG = [sys.executable, "-m", "xmig.cli"]
 MiB = 1 << 20
@@ -89,3 +94,34 @@ def status(ctl: str | Path) -> dict[str, Any]:
 
 def is_ready(role: str) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e.get("event") == "ready" and e.get("role") == role
+
+
+@dataclass
+class Pair:
+    """A destination agent and a source guest host, across a Wan, both ready."""
+
+    agent: Proc
+    source: Proc
+    port: int  #: the agent's
+    ctl: str  #: the source's control socket
+    pki: Path
+    agent_argv: list[str]  #: to start the agent again (its --listen is HOST:0)
+
+
+def start_pair(wan: Wan, tmp: Path, procs: list[Proc], *agent_flags: str) -> Pair:
+    """A PKI for ``wan``, ``xmig agent`` (workdir ``tmp/dst``, ``agent_flags``) in its
+    destination namespace and ``xmig guest start`` (guest vm1, workdir ``tmp/src``) in its
+    source namespace, appended to ``procs``; returned once both said ready."""
+    pki = tmp / "pki"
+    r = xmig("certs", "init", str(pki), "--server-name", wan.dst_addr)
+    assert r.returncode == 0, r.stderr
+    agent_argv = ["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
+                  "--workdir", str(tmp / "dst"), *agent_flags, "--json"]
+    agent = spawn(agent_argv, tmp, "agent", functools.partial(wan.popen, "dst"))
+    procs.append(agent)
+    source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp / "src"),
+                    *SMALL_GUEST, "--json"], tmp, "source", functools.partial(wan.popen, "src"))
+    procs.append(source)
+    port = int(agent.expect(is_ready("agent"), 30)["port"])
+    ctl = str(source.expect(is_ready("source"), 60)["ctl"])
+    return Pair(agent, source, port, ctl, pki, agent_argv)

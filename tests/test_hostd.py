@@ -4,14 +4,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import socket
 from pathlib import Path
 
 import pytest
 
-from tests.opsproc import SMALL_GUEST, Proc, is_ready, spawn, status, xmig
+from tests.opsproc import Proc, is_ready, spawn, start_pair, status, xmig
 from xmig.netem import LinkSpec, Wan, tun_available
 from xmig.report import REPORT_KEYS
 
@@ -23,19 +22,8 @@ def test_guest_migrates_between_processes_across_the_wan(
 ) -> None:
     with Wan(LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.02)) as wan:
         assert not wan.approximate
-        pki = tmp_path / "pki"
-        r = xmig("certs", "init", str(pki), "--server-name", wan.dst_addr)
-        assert r.returncode == 0, r.stderr
-        agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
-                       "--workdir", str(tmp_path / "dst"), "--once", "--json"],
-                      tmp_path, "agent", functools.partial(wan.popen, "dst"))
-        procs.append(agent)
-        source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp_path / "src"),
-                        *SMALL_GUEST, "--json"],
-                       tmp_path, "source", functools.partial(wan.popen, "src"))
-        procs.append(source)
-        port = agent.expect(is_ready("agent"), 30)["port"]
-        ctl = source.expect(is_ready("source"), 60)["ctl"]
+        pair = start_pair(wan, tmp_path, procs, "--once")
+        agent, source, port, ctl, pki = pair.agent, pair.source, pair.port, pair.ctl, pair.pki
         assert status(ctl)["state"] == "running"
 
         r = xmig("migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki),

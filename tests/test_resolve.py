@@ -4,7 +4,6 @@ when the other site is gone. Real processes, TLS, the emulated WAN; the site's l
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pty
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.opsproc import SMALL_GUEST, XMIG, Proc, is_ready, spawn, status, xmig
+from tests.opsproc import XMIG, Proc, spawn, start_pair, status, xmig
 from xmig import control, recovery
 from xmig.errors import GuestNotFound
 from xmig.guest.sim import read_ledger, verify_ledger
@@ -30,24 +29,15 @@ pytestmark = [pytest.mark.root,
 LINK = LinkSpec.symmetric(rate_bps=200_000_000, rtt_s=0.4)
 
 
-def start_pair(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Proc]:
-    """An agent and a source guest host, and a migration from one to the other started;
-    returns the agent, the source, the source's control socket and the migrate client."""
-    pki = tmp / "pki"
-    assert xmig("certs", "init", str(pki), "--server-name", wan.dst_addr).returncode == 0
-    agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
-                   "--workdir", str(tmp / "dst"), "--json"],
-                  tmp, "agent", functools.partial(wan.popen, "dst"))
-    procs.append(agent)
-    source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp / "src"),
-                    *SMALL_GUEST, "--json"], tmp, "source", functools.partial(wan.popen, "src"))
-    procs.append(source)
-    port = agent.expect(is_ready("agent"), 30)["port"]
-    ctl = source.expect(is_ready("source"), 60)["ctl"]
-    migrate = spawn(["migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}",
-                     "--pki", str(pki), "--max-downtime", "1s", "--json"], tmp, "migrate")
+def start_migrating(wan: Wan, tmp: Path, procs: list[Proc]) -> tuple[Proc, Proc, str, Proc]:
+    """An agent and a source guest host (:func:`start_pair`), and a migration from one to
+    the other started; returns the agent, the source, the source's control socket and the
+    migrate client."""
+    pair = start_pair(wan, tmp, procs)
+    migrate = spawn(["migrate", "--guest", pair.ctl, "--to", f"{wan.dst_addr}:{pair.port}",
+                     "--pki", str(pair.pki), "--max-downtime", "1s", "--json"], tmp, "migrate")
     procs.append(migrate)
-    return agent, source, ctl, migrate
+    return pair.agent, pair.source, pair.ctl, migrate
 
 
 def listed(workdir: Path) -> list[dict[str, object]]:
@@ -74,7 +64,7 @@ def resolve_on_a_terminal(workdir: Path, answer: str, *args: str) -> tuple[int, 
 def test_a_source_in_doubt_whose_destination_site_is_gone_is_forced_to_abort_and_runs_on(
         tmp_path: Path, procs: list[Proc]) -> None:
     with Wan(LINK) as wan:
-        agent, source, ctl, migrate = start_pair(wan, tmp_path, procs)
+        agent, source, ctl, migrate = start_migrating(wan, tmp_path, procs)
         # READY reached the source, which journals GO next: the destination's site goes
         migrate.expect(lambda e: e.get("step") == "ready received", 120)
         agent.popen.send_signal(signal.SIGKILL)
@@ -119,7 +109,7 @@ def test_a_source_in_doubt_whose_destination_site_is_gone_is_forced_to_abort_and
 def test_a_destination_in_doubt_whose_source_site_is_gone_is_forced_to_go_and_runs(
         tmp_path: Path, procs: list[Proc]) -> None:
     with Wan(LINK) as wan:
-        agent, source, _, _ = start_pair(wan, tmp_path, procs)
+        agent, source, _, _ = start_migrating(wan, tmp_path, procs)
         agent.expect(lambda e: e.get("event") == "phase" and e.get("phase") == "ready", 120)
         source.popen.send_signal(signal.SIGKILL)  # the source's site is gone, its guest too
         source.popen.wait(10)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.opsproc import SMALL_GUEST, Proc, is_ready, spawn, status, xmig
+from tests.opsproc import Proc, is_ready, spawn, start_pair, status, xmig
 from xmig.guest.sim import read_ledger, verify_ledger
 from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan, tun_available
@@ -48,19 +48,9 @@ def sim_guests_of(pid: int) -> list[int]:
 def test_a_destination_killed_after_ready_and_restarted_abandons_and_the_source_resumes(
         tmp_path: Path, procs: list[Proc]) -> None:
     with Wan(LINK) as wan:
-        pki = tmp_path / "pki"
-        assert xmig("certs", "init", str(pki), "--server-name", wan.dst_addr).returncode == 0
-        dst = tmp_path / "dst"
-        agent_argv = ["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
-                      "--workdir", str(dst), "--json"]
-        agent = spawn(agent_argv, tmp_path, "agent", functools.partial(wan.popen, "dst"))
-        procs.append(agent)
-        source = spawn(["guest", "start", "--name", "vm1", "--workdir", str(tmp_path / "src"),
-                        *SMALL_GUEST, "--json"],
-                       tmp_path, "source", functools.partial(wan.popen, "src"))
-        procs.append(source)
-        port = agent.expect(is_ready("agent"), 30)["port"]
-        ctl = source.expect(is_ready("source"), 60)["ctl"]
+        pair = start_pair(wan, tmp_path, procs)
+        agent, source, port, ctl, pki = pair.agent, pair.source, pair.port, pair.ctl, pair.pki
+        agent_argv, dst = pair.agent_argv, tmp_path / "dst"
         migrate = spawn(["migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}",
                          "--pki", str(pki), "--max-downtime", "1s", "--json"],
                         tmp_path, "migrate")

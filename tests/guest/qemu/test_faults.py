@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,9 @@ from xmig.journal import Journal
 from xmig.netem import Wan
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import Channel, TransportSession, connect, listen
+from xmig.transport import Channel, TransportSession
 
+from .helpers import loopback_sessions
 from .test_migrate import (
     BOOT_S,
     DISK,
@@ -192,16 +193,6 @@ async def test_closing_a_running_disk_mirror_stops_the_vcpus_around_its_cancel(
         assert NODE not in [n.get("node-name") for n in nodes]
         assert not mirror.shadow_path.exists()
         await assert_runs_on_with_its_records(source, disk)
-
-
-@contextlib.asynccontextmanager
-async def loopback_sessions() -> AsyncIterator[tuple[TransportSession, TransportSession]]:
-    """A plaintext session on loopback: the source agent's end, the destination's."""
-    async with (
-        listen(tls=None, insecure_plaintext=True) as lst,
-        connect("127.0.0.1", lst.port, tls=None, insecure_plaintext=True) as src,
-    ):
-        yield src, await lst.accept()
 
 
 async def answer_prepared(session: TransportSession) -> control.Negotiate:

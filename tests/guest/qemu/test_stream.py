@@ -18,16 +18,15 @@ import pytest_asyncio
 from xmig.errors import ProtocolError, QemuError
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, Meter, SourceTunnel
-from xmig.transport import TransportSession, connect, listen
+from xmig.transport import TransportSession
+
+from .helpers import loopback_sessions
 
 
 @pytest_asyncio.fixture
 async def pair() -> AsyncIterator[tuple[TransportSession, TransportSession]]:
-    async with (
-        listen(tls=None, insecure_plaintext=True) as lst,
-        connect("127.0.0.1", lst.port, tls=None, insecure_plaintext=True) as src,
-    ):
-        yield src, await lst.accept()
+    async with loopback_sessions() as sessions:
+        yield sessions
 
 
 async def test_tunnel_carries_both_directions_in_order(
