@@ -2,12 +2,13 @@
 converges with SDPS (its vCPUs' CPU quota cut until its dirty rate fits the link); without,
 it does not (tests/guest/qemu/test_migrate.py: NotConverging, the source runs on).
 
-The link is 200 Mbit/s: SDPS's floor is 1 % of the CPU, and 1 % of this writer's 1 GB/s is
-about the pace of 100 Mbit/s, where convergence was a coin toss.
+The link is 200 Mbit/s. This writer dirties 1.3–2 GB/s: 1 % of it (SDPS's floor while the
+CPU quota's period was a fixed 100 ms) is 13–20 MB/s, at or past the link, and convergence
+was a coin toss (2 failures in 4 clean-clone CI runs); the floor is 0.1 % now.
 
 The writer rewrites whole pages (``mem_fill=1``): dirtying costs the vCPU time, so a CPU
 quota slows it. (A writer touching one 64-byte line per page dirties a page per store: even
-at the 1 % quota floor it outran the link under TCG; see QemuMigrationOptions.sdps.)"""
+at a 1 % quota floor it outran the link under TCG; see QemuMigrationOptions.sdps.)"""
 
 from __future__ import annotations
 

@@ -12,7 +12,14 @@ from typing import Any, cast
 
 import pytest
 
-from xmig.guest.qemu.throttle import CGROUP_CPU, PERIOD_US, CgroupThrottle, QemuSdps
+from xmig.guest.qemu.throttle import (
+    CGROUP_CPU,
+    MAX_THROTTLE,
+    PERIOD_US,
+    CgroupThrottle,
+    QemuSdps,
+    quota_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -37,6 +44,37 @@ def test_quota_throttles_the_thread_and_release_undoes_it() -> None:
         assert not group.path.exists()
         assert str(spin.pid) in (CGROUP_CPU / "tasks").read_text().split()
         group.release()  # idempotent
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_a_throttle_past_99_percent_lengthens_the_period_down_to_a_tenth_of_a_percent(
+        ) -> None:
+    assert quota_for(0.5) == (PERIOD_US, 50_000)
+    assert quota_for(0.99) == (PERIOD_US, 1_000)
+    assert quota_for(0.995) == (200_000, 1_000)
+    assert quota_for(MAX_THROTTLE) == (1_000_000, 1_000)
+    assert quota_for(1.0) == (1_000_000, 1_000)  # capped at the kernel's limits
+    assert MAX_THROTTLE == 0.999
+
+
+def test_the_strongest_throttle_holds_a_spinning_thread_under_one_percent() -> None:
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        group = CgroupThrottle("xmig-test-throttle-max")
+        group.attach([spin.pid])
+        group.set(MAX_THROTTLE)
+        assert (group.path / "cpu.cfs_period_us").read_text().strip() == "1000000"
+        assert (group.path / "cpu.cfs_quota_us").read_text().strip() == "1000"
+        before, t0 = cpu_seconds(spin.pid), time.monotonic()
+        time.sleep(2.0)  # measuring a rate over two periods, not waiting for a condition
+        share = (cpu_seconds(spin.pid) - before) / (time.monotonic() - t0)
+        assert share < 0.02  # 0.1 % of a CPU; clock ticks are 10 ms (100 % unthrottled)
+        group.set(0.5)  # back to the short period
+        assert (group.path / "cpu.cfs_period_us").read_text().strip() == str(PERIOD_US)
+        group.release()
+        assert not group.path.exists()
     finally:
         spin.kill()
         spin.wait()

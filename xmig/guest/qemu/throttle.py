@@ -3,10 +3,15 @@
 :class:`CgroupThrottle` moves the vCPU threads (``query-cpus-fast``) into a cgroup of their own
 and sets ``cpu.cfs_quota_us`` to ``(1 − throttle) × period × vCPUs``: guest progress falls in
 proportion (measured here: 100 % → 18.4 k/s, 50 % → 9.2 k/s, 10 % → 1.75 k/s), while QEMU's
-other threads (the migration thread, QMP, I/O) keep full speed. :class:`QemuSdps` feeds the
-reference guest's controller (:class:`~xmig.memory.sdps.ProportionalThrottle`) with the
-guest's dirty rate and the session's delivery rate. Released at switchover and on abort
-(threads back in the root group, the group removed).
+other threads (the migration thread, QMP, I/O) keep full speed. The period is 100 ms; a
+throttle past 99 % (whose quota would be under the kernel's 1 ms floor) lengthens it, up to
+the kernel's 1 s, so the strongest throttle is 99.9 % (:data:`MAX_THROTTLE`). A fixed 100 ms
+period stopped at 99 %, and 1 % of a 1.3–2 GB/s writer of whole pages is 13–20 MB/s: at or
+past what a 200 Mbit/s link carries, so that guest converged or not by chance.
+:class:`QemuSdps` feeds the reference guest's controller
+(:class:`~xmig.memory.sdps.ProportionalThrottle`) with the guest's dirty rate and the
+session's delivery rate. Released at switchover and on abort (threads back in the root
+group, the group removed).
 
 The dirty rate comes from QEMU's ``calc-dirty-rate`` (page-sampling mode; its dirty-bitmap
 mode crashes QEMU 7.2 under TCG), one measurement of ``calc_time_s`` after another, not from
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -32,7 +38,18 @@ from xmig.transport import TransportSession
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 100_000
-MIN_QUOTA_US = 1_000  #: the kernel's floor
+MIN_QUOTA_US = 1_000  #: the kernel's floor for cfs_quota_us
+MAX_PERIOD_US = 1_000_000  #: the kernel's ceiling for cfs_period_us
+MAX_THROTTLE = 1.0 - MIN_QUOTA_US / MAX_PERIOD_US  #: 99.9 %
+
+
+def quota_for(throttle: float, period_us: int = PERIOD_US) -> tuple[int, int]:
+    """``(cfs_period_us, cfs_quota_us per vCPU)`` that let a thread run ``1 − throttle`` of
+    the time: ``period_us``, lengthened when the quota would fall under the kernel's floor."""
+    speed = max(1.0 - min(throttle, MAX_THROTTLE), MIN_QUOTA_US / MAX_PERIOD_US)
+    if speed * period_us < MIN_QUOTA_US:
+        period_us = min(MAX_PERIOD_US, math.ceil(MIN_QUOTA_US / speed))
+    return period_us, max(MIN_QUOTA_US, round(speed * period_us))
 
 
 class CgroupThrottle:
@@ -66,13 +83,14 @@ class CgroupThrottle:
         self.threads = list(threads)
 
     def set(self, throttle: float) -> None:
-        """0.0 = no limit … 0.99."""
+        """0.0 = no limit … :data:`MAX_THROTTLE`."""
         self.throttle = throttle
-        if throttle <= 0:
-            quota = -1
-        else:
-            per_cpu = max(MIN_QUOTA_US, round((1.0 - throttle) * self.period_us))
+        period, quota = self.period_us, -1
+        if throttle > 0:
+            period, per_cpu = quota_for(throttle, self.period_us)
             quota = per_cpu * max(1, len(self.threads))
+        # the new period first: the old quota is valid with any period
+        self._write(self.path / "cpu.cfs_period_us", str(period))
         self._write(self.path / "cpu.cfs_quota_us", str(quota))
 
     def release(self) -> None:
@@ -98,7 +116,8 @@ class QemuSdps:
                  calc_time_s: int = 1, cfs_period_us: int = PERIOD_US) -> None:
         self.guest = guest
         self.session = session
-        self.controller = controller or ProportionalThrottle(window=float(calc_time_s))
+        self.controller = controller or ProportionalThrottle(
+            window=float(calc_time_s), max_throttle=MAX_THROTTLE)
         self.period_s = period_s
         self.calc_time_s = calc_time_s
         self._measuring = False

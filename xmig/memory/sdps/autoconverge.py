@@ -8,7 +8,7 @@ vCPUs: ``initial`` (20 %) the first time, ``increment`` (10 %) more each time af
 
 from __future__ import annotations
 
-from xmig.memory.sdps.base import MAX_THROTTLE, ThrottleController
+from xmig.memory.sdps.base import ThrottleController
 
 
 class AutoConverge(ThrottleController):
@@ -33,7 +33,7 @@ class AutoConverge(ThrottleController):
             if self._high >= self.trigger:
                 self._high = 0
                 step = self.initial if self.throttle == 0 else self.throttle + self.increment
-                return self._set(min(round(step, 6), MAX_THROTTLE))
+                return self._set(round(step, 6))
         return self.throttle
 
     def release(self) -> float:

@@ -14,16 +14,20 @@ MAX_THROTTLE = 0.99
 
 
 class ThrottleController(ABC):
-    """Decides the vCPU throttle (0.0 = full speed … ``MAX_THROTTLE``)."""
+    """Decides the vCPU throttle (0.0 = full speed … ``max_throttle``, by default
+    ``MAX_THROTTLE``: a backend that can slow its vCPUs further says so)."""
 
     name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_throttle: float = MAX_THROTTLE) -> None:
+        if not 0 < max_throttle < 1:
+            raise ValueError("max_throttle must be within (0, 1)")
+        self.max_throttle = max_throttle
         self.throttle = 0.0
         self.max_seen = 0.0
 
     def _set(self, value: float) -> float:
-        self.throttle = min(max(value, 0.0), MAX_THROTTLE)
+        self.throttle = min(max(value, 0.0), self.max_throttle)
         self.max_seen = max(self.max_seen, self.throttle)
         return self.throttle
 

@@ -24,8 +24,8 @@ class ProportionalThrottle(ThrottleController):
     name = "sdps"
 
     def __init__(self, alpha: float = DEFAULT_ALPHA, *, gain: float = 0.5,
-                 window: float = 0.5) -> None:
-        super().__init__()
+                 window: float = 0.5, max_throttle: float = MAX_THROTTLE) -> None:
+        super().__init__(max_throttle=max_throttle)
         if not 0 < alpha < 1:
             raise ValueError("alpha must be within (0, 1)")
         if not 0 < gain <= 1:
@@ -55,14 +55,14 @@ class ProportionalThrottle(ThrottleController):
                memory_share: float = 1.0, wire_ratio: float = 1.0) -> float:
         if not self._history:
             self._history.append((now - self.window, self.throttle))
-        sample = dirty_rate / max(self._speed(now), 1.0 - MAX_THROTTLE)
+        sample = dirty_rate / max(self._speed(now), 1.0 - self.max_throttle)
         self.base = sample if self.base is None else (
             self.base + self.gain * (sample - self.base))
         target = self.alpha * max(delivery_rate, 0.0) * memory_share
         demand = self.base * max(wire_ratio, 1e-3)
         new = 0.0 if demand <= target else 1.0 - target / demand
         if not self._history or new != self._history[-1][1]:
-            self._history.append((now, min(max(new, 0.0), MAX_THROTTLE)))
+            self._history.append((now, min(max(new, 0.0), self.max_throttle)))
         return self._set(new)
 
     def release(self) -> float:
