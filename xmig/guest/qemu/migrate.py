@@ -93,11 +93,12 @@ class QemuMigrationOptions:
     sdps: bool = False
     """Throttle the vCPUs (cgroup CPU quota, :mod:`~xmig.guest.qemu.throttle`) when they
     outrun the link. Off by default: it slows a writer in proportion to the CPU time its
-    dirtying costs, and its floor is 1 % of the CPU (the controller's 0.99): that converges
-    a 1 GB/s writer of whole pages over 200 Mbit/s (tests/guest/qemu/test_sdps.py), where
-    1 % of it is 11 MB/s, but not reliably over 100 Mbit/s; a writer dirtying a page per
-    64-byte store under TCG dirtied 8-20 MiB/s at that floor."""
-    sdps_period_us: int = 100_000  #: the CPU quota's period (cfs_period_us)
+    dirtying costs, and its floor is 0.1 % of the CPU (the controller's 0.999: a 1 ms
+    quota in a 1 s period): that converges a 1.3–2 GB/s writer of whole pages over
+    200 Mbit/s (tests/guest/qemu/test_sdps.py), where 1 % of it was a coin toss; a writer
+    dirtying a page per 64-byte store under TCG dirtied 8-20 MiB/s at a 1 % floor."""
+    #: the CPU quota's period (cfs_period_us) up to a 99 % throttle, lengthened past it
+    sdps_period_us: int = 100_000
 
 
 @dataclass
