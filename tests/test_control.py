@@ -8,6 +8,7 @@ import pytest
 
 from xmig.control import (
     Abort,
+    Discarded,
     Final,
     Go,
     Negotiate,
@@ -41,6 +42,7 @@ TOKEN = "0123456789abcdef" * 2
         Abort("m1", 3, "operator", TOKEN),
         Refused("", "ProtocolError", "bad"),
         Resumed("m1", 3, at=12.5),
+        Discarded("m1", 3),
     ],
 )
 def test_round_trip(msg: object) -> None:

@@ -76,11 +76,16 @@ def test_answer_from_journals_checks_token_and_owner(tmp_path: Path) -> None:
     incoming(tmp_path, "a", "READY", migration="m1")
     incoming(tmp_path, "c", "READY", "RUNNING", migration="m3")
     recovery.recover(tmp_path)
+    incoming(tmp_path, "d", "READY", migration="m4")  # a live session holds it (no recover)
     held = recovery.scan(tmp_path)
 
     refused = recovery.answer(held, control.Go("m1", 1, TOKEN), OWNER)
     assert isinstance(refused, control.Refused) and refused.error == "EpochAbandoned"
-    assert recovery.answer(held, control.Abort("m1", 1, "x", TOKEN), OWNER) is None
+    assert recovery.answer(held, control.Abort("m1", 1, "x", TOKEN),
+                           OWNER) == control.Discarded("m1", 1)
+    for decision in (control.Abort("m4", 1, "x", TOKEN), control.Go("m4", 1, TOKEN)):
+        busy = recovery.answer(held, decision, OWNER)  # try again once it is given up
+        assert isinstance(busy, control.Refused) and busy.error == "GuestStateError", busy
     resumed = recovery.answer(held, control.Go("m3", 1, TOKEN), OWNER)
     assert isinstance(resumed, control.Resumed)
     late = recovery.answer(held, control.Abort("m3", 1, "x", TOKEN), OWNER)

@@ -16,31 +16,38 @@ from xmig.transport import Channel, TransportSession
 ABORT_DELIVERY_S = 5.0  #: how long an abort waits for the peer to have read ABORT
 
 
-async def run_abort(abort: Awaitable[None], err: BaseException,
+async def run_abort(abort: Awaitable[bool], err: BaseException,
                     on_aborted: Callable[[str], None]) -> NoReturn:
     """Await ``abort`` shielded (a second cancellation waits for it, then propagates);
-    call ``on_aborted`` with the error's text; re-raise ``err`` if it is a cancellation, else raise
-    MigrationAborted from it (the source guest runs)."""
+    call ``on_aborted`` with the error's text; re-raise ``err`` if it is a cancellation,
+    else raise MigrationAborted from it (the source guest runs). ``abort`` returns whether
+    the destination may hold a paused copy that has not heard ABORT (MigrationAborted's
+    ``abort_unconfirmed``)."""
     aborting = asyncio.ensure_future(abort)
     try:
-        await asyncio.shield(aborting)
+        unconfirmed = await asyncio.shield(aborting)
     except asyncio.CancelledError:
         await asyncio.wait([aborting])
         raise
     on_aborted(f"{type(err).__name__}: {err}")
     if isinstance(err, asyncio.CancelledError):
         raise err
-    raise MigrationAborted(f"migration aborted, the source guest runs: {err}") from err
+    raise MigrationAborted(f"migration aborted, the source guest runs: {err}",
+                           abort_unconfirmed=unconfirmed) from err
 
 
 async def tell_abort(session: TransportSession, abort: control.Abort,
-                     timeout: float = ABORT_DELIVERY_S) -> None:
+                     timeout: float = ABORT_DELIVERY_S) -> bool:
     """Send ABORT and wait (bounded) until the peer has read it: the session is torn down
-    next, and an ABORT still queued then would leave the destination waiting, paused."""
-    with contextlib.suppress(XmigError, TimeoutError):
+    next, and an ABORT still queued then would leave the destination waiting, paused.
+    Whether it was read."""
+    try:
         async with asyncio.timeout(timeout):
             await session.send(Channel.CONTROL, abort.encode())
             await session.drain(Channel.CONTROL)
+    except (XmigError, TimeoutError):
+        return False
+    return True
 
 
 @contextlib.asynccontextmanager

@@ -269,6 +269,14 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
             log.warning("%s: DISCARDED not journaled: %s", journal.path, jerr)
 
 
+async def tell_discarded(session: TransportSession, migration: str, epoch: int) -> None:
+    """Tell a settling source that its ABORT took effect (bounded: it retries otherwise)."""
+    with contextlib.suppress(XmigError, TimeoutError):
+        async with asyncio.timeout(5.0):
+            await session.send(Channel.CONTROL, control.Discarded(migration, epoch).encode())
+            await session.drain(Channel.CONTROL)
+
+
 async def first_message(session: TransportSession, timeout: float = 60.0
                         ) -> control.Negotiate | control.Go | control.Abort:
     """What a new session is for: a migration (NEGOTIATE) or a source settling one left in
@@ -307,7 +315,7 @@ async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
                   on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
     """Settle a migration left in doubt (:class:`~xmig.errors.InDoubt`) with the source's
     journaled decision: GO runs the guest here, ABORT discards it. ``session``, if given,
-    is the new session to the source (told RESUMED after GO)."""
+    is the new session to the source (told RESUMED after GO, DISCARDED after ABORT)."""
     machine, receiver = result.machine, result.receiver
     if result.status != "in-doubt" or machine is None or receiver is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
@@ -319,6 +327,8 @@ async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
         journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
         await _discard(result, receiver)
         on_event({"event": "phase", "phase": machine.phase.value})
+        if session is not None:
+            await tell_discarded(session, result.migration, result.epoch)
         return
     machine.go(decision.epoch)
     await _run_here(result, machine, receiver, journal, session, on_event)

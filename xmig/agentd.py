@@ -29,6 +29,13 @@ A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is r
 :func:`~xmig.guest.qemu.migrate.receive_qemu` into a QEMU this agent starts, and hosted
 until that QEMU quits (its QMP socket, in the ``hosting`` line, is the operator's); in doubt,
 it is settled by :func:`~xmig.guest.qemu.settle.resolve_qemu`.
+
+A source settles only after it gave up the migration's session; when its decision arrives
+while that session is still open here (the link was cut, and this side has not noticed:
+it would wait out the session's resume deadline, a minute, with the paused guest), that
+session is ended at once, so the migration is in doubt (after READY) or discarded (before)
+and the decision applies now. Only for the migration's epoch and token, from the identity
+that started it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ import secrets
 import signal
 import socket
 import ssl
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +130,24 @@ def _recover(workdir: Path, emit: Emit) -> None:
 
 #: the agent's own control socket in its workdir (xmig.hostctl: status, resolve)
 AGENT_CTL = "agent.ctl"
+#: how long a superseded receiving session has to end (its guest then in doubt or discarded)
+SUPERSEDE_WAIT_S = 30.0
+
+
+@dataclass
+class _Live:
+    """A migration's receiving session, open here."""
+
+    session: TransportSession
+    epoch: int
+    token: str
+    owner: str
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def settled_by(self, decision: control.Go | control.Abort, peer_key: str) -> bool:
+        """Whether ``decision``, arriving from ``peer_key``, is this migration's source's."""
+        return (decision.epoch == self.epoch and peer_key == self.owner
+                and control.token_matches(decision.token, self.token))
 
 
 class _Agent:
@@ -134,6 +160,7 @@ class _Agent:
         #: migrations left in doubt here, by migration id: (result, journal, directory)
         self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
         self.qemu_in_doubt: dict[str, tuple[qemu_migrate.QemuDestResult, Journal, Path]] = {}
+        self.live: dict[str, _Live] = {}  #: receiving sessions, by migration id
         self.ctl = workdir / AGENT_CTL
         self.stopping = asyncio.Event()
         self.taken = False  #: a migration was accepted (with once, the only one)
@@ -266,26 +293,21 @@ class _Agent:
                 sdir = self._new_incoming_dir()
                 journal = Journal(sdir / "journal")
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
-                if isinstance(first.guest, control.QemuGuest):
-                    arrived = await self._receive_qemu(session, first, sdir, journal)
-                else:
-                    dest = await self._negotiated(session, first, sdir, journal)
-            elif first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
-                sdir = self.qemu_in_doubt[first.migration][2]
-                arrived = await self._settle_qemu(session, first)
-            elif first.migration not in self.in_doubt:  # settled, or held by an earlier run
-                await self._answer_from_journals(session, first)
-                return
-            else:  # a source settling a migration left in doubt here
-                _, journal, sdir = self.in_doubt[first.migration]
-                self.emit({"event": "decision", "peer": session.peer, "decision": first.type,
-                           "migration": first.migration})
-                dest = await settle(session, first, {
-                    k: (r, j) for k, (r, j, _) in self.in_doubt.items()},
-                    on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
-                self.in_doubt.pop(first.migration, None)
-                if dest.status != "running":  # ABORT: discarded
-                    self._ended(1)
+                with self._receiving(session, first):
+                    if isinstance(first.guest, control.QemuGuest):
+                        arrived = await self._receive_qemu(session, first, sdir, journal)
+                    else:
+                        dest = await self._negotiated(session, first, sdir, journal)
+            else:  # a source settling: its GO or ABORT
+                await self._supersede(first, session)
+                if first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
+                    sdir = self.qemu_in_doubt[first.migration][2]
+                    arrived = await self._settle_qemu(session, first)
+                elif first.migration in self.in_doubt:
+                    _, journal, sdir = self.in_doubt[first.migration]
+                    dest = await self._settle_sim(session, first)
+                else:  # settled, or held by an earlier run
+                    await self._answer_from_journals(session, first)
                     return
         except Exception as err:  # typed, or a bug: either way this session is over
             self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
@@ -299,6 +321,51 @@ class _Agent:
             await self._host_qemu(arrived, sdir)
         elif dest is not None:
             await self._host(dest, sdir, journal)
+
+    async def _settle_sim(self, session: TransportSession,
+                          decision: control.Go | control.Abort) -> DestResult | None:
+        """A source settling a reference guest left in doubt here: the guest to host
+        (GO), or None (ABORT: discarded)."""
+        sdir = self.in_doubt[decision.migration][2]
+        self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
+                   "migration": decision.migration})
+        dest = await settle(session, decision, {
+            k: (r, j) for k, (r, j, _) in self.in_doubt.items()},
+            on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        self.in_doubt.pop(decision.migration, None)
+        if dest.status != "running":  # ABORT: discarded
+            self._ended(1)
+            return None
+        return dest
+
+    @contextlib.contextmanager
+    def _receiving(self, session: TransportSession, first: control.Negotiate
+                   ) -> Iterator[None]:
+        """Known as ``first.migration``'s receiving session while the body runs."""
+        live = _Live(session, first.epoch, first.token, session.peer_key)
+        self.live[first.migration] = live
+        try:
+            yield
+        finally:
+            if self.live.get(first.migration) is live:
+                del self.live[first.migration]
+            live.ended.set()
+
+    async def _supersede(self, decision: control.Go | control.Abort,
+                         session: TransportSession) -> None:
+        """``decision``'s migration still has its receiving session open here, and its
+        source, settling, says that session is over: end it, and wait (bounded) until its
+        migration is in doubt or discarded, so the decision applies to it now."""
+        live = self.live.get(decision.migration)
+        if live is None or not live.settled_by(decision, session.peer_key):
+            return
+        self.emit({"event": "superseded", "migration": decision.migration,
+                   "peer": session.peer, "note": "its source settles it on a new session; "
+                   "the session that received it is ended"})
+        live.session.abort("superseded: the source settles this migration on a new session")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUPERSEDE_WAIT_S):
+                await live.ended.wait()
 
     async def _answer_from_journals(self, session: TransportSession,
                                     decision: control.Go | control.Abort) -> None:

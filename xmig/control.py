@@ -206,6 +206,14 @@ class Resumed(Message, tag="resumed", frozen=True):
     at: Annotated[float, msgspec.Meta(ge=0)]
 
 
+class Discarded(Message, tag="discarded", frozen=True):
+    """The destination's answer to an ABORT on a session that settles a migration: its copy
+    of ``epoch`` is discarded (now, or before) and never runs there."""
+
+    migration: Label
+    epoch: Epoch
+
+
 def error_text(err: BaseException) -> str:
     """An error as a peer is told it (an ABORT's or a refusal's reason): class and message,
     bounded."""
@@ -232,10 +240,11 @@ def check_decision(decision: Go | Abort, migration: str, epoch: int, token: str)
 
 MESSAGES: dict[str, type[Message]] = {
     m.__struct_config__.tag: m  # type: ignore[misc]
-    for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed)
+    for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed, Discarded)
 }
 
-AnyMessage = Negotiate | Prepared | Refused | Final | Ready | Go | Abort | Resumed
+AnyMessage = (Negotiate | Prepared | Refused | Final | Ready | Go | Abort | Resumed
+              | Discarded)
 _decoder: msgspec.json.Decoder[AnyMessage] = msgspec.json.Decoder(AnyMessage)
 
 

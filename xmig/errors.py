@@ -250,7 +250,13 @@ class NotConverging(MigrationError):
 
 
 class MigrationAborted(MigrationError):
-    """The migration was aborted before GO; the source guest runs as before."""
+    """The migration was aborted before GO; the source guest runs as before.
+    ``abort_unconfirmed``: the destination may hold a paused copy (it may have voted READY)
+    that has not heard ABORT: the source keeps telling it (:mod:`xmig.settling`)."""
+
+    def __init__(self, message: str, *, abort_unconfirmed: bool = False) -> None:
+        super().__init__(message)
+        self.abort_unconfirmed = abort_unconfirmed
 
 
 class InDoubt(MigrationError):

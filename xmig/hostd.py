@@ -47,6 +47,7 @@ from xmig.errors import (
     GuestNotFound,
     GuestStateError,
     InDoubt,
+    MigrationAborted,
     XmigError,
 )
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
@@ -54,6 +55,7 @@ from xmig.journal import Journal
 from xmig.migration import MigrationOptions, SourceResult, migrate, send_decision
 from xmig.private import private_dir, unix_listener
 from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
+from xmig.settling import AgentAddress, keep_telling
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import SourceMachine, SourcePhase
@@ -151,6 +153,9 @@ class GuestHost:
         self._tg: asyncio.TaskGroup | None = None
         self._settler: asyncio.Task[None] | None = None
         self._in_doubt: dict[str, Any] | None = None  #: migration, epoch, to: while in doubt
+        #: migration, epoch, to: while an ABORT is being told to a destination that may
+        #: hold a paused copy (the guest runs here)
+        self._abort_pending: dict[str, Any] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -241,7 +246,8 @@ class GuestHost:
                "ram_bytes": self.guest.config.ram_bytes, "disk_bytes": self.disk.size,
                "workload": self.guest.config.workload,
                "uptime_s": round(time.monotonic() - self._started, 3),
-               "migration": self.migration, "in_doubt": self._in_doubt}
+               "migration": self.migration, "in_doubt": self._in_doubt,
+               "abort_pending": self._abort_pending}
         with contextlib.suppress(XmigError):
             p = self.guest.progress()
             out.update(progress=p.counter, progress_rate=p.rate, throttle=p.throttle,
@@ -335,6 +341,7 @@ class GuestHost:
             put(e)
 
         epoch = self.journal.next_epoch()
+        unconfirmed_abort = False
         try:
             report = await self._run(req, event, put, timeline, seen_resumed)
             reply: dict[str, Any] = {"ok": True, "report": report}
@@ -349,6 +356,7 @@ class GuestHost:
         except Exception as err:  # typed errors, and a bug must not take the guest down
             after_go = any(r.kind == "GO" and r.epoch == epoch for r in self.journal.records())
             status = "in-doubt" if after_go else "aborted"
+            unconfirmed_abort = isinstance(err, MigrationAborted) and err.abort_unconfirmed
             if not after_go:
                 await self._ensure_running()
             if not isinstance(err, XmigError | OSError):
@@ -382,32 +390,50 @@ class GuestHost:
             self._in_doubt = {"migration": self.name, "epoch": epoch, "to": req.to,
                               "role": "source"}
             self._settler = self._tg.create_task(self._settle(req, epoch))
+        elif unconfirmed_abort and self._tg is not None:
+            self._abort_pending = {"migration": self.name, "epoch": epoch, "to": req.to}
+            self._tg.create_task(self._deliver_abort(req, epoch))
 
     async def _settle(self, req: hostctl.MigrateRequest, epoch: int) -> None:
         """GO is journaled and unconfirmed: reach the destination agent again and tell it,
-        with backoff, until it answers. RESUMED: the guest runs there and is discarded here.
-        EpochAbandoned (it restarted without its paused copy, and journaled that it never
-        runs it): ABANDONED is journaled here and the paused guest resumes. Anything else
-        (unreachable, nothing known there) keeps the guest paused and in doubt."""
-        host, port = req.endpoint
-        tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
-        delay = 1.0
-        while True:
-            try:
-                async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
-                                   streams=1, connect_timeout=req.connect_timeout_s) as session:
-                    decision = await send_decision(session, self.journal, self.name)
-                self.emit({"event": "settled", "name": self.name, "decision": decision.type})
-                await self._discard_here()
-                return
-            except EpochAbandoned as err:
-                await self._resume_abandoned(epoch, err)
-                return
-            except XmigError as err:
-                self.emit({"event": "settle-retry", "name": self.name, "in_s": delay,
-                           "error": f"{type(err).__name__}: {err}"})
-            await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
-            delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)
+        with backoff, until it answers (:func:`xmig.settling.keep_telling`). RESUMED: the
+        guest runs there and is discarded here. EpochAbandoned (it restarted without its
+        paused copy, and journaled that it never runs it): ABANDONED is journaled here and
+        the paused guest resumes. Anything else (unreachable, nothing known there) keeps
+        the guest paused and in doubt."""
+        try:
+            decision = await keep_telling(
+                _agent(req), lambda s: send_decision(s, self.journal, self.name, epoch=epoch),
+                on_retry=self._retrying("settle-retry"), final=(EpochAbandoned,),
+                max_retry_s=SETTLE_MAX_BACKOFF_S)
+        except EpochAbandoned as err:
+            await self._resume_abandoned(epoch, err)
+            return
+        self.emit({"event": "settled", "name": self.name, "decision": decision.type})
+        await self._discard_here()
+
+    async def _deliver_abort(self, req: hostctl.MigrateRequest, epoch: int) -> None:
+        """The guest runs here again, and ABORT may not have reached a destination that
+        voted READY (it holds a paused copy until told): tell it, with backoff, until it
+        answers DISCARDED, or GuestNotFound (nothing of it there)."""
+        note = "the destination discarded its copy"
+        try:
+            await keep_telling(
+                _agent(req), lambda s: send_decision(s, self.journal, self.name, epoch=epoch),
+                on_retry=self._retrying("abort-retry"), final=(GuestNotFound,),
+                max_retry_s=SETTLE_MAX_BACKOFF_S)
+        except GuestNotFound as err:
+            note = f"the destination holds nothing of it ({err})"
+        finally:
+            self._abort_pending = None
+        self.emit({"event": "abort-delivered", "name": self.name, "epoch": epoch,
+                   "note": note})
+
+    def _retrying(self, event: str) -> Callable[[float, XmigError], None]:
+        def retry(delay: float, err: XmigError) -> None:
+            self.emit({"event": event, "name": self.name, "in_s": delay,
+                       "error": f"{type(err).__name__}: {err}"})
+        return retry
 
     async def _resume_abandoned(self, epoch: int, err: EpochAbandoned) -> None:
         """The destination journaled that ``epoch`` never runs there: this paused copy is
@@ -530,3 +556,6 @@ class GuestHost:
                 await guestctl.call(self.guest.resume)
 
 
+def _agent(req: hostctl.MigrateRequest) -> AgentAddress:
+    host, port = req.endpoint
+    return AgentAddress(host, port, Path(req.pki), req.server_name, req.connect_timeout_s)

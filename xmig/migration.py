@@ -91,11 +91,13 @@ class SourceResult:
     memory_progress: Progress | None = None
 
 
-def journaled_decision(journal: Journal, migration: str) -> control.Go | control.Abort:
-    """The source's decision for ``migration``, as its journal holds it, for a destination
-    left in doubt. GO is journaled before it is sent, so no GO record means it was never
-    sent: presumed abort."""
-    records = [r for r in journal.records() if r.migration == migration]
+def journaled_decision(journal: Journal, migration: str, epoch: int | None = None
+                       ) -> control.Go | control.Abort:
+    """The source's decision for ``migration`` (its newest epoch, or ``epoch``), as its
+    journal holds it, for a destination left in doubt. GO is journaled before it is sent,
+    so no GO record means it was never sent: presumed abort."""
+    records = [r for r in journal.records() if r.migration == migration
+               and (epoch is None or r.epoch == epoch)]
     for rec in reversed(records):
         if rec.kind in ("GO", "ABORT", "START"):
             token = next((str(r.fields.get("token", "")) for r in records
@@ -108,18 +110,20 @@ def journaled_decision(journal: Journal, migration: str) -> control.Go | control
 
 
 async def send_decision(session: TransportSession, journal: Journal, migration: str, *,
-                        timeout: float = 60.0) -> control.Go | control.Abort:
+                        epoch: int | None = None, timeout: float = 60.0
+                        ) -> control.Go | control.Abort:
     """Tell a destination left in doubt (a new session to its agent) the decision this
-    source journaled for ``migration``; after GO, wait for RESUMED. Returns the decision;
-    raises the destination's typed refusal (e.g. GuestNotFound: nothing in doubt there)."""
-    decision = journaled_decision(journal, migration)
+    source journaled for ``migration``, and wait for its answer: RESUMED after GO, DISCARDED
+    after ABORT. Returns the decision; raises the destination's typed refusal
+    (GuestNotFound: nothing of it there; GuestStateError: not given up yet, try again)."""
+    decision = journaled_decision(journal, migration, epoch)
     await session.send(Channel.CONTROL, decision.encode())
-    if isinstance(decision, control.Go):
-        reply = await _recv_control(session, timeout)
-        if isinstance(reply, control.Refused):
-            raise reply.as_error()
-        if not isinstance(reply, control.Resumed):
-            raise ProtocolError(f"expected resumed, got {reply.type}")
+    reply = await _recv_control(session, timeout)
+    if isinstance(reply, control.Refused):
+        raise reply.as_error()
+    expected = control.Resumed if isinstance(decision, control.Go) else control.Discarded
+    if not isinstance(reply, expected):
+        raise ProtocolError(f"expected {expected.__struct_config__.tag}, got {reply.type}")
     return decision
 
 
@@ -355,8 +359,10 @@ async def _watched(work: Coroutine[Any, Any, None], session: TransportSession,
 async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGuest,
                  memory: MemorySender | None, sender: DiskSender | None, nbd: NbdServer,
                  journal: Journal, migration: str, epoch: int, token: str,
-                 err: BaseException) -> None:
-    """Before GO: release everything; the source guest runs as if nothing happened."""
+                 err: BaseException) -> bool:
+    """Before GO: release everything; the source guest runs as if nothing happened.
+    Whether the destination may hold a paused copy that has not heard ABORT (it may have
+    voted READY: the guest was paused here)."""
     was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
@@ -369,4 +375,6 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
             await sender.stop()
     if was_paused or guest.paused:
         await guestctl.call(guest.resume)
-    await tell_abort(session, control.Abort(migration, epoch, control.error_text(err), token))
+    told = await tell_abort(session, control.Abort(migration, epoch, control.error_text(err),
+                                                   token))
+    return was_paused and not told

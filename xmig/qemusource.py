@@ -10,6 +10,9 @@ before attaching succeeded; then ``workdir`` is made private (0700, the journal 
 failure leaves the source QEMU running (MigrationAborted). After GO without RESUMED the
 destination may be waiting in doubt: this process reaches its agent again with the
 journaled GO (and the RAM repair) until it answers (:mod:`~xmig.guest.qemu.settle`).
+Aborted in the blackout without the destination's word that it heard ABORT, it keeps
+telling it for up to ``abort_delivery_s`` (3 minutes) before it exits
+(:mod:`xmig.settling`).
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from xmig import hostctl
-from xmig.errors import ConfigError, EpochAbandoned, XmigError
+from xmig.errors import ConfigError, EpochAbandoned, GuestNotFound, MigrationAborted, XmigError
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
 from xmig.journal import Journal
-from xmig.migration import journaled_decision
+from xmig.migration import journaled_decision, send_decision
 from xmig.private import FILE_MODE, create_file, private_dir
 from xmig.report import downtime_estimate
+from xmig.settling import AgentAddress, keep_telling
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import client_context
@@ -53,6 +57,9 @@ class QemuMigrateRequest:
     bandwidth_bps: int | None = None
     connect_timeout_s: float = 10.0
     keep_source: bool = False
+    #: after an abort in the blackout that the destination may not have heard, how long
+    #: this process keeps telling it (the source QEMU runs meanwhile)
+    abort_delivery_s: float = 180.0
     options: QemuMigrationOptions = field(default_factory=QemuMigrationOptions)
 
 
@@ -91,6 +98,8 @@ async def migrate_attached(req: QemuMigrateRequest,
                 wire = session.stats()
         except XmigError as err:
             if result is None and not _go_journaled(workdir, name):
+                if isinstance(err, MigrationAborted) and err.abort_unconfirmed:
+                    await _deliver_abort(req, name, on_event)
                 raise
             if result is None:
                 on_event({"event": "in-doubt", "error": f"{type(err).__name__}: {err}"})
@@ -169,6 +178,19 @@ def _go_journaled(workdir: Path, migration: str) -> bool:
     return False
 
 
+def _agent(req: QemuMigrateRequest) -> AgentAddress:
+    host, port = hostctl.parse_endpoint(req.to)
+    return AgentAddress(host, port, req.pki, req.server_name, req.connect_timeout_s)
+
+
+def _retrying(on_event: Callable[[dict[str, Any]], None], event: str, **fields: Any
+              ) -> Callable[[float, XmigError], None]:
+    def retry(delay: float, err: XmigError) -> None:
+        on_event({"event": event, "in_s": delay, **fields,
+                  "error": f"{type(err).__name__}: {err}"})
+    return retry
+
+
 async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
                   on_event: Callable[[dict[str, Any]], None]) -> bool:
     """GO is journaled and unconfirmed: reach the agent again and tell it (with the RAM
@@ -176,24 +198,41 @@ async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
     False: it abandoned the epoch (restarted without its paused copy; journaled here
     too), so the paused source QEMU is the only copy. Anything else (unreachable, nothing
     known there) keeps it in doubt, paused, and this process retrying."""
-    tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
-    host, port = hostctl.parse_endpoint(req.to)
     journal = Journal(req.workdir.absolute() / "journal")
-    delay = 1.0
-    while True:
-        try:
-            async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
-                               streams=1, connect_timeout=req.connect_timeout_s) as session:
-                decision = await send_qemu_decision(session, journal, name, mem_path)
-            on_event({"event": "settled", "decision": decision.type})
-            return True
-        except EpochAbandoned as err:
-            epoch = journaled_decision(journal, name).epoch
-            journal.append("ABANDONED", name, epoch, reason=str(err))
-            on_event({"event": "settled", "decision": "abandoned", "note": str(err)})
-            return False
-        except XmigError as err:
-            on_event({"event": "settle-retry", "in_s": delay, "in_doubt": True,
-                      "error": f"{type(err).__name__}: {err}"})
-        await asyncio.sleep(delay)  # a retry schedule, not a wait for a condition
-        delay = min(delay * 2, SETTLE_MAX_BACKOFF_S)
+    try:
+        decision = await keep_telling(
+            _agent(req), lambda s: send_qemu_decision(s, journal, name, mem_path),
+            on_retry=_retrying(on_event, "settle-retry", in_doubt=True),
+            final=(EpochAbandoned,), max_retry_s=SETTLE_MAX_BACKOFF_S)
+    except EpochAbandoned as err:
+        epoch = journaled_decision(journal, name).epoch
+        journal.append("ABANDONED", name, epoch, reason=str(err))
+        on_event({"event": "settled", "decision": "abandoned", "note": str(err)})
+        return False
+    on_event({"event": "settled", "decision": decision.type})
+    return True
+
+
+async def _deliver_abort(req: QemuMigrateRequest, name: str,
+                         on_event: Callable[[dict[str, Any]], None]) -> None:
+    """The source QEMU runs again, and ABORT may not have reached a destination that voted
+    READY (it holds a paused QEMU until told): tell it, with backoff, until it answers
+    DISCARDED or GuestNotFound (nothing of it there), for at most ``abort_delivery_s``."""
+    journal = Journal(req.workdir.absolute() / "journal")
+    epoch = journaled_decision(journal, name).epoch
+    note = "the destination discarded its copy"
+    try:
+        async with asyncio.timeout(req.abort_delivery_s):
+            await keep_telling(
+                _agent(req), lambda s: send_decision(s, journal, name, epoch=epoch),
+                on_retry=_retrying(on_event, "abort-retry"), final=(GuestNotFound,),
+                max_retry_s=SETTLE_MAX_BACKOFF_S)
+    except GuestNotFound as err:
+        note = f"the destination holds nothing of it ({err})"
+    except TimeoutError:
+        on_event({"event": "abort-undelivered", "epoch": epoch, "note": (
+            f"the destination did not answer ABORT within {req.abort_delivery_s:g} s and "
+            f"may hold a paused copy: `xmig resolve --workdir DIR --migration {name} "
+            "--force abort` on its host discards it")})
+        return
+    on_event({"event": "abort-delivered", "epoch": epoch, "note": note})

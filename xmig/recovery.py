@@ -161,7 +161,9 @@ def answer(received: Iterable[Received], decision: control.Go | control.Abort,
            peer_key: str) -> control.Message | None:
     """What this agent's journals (:func:`scan`) say to a source settling a migration no
     process here holds: RESUMED for GO to an epoch that ran here; EpochAbandoned (REFUSED)
-    for GO to one abandoned or discarded; nothing for ABORT to one discarded or abandoned.
+    for GO to one abandoned or discarded; DISCARDED for ABORT to one discarded or
+    abandoned; GuestStateError (REFUSED: try again) for one READY whose receiving session
+    has not given it up yet.
     Only for the migration's token and the identity that started it; for anything else,
     or a migration not known here, GuestNotFound (the caller refuses it, typed)."""
     for held in received:
@@ -182,7 +184,11 @@ def answer(received: Iterable[Received], decision: control.Go | control.Abort,
                                        f"migration {held.migration} epoch {held.epoch} was "
                                        f"{held.phase.value} here and never runs here: the "
                                        "source's copy is the only one")
-            return None
+            return control.Discarded(held.migration, held.epoch)
+        if held.phase is DestPhase.IN_DOUBT:  # READY: its receiving session still holds it
+            return control.Refused(held.migration, "GuestStateError",
+                                   f"migration {held.migration} epoch {held.epoch} is still "
+                                   "held by the session that received it: try again")
         break
     raise GuestNotFound(f"no migration {decision.migration} epoch {decision.epoch} is in "
                         "doubt or settled here")

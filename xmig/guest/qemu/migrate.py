@@ -349,7 +349,8 @@ async def migrate_qemu(
                             raise _unexpected(ready_task.result(), "ready")
                 except TimeoutError:
                     raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
-                                        f"within {options.timeout_s:g} s") from None
+                                        f"within {options.timeout_s:g} s ("
+                                        f"{await _precopy_figures(source, sdps)})") from None
                 # QEMU stopped the vCPUs: the blackout begins
                 machine.pause()
                 arm_blackout()
@@ -469,6 +470,29 @@ async def migrate_qemu(
     return result
 
 
+MiB = 1 << 20
+
+
+async def _precopy_figures(source: QemuGuest, sdps: QemuSdps | None) -> str:
+    """What pre-copy stood at, for an operator told it does not converge."""
+    try:
+        info: Any = await source.execute("query-migrate")
+    except XmigError as err:
+        return f"query-migrate: {err}"
+    ram = info.get("ram", {})
+    figures = [f"remaining {ram.get('remaining', 0) / MiB:.1f} MiB",
+               f"pass {ram.get('dirty-sync-count', '?')}",
+               f"{ram.get('mbps', 0):.0f} Mbit/s",
+               f"dirty {ram.get('dirty-pages-rate', 0) * 4096 / MiB:.1f} MiB/s",
+               f"QEMU's expected downtime {info.get('expected-downtime', '?')} ms"]
+    if sdps is not None:
+        figures.append(f"SDPS throttle {sdps.cgroup.throttle:.3f}")
+        if sdps.samples:
+            figures.append(f"measured dirty rate {sdps.samples[-1]['dirty_Bps'] / MiB:.1f} "
+                           "MiB/s")
+    return ", ".join(figures)
+
+
 #: how long QEMU has to fail its migration on its own once its stream is cut
 SEVER_WAIT_S = 5.0
 
@@ -520,9 +544,10 @@ async def cancel_migration(source: QemuGuest,
 async def _abort_source(machine: SourceMachine, session: TransportSession, source: QemuGuest,
                         tunnel: SourceTunnel | None, mirror: SourceDiskMirror | None,
                         journal: Journal, migration: str, epoch: int, token: str,
-                        err: BaseException, migrating: bool) -> None:
+                        err: BaseException, migrating: bool) -> bool:
     """Before GO: end the disk mirror, then QEMU's migration, make sure the source runs,
-    tell the destination.
+    tell the destination. Whether the destination may hold a paused copy that has not
+    heard ABORT (it may have voted READY: QEMU had paused the guest here).
 
     The mirror ends first (:meth:`SourceDiskMirror.close`): its sender stopped (every guest
     write acknowledged at once), the guest's vCPUs stopped (QMP ``stop`` drains the guest's
@@ -541,6 +566,7 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     none without a disk. With the vCPUs stopped around the cancel: 0 of 12 under ASan,
     20 of 20 with QEMU 7.2 (the earlier theory, block migration's cleanup draining a
     pending mirror write, did not hold)."""
+    was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
     if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
         machine.abort(str(err))
     journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
@@ -555,8 +581,9 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
             await source.cont()
     if tunnel is not None:
         await tunnel.close()
-    await tell_abort(session, control.Abort(
+    told = await tell_abort(session, control.Abort(
         migration, epoch, control.error_text(err), token))
+    return was_paused and not told
 
 
 # -- the destination ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ until the source's journaled decision arrives on a new session.
                                                 cont
     <--resumed--
     --ABORT (no GO journaled)-->                the QEMU quit, the image deleted
+    <--discarded--
 
 GO needs what rode with it the first time: the repair of the RAM chunks QEMU's stream left
 stale (:mod:`~xmig.guest.qemu.ramcheck`). Their indices are journaled with GO, and the source
@@ -25,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from xmig import control
+from xmig.agent import tell_discarded
 from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateError, XmigError
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.migrate import QemuDestResult
 from xmig.journal import Journal
-from xmig.migration import journaled_decision
+from xmig.migration import journaled_decision, send_decision
 from xmig.transport import Channel, TransportSession
 
 
@@ -41,9 +43,9 @@ async def send_qemu_decision(session: TransportSession, journal: Journal, migrat
     source QEMU's RAM file ``mem_path``) and wait for RESUMED. Raises the destination's
     typed refusal (GuestNotFound: nothing of it in doubt there)."""
     decision = journaled_decision(journal, migration)
-    await session.send(Channel.CONTROL, decision.encode())
     if isinstance(decision, control.Abort):
-        return decision
+        return await send_decision(session, journal, migration, timeout=timeout)
+    await session.send(Channel.CONTROL, decision.encode())
     repair: list[int] = next((list(r.fields.get("ram_repair", []))
                               for r in reversed(journal.records())
                               if r.migration == migration and r.kind == "GO"), [])
@@ -83,6 +85,7 @@ async def resolve_qemu(result: QemuDestResult, decision: control.Go | control.Ab
         result.status, result.error = "discarded", f"source aborted: {decision.reason}"
         journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
         await _discard(result)
+        await tell_discarded(session, result.migration, result.epoch)
         return
     machine.go(decision.epoch)
     more = True
