@@ -19,6 +19,7 @@ from xmig.guest.qemu.throttle import (
     CgroupThrottle,
     QemuSdps,
     quota_for,
+    speeds_differ,
 )
 
 pytestmark = pytest.mark.root
@@ -80,6 +81,33 @@ def test_the_strongest_throttle_holds_a_spinning_thread_under_one_percent() -> N
         spin.wait()
 
 
+def test_speeds_differ_by_pace_not_by_throttle() -> None:
+    assert speeds_differ(0.997, 0.999) and speeds_differ(0.0, 0.1)
+    assert not speeds_differ(0.100, 0.104) and not speeds_differ(0.5, 0.5)
+
+
+async def test_a_sampled_dirty_rate_under_qemus_own_is_raised_to_it(sleeper: int) -> None:
+    guest: Any = FakeGuest(sleeper)
+
+    async def sampled_low(command: str, arguments: dict[str, Any] | None = None) -> Any:
+        if command == "query-dirty-rate":  # page sampling found nothing dirty
+            return {"status": "measured", "dirty-rate": 0}
+        if command == "query-migrate":
+            return {"status": "active", "ram": {"dirty-pages-rate": 5120, "page-size": 4096}}
+        return {}
+
+    guest.execute = sampled_low
+    sdps = QemuSdps(guest, cast(Any, FakeSession()))
+    await sdps.start()
+    try:
+        await sdps.step()  # starts a measurement
+        await sdps.step()
+        assert sdps.samples[-1]["dirty_Bps"] == 5120 * 4096  # 20 MiB/s, QEMU's pass
+        assert sdps.max_throttle > 0.5
+    finally:
+        sdps.release()
+
+
 class FakeGuest:
     """QMP of a guest dirtying 40 MiB/s, whose vCPU is ``pid``."""
 
@@ -98,6 +126,8 @@ class FakeGuest:
             self.polls += 1
             status = "measuring" if self.polls % 2 else "measured"
             return {"status": status, "dirty-rate": 40}
+        if command == "query-migrate":  # its last pass saw fewer (distinct pages)
+            return {"status": "active", "ram": {"dirty-pages-rate": 2560, "page-size": 4096}}
         return {}
 
 
@@ -126,5 +156,6 @@ async def test_sdps_throttles_a_guest_outrunning_the_link_and_releases(sleeper: 
     quota = int((sdps.cgroup.path / "cpu.cfs_quota_us").read_text())
     assert 0 < quota < 0.3 * PERIOD_US
     assert guest.calls.count("calc-dirty-rate") == 3  # the first, then after each result
+    assert guest.calls.count("query-migrate") == 2  # with each result
     sdps.release()
     assert not sdps.cgroup.path.exists()
