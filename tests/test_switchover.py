@@ -19,7 +19,7 @@ def test_happy_path_actions_in_order() -> None:
     assert step.actions == (Action.RELEASE_THROTTLE, Action.PAUSE_GUEST)
     src.final_sent()
     ready = dst.final_applied()
-    assert ready.actions == (Action.JOURNAL, Action.SEND_READY) and ready.journal == "READY 7"
+    assert ready.actions == (Action.JOURNAL, Action.SEND_READY) and ready.journal == "READY"
     go = src.ready(7)
     assert go.actions == (Action.JOURNAL, Action.SEND_GO)  # journal strictly before GO
     assert not src.may_resume_source

@@ -27,6 +27,7 @@ from typing import Any
 import xxhash
 
 from xmig import control, guestctl
+from xmig.commit import Effects, execute
 from xmig.errors import (
     GuestNotFound,
     InDoubt,
@@ -43,7 +44,7 @@ from xmig.private import private_dir
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import DestMachine, DestPhase
+from xmig.switchover import DestMachine, DestPhase, Step
 from xmig.transport import Channel, TransportSession
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,15 @@ async def receive_migration(
         machine.prepared()
         on_event({"event": "phase", "phase": machine.phase.value})
         await _receive_state(session, msg, result, receiver, reply_timeout_s)
-        machine.final_applied()
+        async def send_ready() -> None:
+            await session.send(Channel.CONTROL, control.Ready(
+                msg.migration, msg.epoch, result.digests).encode())
+
         # durable before it is said, with what a settling source must show (token, identity)
-        journal.append("READY", msg.migration, msg.epoch, token=msg.token, owner=result.owner)
-        await session.send(Channel.CONTROL, control.Ready(
-            msg.migration, msg.epoch, result.digests).encode())
+        await execute(machine.final_applied(), Effects(
+            journal=lambda kind: journal.append(kind, msg.migration, msg.epoch,
+                                                token=msg.token, owner=result.owner),
+            send_ready=send_ready))
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await _recv(session, reply_timeout_s)
         if isinstance(decision, control.Go | control.Abort):
@@ -132,11 +137,11 @@ async def receive_migration(
             raise MigrationError(f"source aborted: {decision.reason}")
         if not isinstance(decision, control.Go):
             raise ProtocolError(f"expected go, got {decision.type}")
-        machine.go(decision.epoch)
+        go = machine.go(decision.epoch)
     except BaseException as err:
         await _failed(session, result, machine, receiver, journal, err, on_event)
         raise
-    await _run_here(result, machine, receiver, journal, session, on_event)
+    await _run_here(result, go, receiver, journal, session, on_event)
     return result
 
 
@@ -330,17 +335,22 @@ async def resolve(result: DestResult, decision: control.Go | control.Abort, *,
         if session is not None:
             await tell_discarded(session, result.migration, result.epoch)
         return
-    machine.go(decision.epoch)
-    await _run_here(result, machine, receiver, journal, session, on_event)
+    await _run_here(result, machine.go(decision.epoch), receiver, journal, session, on_event)
 
 
-async def _run_here(result: DestResult, machine: DestMachine, receiver: DiskReceiver,
+async def _run_here(result: DestResult, go: Step, receiver: DiskReceiver,
                     journal: Journal, session: TransportSession | None,
                     on_event: Callable[[dict[str, Any]], None]) -> None:
     """GO: journaled before the guest runs here."""
-    journal.append("RUNNING", result.migration, result.epoch)
-    assert result.guest is not None
-    await guestctl.call(result.guest.resume)
+    guest = result.guest
+    assert guest is not None
+
+    async def resume_guest() -> None:
+        await guestctl.call(guest.resume)
+
+    await execute(go, Effects(
+        journal=lambda kind: journal.append(kind, result.migration, result.epoch),
+        resume_guest=resume_guest))
     result.resumed_at = time.monotonic()
     await receiver.stop()
     if session is not None:
@@ -348,7 +358,7 @@ async def _run_here(result: DestResult, machine: DestMachine, receiver: DiskRece
             await session.send(Channel.CONTROL, control.Resumed(
                 result.migration, result.epoch, result.resumed_at).encode())
     result.status, result.error = "running", None
-    on_event({"event": "phase", "phase": machine.phase.value})
+    on_event({"event": "phase", "phase": go.phase.value})
 
 
 async def _recv(session: TransportSession, timeout: float) -> control.Message:

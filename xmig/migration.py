@@ -27,6 +27,7 @@ import xxhash
 
 from xmig import control, guestctl
 from xmig.aborting import blackout_deadline, run_abort, tell_abort
+from xmig.commit import Effects, execute, nothing
 from xmig.errors import (
     DeadlineExceeded,
     MigrationError,
@@ -42,7 +43,7 @@ from xmig.memory.sdps import AutoConverge
 from xmig.storage.engine import DiskSender
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import SourceMachine, SourcePhase
+from xmig.switchover import SourceMachine, SourcePhase, Step
 from xmig.transport import Channel, TransportSession
 from xmig.transport.driver import single_errors
 
@@ -237,14 +238,21 @@ async def migrate(
         await _watched(brownout(), session, sender, disk)
 
         # -- blackout: from here every step counts towards the downtime -----------------
-        async def blackout() -> None:
-            """Pause to READY checked and the image flushed: bounded as a whole."""
-            assert memory is not None and sender is not None
-            machine.pause()
+        async def release_throttle() -> None:
+            assert memory is not None
             memory.release()
+
+        async def pause_guest() -> None:
             # guest control blocks until the vCPU reaches a safe point, which may wait on a
             # disk write our own NBD server must answer: never call it on the event loop
             await guestctl.call(guest.pause)
+
+        async def blackout() -> Step:
+            """Pause to READY checked and the image flushed: bounded as a whole. The step
+            that commits (journal GO, send it)."""
+            assert memory is not None and sender is not None
+            await execute(machine.pause(), Effects(release_throttle=release_throttle,
+                                                   pause_guest=pause_guest))
             result.paused_at = time.monotonic()
             # the guest's last writes reach the image's disk while FINAL and READY cross
             flushing = asyncio.ensure_future(asyncio.to_thread(disk.flush))
@@ -284,15 +292,19 @@ async def migrate(
                 raise MigrationError("destination device-state digest differs")
             if options.verify and reply.digests.get("disk") != result.disk_digest:
                 raise MigrationError("destination disk digest differs from the source's")
-            machine.ready(reply.epoch)
             await flushing
+            return machine.ready(reply.epoch)
         async with blackout_deadline(
                 options.blackout_timeout_s, armed=True,
                 where=lambda: f"phase {machine.phase.value}: aborted, the guest resumes here"):
-            await blackout()
-        journal.append("GO", migration, epoch)
-        # GO is durable: the source guest never runs again, whatever happens next
-        await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
+            commit = await blackout()
+
+        async def send_go() -> None:
+            await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
+
+        # GO journaled, then sent: the source guest never runs again, whatever happens next
+        await execute(commit, Effects(
+            journal=lambda kind: journal.append(kind, migration, epoch), send_go=send_go))
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
@@ -364,17 +376,30 @@ async def _abort(machine: SourceMachine, session: TransportSession, guest: SimGu
     Whether the destination may hold a paused copy that has not heard ABORT (it may have
     voted READY: the guest was paused here)."""
     was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
-    if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
-        machine.abort(str(err))
-    journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
-    if memory is not None:
-        memory.release()
-    nbd.hook = None
-    if sender is not None:
-        with contextlib.suppress(XmigError):
-            await sender.stop()
-    if was_paused or guest.paused:
+    told = True
+
+    async def release_throttle() -> None:
+        if memory is not None:
+            memory.release()
+
+    async def stop_mirror() -> None:
+        nbd.hook = None
+        if sender is not None:
+            with contextlib.suppress(XmigError):
+                await sender.stop()
+
+    async def resume_guest() -> None:
         await guestctl.call(guest.resume)
-    told = await tell_abort(session, control.Abort(migration, epoch, control.error_text(err),
-                                                   token))
+
+    async def send_abort() -> None:
+        nonlocal told
+        told = await tell_abort(session, control.Abort(
+            migration, epoch, control.error_text(err), token))
+
+    # the memory transfer is this coroutine's own work, already ended by the error
+    await execute(machine.abort(str(err)), Effects(
+        journal=lambda kind: journal.append(kind, migration, epoch,
+                                            reason=f"{type(err).__name__}: {err}"),
+        release_throttle=release_throttle, stop_mirror=stop_mirror, stop_transfer=nothing,
+        resume_guest=resume_guest, send_abort=send_abort))
     return was_paused and not told

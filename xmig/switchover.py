@@ -1,7 +1,8 @@
 """The phases of a migration and the commit protocol, as two state machines. Sans-IO.
 
 The source agent coordinates. Each side feeds events in and reads the actions to perform;
-the orchestrator does the I/O (the transport, the guest, the journal). Transitions are the
+the orchestrator does the I/O (the transport, the guest, the journal), each step's actions
+in their order through :func:`xmig.commit.execute`. Transitions are the
 tables :data:`SOURCE_TRANSITIONS` and :data:`DEST_TRANSITIONS`; an event a state does not
 allow raises :class:`~xmig.errors.StateError`; a failure moves to the sticky FAILED state.
 
@@ -103,6 +104,7 @@ class Action(enum.Enum):
     RESUME_GUEST = "resume_guest"  #: source: after abort; destination: after GO
     RELEASE_THROTTLE = "release_throttle"
     STOP_MIRROR = "stop_mirror"
+    STOP_TRANSFER = "stop_transfer"  #: source: end the memory transfer (QEMU: its migration)
     JOURNAL = "journal"  #: write the decision (fsync) before anything that follows
     SEND_READY = "send_ready"
     SEND_GO = "send_go"
@@ -117,7 +119,7 @@ class Step:
 
     phase: SourcePhase | DestPhase
     actions: tuple[Action, ...]
-    journal: str | None = None  #: the record to journal, when JOURNAL is among the actions
+    journal: str | None = None  #: the record's kind, when JOURNAL is among the actions
 
 
 P = TypeVar("P", SourcePhase, DestPhase)
@@ -183,7 +185,7 @@ class SourceMachine(_Machine[SourcePhase]):
             raise StateError(f"READY for epoch {epoch}, this migration is {self.epoch}",
                              state=str(self.phase.value), event="ready")
         return Step(self._go("ready"), (Action.JOURNAL, Action.SEND_GO),
-                    journal=f"GO {self.epoch}")
+                    journal="GO")
 
     def resumed(self) -> Step:
         """The destination confirmed it runs the guest."""
@@ -208,18 +210,19 @@ class SourceMachine(_Machine[SourcePhase]):
             raise StateError(f"abandoned epoch {epoch}, this migration is {self.epoch}",
                              state=str(self.phase.value), event="abandoned")
         return Step(self._go("abandoned"), (Action.JOURNAL, Action.RESUME_GUEST),
-                    journal=f"ABANDONED {self.epoch}")
+                    journal="ABANDONED")
 
     def abort(self, why: str) -> Step:
         """Before GO only: release everything and keep (or make) the source guest running."""
         paused = self.phase in (Src.BLACKOUT, Src.PREPARE)
         step = self._go("abort")
         self.error = why
-        actions = [Action.JOURNAL, Action.RELEASE_THROTTLE, Action.STOP_MIRROR]
+        actions = [Action.JOURNAL, Action.RELEASE_THROTTLE, Action.STOP_MIRROR,
+                   Action.STOP_TRANSFER]
         if paused:
             actions.append(Action.RESUME_GUEST)
         actions.append(Action.SEND_ABORT)
-        return Step(step, tuple(actions), journal=f"ABORT {self.epoch}")
+        return Step(step, tuple(actions), journal="ABORT")
 
     @property
     def may_resume_source(self) -> bool:
@@ -239,14 +242,14 @@ class DestMachine(_Machine[DestPhase]):
     def final_applied(self) -> Step:
         """Every page, write and the device state applied and fsynced: vote READY."""
         return Step(self._go("final_applied"), (Action.JOURNAL, Action.SEND_READY),
-                    journal=f"READY {self.epoch}")
+                    journal="READY")
 
     def go(self, epoch: int) -> Step:
         if epoch != self.epoch:
             raise StateError(f"GO for epoch {epoch}, this migration is {self.epoch}",
                              state=str(self.phase.value), event="go")
         return Step(self._go("go"), (Action.JOURNAL, Action.RESUME_GUEST),
-                    journal=f"RUNNING {self.epoch}")
+                    journal="RUNNING")
 
     def cut_off(self) -> Step:
         """READY, then the source is gone: it may have journaled GO. Stay paused."""
@@ -256,7 +259,7 @@ class DestMachine(_Machine[DestPhase]):
         """In doubt after a restart that lost the paused guest: journal that this epoch
         never runs here (GO for it is refused for ever), then the source may resume."""
         return Step(self._go("abandon"), (Action.JOURNAL, Action.DISCARD),
-                    journal=f"ABANDONED {self.epoch}")
+                    journal="ABANDONED")
 
     @classmethod
     def in_doubt(cls, epoch: int) -> DestMachine:
@@ -271,7 +274,7 @@ class DestMachine(_Machine[DestPhase]):
                              state="running", event="abort")
         step = self._go("abort")
         self.error = why
-        return Step(step, (Action.JOURNAL, Action.DISCARD), journal=f"DISCARDED {self.epoch}")
+        return Step(step, (Action.JOURNAL, Action.DISCARD), journal="DISCARDED")
 
     def accepts_write(self, epoch: int) -> bool:
         """Fencing (I3): writes of an older epoch are refused."""

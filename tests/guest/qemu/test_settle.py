@@ -131,10 +131,13 @@ async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestIma
     try:
         with make_stack("plain", tmp_path) as stack:
             async with session_pair(stack) as (src, dst):
-                sent = await send_qemu_decision(src, src_journal, "q2", guest.mem_path)
+                # the source waits for the destination's word that it discarded
+                sending = asyncio.create_task(send_qemu_decision(
+                    src, src_journal, "q2", guest.mem_path, timeout=30))
                 decision = await first_message(dst)
-                assert isinstance(sent, control.Abort) and decision == sent
                 await resolve_qemu(held, decision, journal=dst_journal, session=dst)
+                sent = await sending
+                assert isinstance(sent, control.Abort) and decision == sent
         assert held.status == "discarded" and held.guest is None
         assert guest.returncode is not None  # its QEMU quit
         assert not (tmp_path / "q2.raw").exists()

@@ -27,11 +27,13 @@ import numpy as np
 
 from xmig import control
 from xmig.agent import tell_discarded
+from xmig.commit import Effects, execute
 from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateError, XmigError
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.migrate import QemuDestResult
 from xmig.journal import Journal
 from xmig.migration import journaled_decision, send_decision
+from xmig.switchover import Step
 from xmig.transport import Channel, TransportSession
 
 
@@ -87,15 +89,14 @@ async def resolve_qemu(result: QemuDestResult, decision: control.Go | control.Ab
         await _discard(result)
         await tell_discarded(session, result.migration, result.epoch)
         return
-    machine.go(decision.epoch)
+    go = machine.go(decision.epoch)
     more = True
     while more:
         async with asyncio.timeout(timeout):
             message = await session.recv(Channel.DEVICE_STATE)
         count, more = await asyncio.to_thread(ramcheck.apply_fixups, guest.mem_path, message)
         result.ram_chunks_repaired += count
-    journal.append("RUNNING", result.migration, result.epoch)
-    await guest.cont()
+    await _run(result, go, journal)
     result.resumed_at = time.monotonic()
     result.status, result.error = "running", None
     await _release(result)
@@ -125,12 +126,19 @@ async def force_qemu(result: QemuDestResult, force: str, *, journal: Journal) ->
         journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
         await _discard(result)
         return
-    machine.go(result.epoch)
-    journal.append("RUNNING", result.migration, result.epoch)
-    await guest.cont()
+    await _run(result, machine.go(result.epoch), journal)
     result.resumed_at = time.monotonic()
     result.status, result.error = "running", None
     await _release(result)
+
+
+async def _run(result: QemuDestResult, go: Step, journal: Journal) -> None:
+    """GO's step: RUNNING journaled, then the paused QEMU continued."""
+    guest = result.guest
+    assert guest is not None
+    await execute(go, Effects(
+        journal=lambda kind: journal.append(kind, result.migration, result.epoch),
+        resume_guest=guest.cont))
 
 
 async def _release(result: QemuDestResult) -> None:
