@@ -150,6 +150,12 @@ async def test_memory_migrates_and_the_counter_continues(
             assert src_journal == ["START", "GO"] and dst_journal == ["READY", "RUNNING"]
             sent = m.src.stream["sent"]
             assert isinstance(sent, dict) and sent["bytes"] > 8 << 20
+            # the 300 ms budget is the whole pause: QEMU's last pass gets what the commit's
+            # round trips (1.5 x 50 ms here) and checks leave of it
+            [split] = [e for e in m.src.timeline if e["event"] == "downtime-budget"]
+            assert split["budget_ms"] == 300 and split["fits"], split
+            assert split["reserve_ms"] >= 75, split
+            assert split["qemu_limit_ms"] == 300 - split["reserve_ms"], split
             downtime_ms = (m.dst.resumed_at - m.src.paused_at) * 1000
             print(f"\ntotal {m.total_s:.2f} s, paused->resumed {downtime_ms:.0f} ms, "
                   f"repaired {m.src.ram_chunks_repaired} chunks, "

@@ -47,6 +47,7 @@ from qemu.qmp import EventListener
 
 from xmig import control
 from xmig.aborting import blackout_deadline, run_abort, tell_abort
+from xmig.commit import Effects, execute, nothing
 from xmig.errors import (
     InDoubt,
     MigrationError,
@@ -56,6 +57,7 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.qemu import ramcheck
+from xmig.guest.qemu.budget import split_budget
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
 from xmig.guest.qemu.mirror import SourceDiskMirror, disk_size
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, SourceTunnel
@@ -78,7 +80,10 @@ INITIAL_BANDWIDTH_Bps = 16 << 20
 
 @dataclass(frozen=True)
 class QemuMigrationOptions:
-    downtime_limit_ms: int = 300  #: QEMU's own switchover criterion
+    #: the whole pause-to-resume allowed (``--max-downtime``); QEMU's own ``downtime-limit``
+    #: is what is left of it after the commit's round trips and checks
+    #: (:mod:`~xmig.guest.qemu.budget`)
+    downtime_limit_ms: int = 300
     timeout_s: float = 300.0  #: pre-copy that has not reached pre-switchover by then aborts
     reply_timeout_s: float = 60.0  #: for each answer of the destination
     #: pre-switchover to GO: past it the migration aborts and the source QEMU runs on
@@ -312,8 +317,12 @@ async def migrate_qemu(
         # does not need it
         await _set_capabilities(source, events=True, return_path=False,
                                 pause_before_switchover=True)
-        await source.execute("migrate-set-parameters",
-                             {"downtime-limit": options.downtime_limit_ms})
+        srtt = session.stats().get("srtt_s")
+        split = split_budget(options.downtime_limit_ms, ram_bytes=source.config.ram_mb << 20,
+                             srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
+        await source.execute("migrate-set-parameters", {"downtime-limit": split.qemu_limit_ms})
+        emit("downtime-budget", budget_ms=split.budget_ms, qemu_limit_ms=split.qemu_limit_ms,
+             reserve_ms=split.reserve_ms, fits=split.fits)
         workdir.mkdir(parents=True, exist_ok=True)
         tunnel = SourceTunnel(session, workdir / f"{migration}.mig", chunk=options.chunk)
         await tunnel.start()
@@ -351,16 +360,20 @@ async def migrate_qemu(
                     raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
                                         f"within {options.timeout_s:g} s ("
                                         f"{await _precopy_figures(source, sdps)})") from None
-                # QEMU stopped the vCPUs: the blackout begins
-                machine.pause()
+                # QEMU stopped the vCPUs (pause-before-switchover): the blackout begins
                 arm_blackout()
                 result.paused_at = time.monotonic()
                 governing.cancel()
                 if throttling is not None:
                     throttling.cancel()
-                if sdps is not None:
-                    result.sdps_max_throttle = sdps.max_throttle
-                    sdps.release()  # at switchover, always
+
+                async def release_throttle() -> None:
+                    if sdps is not None:
+                        result.sdps_max_throttle = sdps.max_throttle
+                        sdps.release()  # at switchover, always
+
+                await execute(machine.pause(), Effects(release_throttle=release_throttle,
+                                                       pause_guest=nothing))
                 emit("phase", note="source paused (pre-switchover)")
                 if mirror is not None:
                     result.disk_seq = await mirror.finish(options.reply_timeout_s)
@@ -411,12 +424,16 @@ async def migrate_qemu(
             for message in fixups:
                 await session.send(Channel.DEVICE_STATE, message)
             emit("blackout", step="ram checked", repaired_chunks=len(stale))
-            machine.ready(reply.epoch)
-        # the repaired chunks are journaled with GO: settling a destination left in doubt
+            commit = machine.ready(reply.epoch)
+
+        async def send_go() -> None:
+            await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
+
+        # GO journaled, then sent: the source QEMU never runs again, whatever happens next.
+        # The repaired chunks are journaled with it: settling a destination left in doubt
         # sends them again (xmig.guest.qemu.settle)
-        journal.append("GO", migration, epoch, ram_repair=[int(c) for c in stale])
-        # GO is durable: the source QEMU never runs again, whatever happens next
-        await session.send(Channel.CONTROL, control.Go(migration, epoch, token).encode())
+        await execute(commit, Effects(journal=lambda kind: journal.append(
+            kind, migration, epoch, ram_repair=[int(c) for c in stale]), send_go=send_go))
         result.committed_at = time.monotonic()
         emit("phase", note="GO sent")
     except (XmigError, OSError, asyncio.CancelledError) as err:
@@ -567,22 +584,38 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
     20 of 20 with QEMU 7.2 (the earlier theory, block migration's cleanup draining a
     pending mirror write, did not hold)."""
     was_paused = machine.phase in (SourcePhase.BLACKOUT, SourcePhase.PREPARE)
-    if machine.phase not in (SourcePhase.ABORTED, SourcePhase.FAILED):
-        machine.abort(str(err))
-    journal.append("ABORT", migration, epoch, reason=f"{type(err).__name__}: {err}")
-    if mirror is not None:
-        await mirror.close()
-    with contextlib.suppress(XmigError):
-        if migrating:
-            await cancel_migration(source, None if tunnel is None else tunnel.sever)
+    told = True
+
+    async def stop_mirror() -> None:
+        if mirror is not None:
+            await mirror.close()
+
+    async def stop_transfer() -> None:
+        with contextlib.suppress(XmigError):
+            if migrating:
+                await cancel_migration(source, None if tunnel is None else tunnel.sever)
+            await resume_guest()  # QEMU may have paused it before the machine knew
+        if tunnel is not None:
+            await tunnel.close()
+
+    async def resume_guest() -> None:
         # postmigrate: its QEMU completed (its last bytes left) before the destination
         # said READY; cont takes its disk back and runs it
-        if await source.status() in ("paused", "finish-migrate", "postmigrate"):
-            await source.cont()
-    if tunnel is not None:
-        await tunnel.close()
-    told = await tell_abort(session, control.Abort(
-        migration, epoch, control.error_text(err), token))
+        with contextlib.suppress(XmigError):
+            if await source.status() in ("paused", "finish-migrate", "postmigrate"):
+                await source.cont()
+
+    async def send_abort() -> None:
+        nonlocal told
+        told = await tell_abort(session, control.Abort(
+            migration, epoch, control.error_text(err), token))
+
+    # the throttle was released already, where the error was caught
+    await execute(machine.abort(str(err)), Effects(
+        journal=lambda kind: journal.append(kind, migration, epoch,
+                                            reason=f"{type(err).__name__}: {err}"),
+        release_throttle=nothing, stop_mirror=stop_mirror, stop_transfer=stop_transfer,
+        resume_guest=resume_guest, send_abort=send_abort))
     return was_paused and not told
 
 
@@ -690,12 +723,18 @@ async def receive_qemu(
         on_event({"event": "step", "step": "ram compared", "at": time.monotonic(),
                   "stale": len(stale)})
         result.ram_stale = len(stale)
-        machine.final_applied()
-        journal.append("READY", msg.migration, msg.epoch, token=msg.token, owner=result.owner)
-        result.ready_at = time.monotonic()
-        await session.send(Channel.CONTROL, control.Ready(
-            msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
-                                       "ram_stale": ramcheck.encode_chunks(stale)}).encode())
+        async def send_ready() -> None:
+            assert tunnel is not None
+            result.ready_at = time.monotonic()
+            await session.send(Channel.CONTROL, control.Ready(
+                msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
+                                           "ram_stale": ramcheck.encode_chunks(stale)}
+                ).encode())
+
+        await execute(machine.final_applied(), Effects(
+            journal=lambda kind: journal.append(kind, msg.migration, msg.epoch,
+                                                token=msg.token, owner=result.owner),
+            send_ready=send_ready))
         on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
         on_event({"event": "phase", "phase": machine.phase.value})
         decision = await decision_task
@@ -713,7 +752,7 @@ async def receive_qemu(
                                                   fixups)
             result.ram_chunks_repaired += count
         on_event({"event": "step", "step": "ram repaired", "at": time.monotonic()})
-        machine.go(decision.epoch)
+        go = machine.go(decision.epoch)
     except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
         if decision_task is not None:
             decision_task.cancel()
@@ -762,11 +801,15 @@ async def receive_qemu(
         if result.image is not None:
             result.image.unlink(missing_ok=True)
         raise
+    guest = result.guest
+    assert guest is not None
+
+    def journal_running(kind: str) -> None:
+        journal.append(kind, msg.migration, msg.epoch)
+        on_event({"event": "step", "step": "journaled", "at": time.monotonic()})
+
     # GO: journaled before the guest runs here
-    journal.append("RUNNING", msg.migration, msg.epoch)
-    on_event({"event": "step", "step": "journaled", "at": time.monotonic()})
-    assert result.guest is not None
-    await result.guest.cont()
+    await execute(go, Effects(journal=journal_running, resume_guest=guest.cont))
     result.resumed_at = time.monotonic()
     with contextlib.suppress(XmigError):
         await session.send(Channel.CONTROL, control.Resumed(
