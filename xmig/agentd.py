@@ -26,7 +26,7 @@ resolve``, when the source's site is gone): the agent's own control socket ``DIR
 forced GO or ABORT, journaled as FORCED; the source's contrary decision is refused after).
 
 A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is received by
-:func:`~xmig.guest.qemu.migrate.receive_qemu` into a QEMU this agent starts, and hosted
+:func:`~xmig.guest.qemu.receive.receive_qemu` into a QEMU this agent starts, and hosted
 until that QEMU quits (its QMP socket, in the ``hosting`` line, is the operator's); in doubt,
 it is settled by :func:`~xmig.guest.qemu.settle.resolve_qemu`.
 
@@ -62,7 +62,7 @@ from xmig.errors import (
     ProtocolError,
     XmigError,
 )
-from xmig.guest.qemu import migrate as qemu_migrate
+from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.guest.qemu.settle import force_qemu, resolve_qemu
 from xmig.hostctl import NAME_RE
@@ -159,7 +159,7 @@ class _Agent:
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
         self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
-        self.qemu_in_doubt: dict[str, tuple[qemu_migrate.QemuDestResult, Journal, Path]] = {}
+        self.qemu_in_doubt: dict[str, tuple[qemu_receive.QemuDestResult, Journal, Path]] = {}
         self.live: dict[str, _Live] = {}  #: receiving sessions, by migration id
         self.ctl = workdir / AGENT_CTL
         self.stopping = asyncio.Event()
@@ -276,7 +276,7 @@ class _Agent:
         self.receiving.add(task)
         mine = False  #: this session took the agent's migration (with once, its only one)
         dest: DestResult | None = None
-        arrived: qemu_migrate.QemuDestResult | None = None
+        arrived: qemu_receive.QemuDestResult | None = None
         try:
             first = await self._first(session)
             if first is None:
@@ -434,8 +434,8 @@ class _Agent:
 
     async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
                             sdir: Path, journal: Journal
-                            ) -> qemu_migrate.QemuDestResult | None:
-        """A QEMU guest: received by :func:`~xmig.guest.qemu.migrate.receive_qemu` into a
+                            ) -> qemu_receive.QemuDestResult | None:
+        """A QEMU guest: received by :func:`~xmig.guest.qemu.receive.receive_qemu` into a
         QEMU this agent starts; the caller hosts it until it quits (its QMP for the operator
         is ``DIR/incoming-*/guest.qmp``) or the agent stops."""
         if self.qemu is None:
@@ -448,14 +448,14 @@ class _Agent:
             return None
         template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
         try:
-            dest = await qemu_migrate.receive_qemu(
+            dest = await qemu_receive.receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
                 policy=self.policy,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         except InDoubt as err:
             # paused, READY, cut off before GO: kept (never run) until the source's decision
             held = err.result
-            assert isinstance(held, qemu_migrate.QemuDestResult)
+            assert isinstance(held, qemu_receive.QemuDestResult)
             self.qemu_in_doubt[err.migration] = (held, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
@@ -469,7 +469,7 @@ class _Agent:
 
     async def _settle_qemu(self, session: TransportSession,
                            decision: control.Go | control.Abort
-                           ) -> qemu_migrate.QemuDestResult | None:
+                           ) -> qemu_receive.QemuDestResult | None:
         held, journal, _ = self.qemu_in_doubt[decision.migration]
         self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
                    "migration": decision.migration, "backend": "qemu"})
@@ -484,7 +484,7 @@ class _Agent:
             return None
         return held
 
-    async def _host_qemu(self, dest: qemu_migrate.QemuDestResult, sdir: Path) -> None:
+    async def _host_qemu(self, dest: qemu_receive.QemuDestResult, sdir: Path) -> None:
         guest = dest.guest
         assert guest is not None
         name = guest.config.name

@@ -24,7 +24,8 @@ from typing import Any
 from xmig.errors import QemuError
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
-from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
+from xmig.guest.qemu.receive import receive_qemu
 from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across

@@ -28,8 +28,9 @@ from xmig.errors import (
 )
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
-from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu, receive_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
 from xmig.guest.qemu.mirror import NODE, SourceDiskMirror
+from xmig.guest.qemu.receive import receive_qemu
 from xmig.journal import Journal
 from xmig.netem import Wan
 from xmig.storage.engine import DiskReceiver

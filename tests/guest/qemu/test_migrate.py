@@ -25,13 +25,8 @@ import pytest
 from xmig.errors import MigrationAborted, NotConverging, QemuError, XmigError
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage, guest_cmdline
-from xmig.guest.qemu.migrate import (
-    QemuDestResult,
-    QemuMigrationOptions,
-    QemuSourceResult,
-    migrate_qemu,
-    receive_qemu,
-)
+from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
+from xmig.guest.qemu.receive import QemuDestResult, receive_qemu
 from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across

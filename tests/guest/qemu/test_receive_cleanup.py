@@ -14,7 +14,7 @@ import pytest
 from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
 from xmig import control
-from xmig.guest.qemu import migrate as qemu_migrate
+from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.journal import Journal
 from xmig.storage.engine import DiskReceiver
@@ -26,7 +26,7 @@ MiB = 1 << 20
 
 
 STEPS: dict[str, Callable[[pytest.MonkeyPatch, BaseException], None]] = {
-    "check_resources": lambda mp, e: mp.setattr(qemu_migrate, "check_resources",
+    "check_resources": lambda mp, e: mp.setattr(qemu_receive, "check_resources",
                                                 instead(e)),
     "image": lambda mp, e: mp.setattr(RawFileBackend, "create", instead(e)),
     "disk receiver": lambda mp, e: mp.setattr(DiskReceiver, "start",
@@ -53,7 +53,7 @@ async def test_a_failure_at_each_step_before_qemu_runs_is_cleaned_up_and_refused
                             4 * MiB, 16 * MiB, TOKEN)
     with make_stack("plain", tmp_path) as stack:
         async with session_pair(stack) as (src, dst):
-            receiving = asyncio.create_task(qemu_migrate.receive_qemu(
+            receiving = asyncio.create_task(qemu_receive.receive_qemu(
                 dst, template, workdir=workdir, journal=Journal(workdir / "journal"),
                 launch=launch or never, reply_timeout_s=20))
             await src.send(Channel.CONTROL, msg.encode())

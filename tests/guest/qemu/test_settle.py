@@ -21,12 +21,8 @@ from xmig.agent import first_message
 from xmig.errors import GuestNotFound, InDoubt
 from xmig.guest.qemu import QemuGuest
 from xmig.guest.qemu.image import GuestImage
-from xmig.guest.qemu.migrate import (
-    QemuDestResult,
-    QemuMigrationOptions,
-    migrate_qemu,
-    receive_qemu,
-)
+from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
+from xmig.guest.qemu.receive import QemuDestResult, receive_qemu
 from xmig.guest.qemu.settle import resolve_qemu, send_qemu_decision
 from xmig.journal import Journal
 from xmig.netem import Wan

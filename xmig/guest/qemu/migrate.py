@@ -1,4 +1,5 @@
-"""Migrate a running QEMU guest over an xmig session: the source and destination agents' sides.
+"""Migrate a running QEMU guest over an xmig session: the source agent's side; the destination
+agent's is :mod:`xmig.guest.qemu.receive`.
 
     source agent (migrate_qemu)                     destination agent (receive_qemu)
     NEGOTIATE  --negotiate (QEMU config)-->         start QEMU -incoming defer -S, caps,
@@ -39,7 +40,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,6 @@ from xmig import control
 from xmig.aborting import blackout_deadline, run_abort, tell_abort
 from xmig.commit import Effects, execute, nothing
 from xmig.errors import (
-    InDoubt,
     MigrationError,
     NotConverging,
     ProtocolError,
@@ -58,16 +58,13 @@ from xmig.errors import (
 )
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.budget import split_budget
-from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
+from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.mirror import SourceDiskMirror, disk_size
-from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, DestTunnel, SourceTunnel
+from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, SourceTunnel
 from xmig.guest.qemu.throttle import QemuSdps
-from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
 from xmig.journal import Journal
-from xmig.private import private_dir
-from xmig.storage.engine import DEFAULT_BOUND, DiskReceiver
-from xmig.storage.raw import RawFileBackend
-from xmig.switchover import DestMachine, DestPhase, SourceMachine, SourcePhase
+from xmig.storage.engine import DEFAULT_BOUND
+from xmig.switchover import SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
 
 BACKEND = "qemu"
@@ -129,26 +126,6 @@ class QemuSourceResult:
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class QemuDestResult:
-    migration: str = ""
-    epoch: int = 0
-    status: str = "running"
-    error: str | None = None
-    guest: QemuGuest | None = None  #: runs here after GO; the caller owns it then
-    stream: dict[str, Any] = field(default_factory=dict)
-    ready_at: float = 0.0
-    resumed_at: float = 0.0
-    ram_chunks_repaired: int = 0
-    ram_stale: int = 0  #: RAM chunks found stale at READY (GO brings their repair)
-    image: Path | None = None  #: the destination disk image (filled by the receiver)
-    token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
-    owner: str = ""  #: the identity (certificate) of the source that started it
-    machine: DestMachine | None = None
-    receiver: DiskReceiver | None = None  #: kept while in doubt
-    backend: RawFileBackend | None = None  #: the image, open, while in doubt
-
-
 def guest_description(guest: QemuGuest) -> control.QemuGuest:
     """What the destination needs of the source's configuration (paths are its own)."""
     c = guest.config
@@ -164,7 +141,7 @@ def initial_bandwidth(session: TransportSession, options: QemuMigrationOptions) 
     return cap_bps / 8 if cap_bps else INITIAL_BANDWIDTH_Bps
 
 
-async def _recv(session: TransportSession, timeout: float) -> control.Message:
+async def recv_message(session: TransportSession, timeout: float) -> control.Message:
     async with asyncio.timeout(timeout):
         return control.decode(await session.recv(Channel.CONTROL))
 
@@ -198,12 +175,12 @@ async def wait_migration(events: EventListener, guest: QemuGuest, wanted: set[st
                         f"{timeout:g} s") from None
 
 
-async def _set_capabilities(guest: QemuGuest, **caps: bool) -> None:
+async def set_capabilities(guest: QemuGuest, **caps: bool) -> None:
     await guest.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": name.replace("_", "-"), "state": state} for name, state in caps.items()]})
 
 
-async def _completed_or_message(completing: Awaitable[str],
+async def completed_or_message(completing: Awaitable[str],
                                 message: asyncio.Future[control.Message]) -> bool:
     """Wait until QEMU's migration completes (True) or a control message arrives first
     (False); the first error of either ends the wait."""
@@ -231,28 +208,7 @@ async def _send_ram_digests(session: TransportSession, source: QemuGuest,
     return digests
 
 
-async def _source_digests(session: TransportSession, decision: asyncio.Future[control.Message],
-                          timeout: float, chunks: int) -> ramcheck.Digests:
-    """The source's RAM digests (:func:`_send_ram_digests`), as many as this RAM has
-    ``chunks`` (a peer's other count is refused, not kept); an ABORT (or any control
-    message) before them ends the wait with its error."""
-    assembler = ramcheck.DigestAssembler(chunks)
-    async with asyncio.timeout(timeout):
-        while not assembler.done:
-            receiving = asyncio.ensure_future(session.recv(Channel.DEVICE_STATE))
-            waiting: list[asyncio.Future[Any]] = [receiving, decision]
-            try:
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not receiving.done():
-                    receiving.cancel()
-            if not receiving.done() or receiving.cancelled():
-                raise _unexpected(decision.result(), "the source's RAM digests")
-            assembler.add(receiving.result())
-    return assembler.digests()
-
-
-def _unexpected(msg: control.Message, wanted: str) -> XmigError:
+def unexpected(msg: control.Message, wanted: str) -> XmigError:
     if isinstance(msg, control.Abort):
         return MigrationError(f"peer aborted: {msg.reason}")
     return ProtocolError(f"expected {wanted}, got {msg.type}")
@@ -296,7 +252,7 @@ async def migrate_qemu(
         await session.send(Channel.CONTROL, control.Negotiate(
             migration, epoch, guest_description(source), size,
             source.config.ram_mb << 20, token).encode())
-        reply = await _recv(session, options.reply_timeout_s)
+        reply = await recv_message(session, options.reply_timeout_s)
         if isinstance(reply, control.Refused):
             raise reply.as_error()
         if not isinstance(reply, control.Prepared):
@@ -315,7 +271,7 @@ async def migrate_qemu(
         # and QEMU 7.2's return-path thread closes the stream's socket under the migration
         # thread when the stream breaks (SourceTunnel.sever); pause-before-switchover
         # does not need it
-        await _set_capabilities(source, events=True, return_path=False,
+        await set_capabilities(source, events=True, return_path=False,
                                 pause_before_switchover=True)
         srtt = session.stats().get("srtt_s")
         split = split_budget(options.downtime_limit_ms, ram_bytes=source.config.ram_mb << 20,
@@ -350,12 +306,12 @@ async def migrate_qemu(
                     throttling = asyncio.create_task(sdps.run())
                 # the destination's next word is READY; an ABORT (or a broken session) before
                 # then ends pre-copy at once
-                ready_task = asyncio.ensure_future(_recv(session, 1e9))
+                ready_task = asyncio.ensure_future(recv_message(session, 1e9))
                 try:
                     async with asyncio.timeout(options.timeout_s):
                         paused = wait_migration(events, source, {"pre-switchover"}, 1e9)
-                        if not await _completed_or_message(paused, ready_task):
-                            raise _unexpected(ready_task.result(), "ready")
+                        if not await completed_or_message(paused, ready_task):
+                            raise unexpected(ready_task.result(), "ready")
                 except TimeoutError:
                     raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit "
                                         f"within {options.timeout_s:g} s ("
@@ -392,10 +348,10 @@ async def migrate_qemu(
                 try:
                     completing = wait_migration(events, source, {"completed"},
                                                 options.reply_timeout_s)
-                    if not await _completed_or_message(completing, ready_task):
+                    if not await completed_or_message(completing, ready_task):
                         reply = ready_task.result()
                         if not isinstance(reply, control.Ready):
-                            raise _unexpected(reply, "ready")
+                            raise unexpected(reply, "ready")
                         emit("blackout", step="ready received")
                         await wait_migration(events, source, {"completed"},
                                              options.reply_timeout_s)
@@ -409,7 +365,7 @@ async def migrate_qemu(
                 finally:
                     ready_task.cancel()
             if not isinstance(reply, control.Ready):
-                raise _unexpected(reply, "ready")
+                raise unexpected(reply, "ready")
             sent = tunnel.sent.bytes
             if reply.digests.get("stream_bytes") != str(sent):
                 raise MigrationError(
@@ -469,7 +425,7 @@ async def migrate_qemu(
 
     # -- after GO: the destination runs; the source QEMU stays paused (postmigrate) -------
     try:
-        reply = await _recv(session, options.reply_timeout_s)
+        reply = await recv_message(session, options.reply_timeout_s)
         if isinstance(reply, control.Resumed):
             result.resumed_at, result.resumed_seen_at = reply.at, time.monotonic()
             machine.resumed()
@@ -617,208 +573,3 @@ async def _abort_source(machine: SourceMachine, session: TransportSession, sourc
         release_throttle=nothing, stop_mirror=stop_mirror, stop_transfer=stop_transfer,
         resume_guest=resume_guest, send_abort=send_abort))
     return was_paused and not told
-
-
-# -- the destination ---------------------------------------------------------------------
-
-
-#: what this host names an arriving QEMU guest's files, in its own (new, private) workdir
-IMAGE_NAME, STREAM_NAME = "disk.raw", "mig.in"
-
-
-def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
-    """The destination QEMU: ``template``'s paths and binary, the source's RAM, vCPUs and
-    command line; paused (``-S``), waiting for ``migrate-incoming`` (``-incoming defer``)."""
-    if not isinstance(negotiate.guest, control.QemuGuest):
-        raise MigrationError(f"unsupported guest backend {negotiate.guest.backend!r}")
-    src = negotiate.guest.config
-    return replace(template, ram_mb=src.ram_mb, smp=src.smp, append=src.append,
-                   extra=(*template.extra, "-incoming", "defer", "-S"))
-
-
-async def receive_qemu(
-    session: TransportSession,
-    template: QemuConfig,
-    *,
-    workdir: Path,
-    journal: Journal,
-    reply_timeout_s: float = 300.0,
-    popen: PopenFn | None = None,
-    launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
-    chunk: int = CHUNK,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-    first: control.Negotiate | None = None,
-    policy: HostPolicy = DEFAULT_POLICY,
-) -> QemuDestResult:
-    """Serve one QEMU migration arriving on ``session``: start the destination QEMU from
-    ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
-    loaded everything, run it on GO. The result holds the running guest (the caller owns
-    it). Before READY a failure discards the destination; READY and then cut off from the
-    source: InDoubt (the guest stays paused). Every file is named here, in ``workdir``
-    (this host's choice); the source's words are labels. Whatever fails, typed or not, the
-    same cleanup runs."""
-    result = QemuDestResult()
-    msg = first or control.decode(await session.recv(Channel.CONTROL))
-    if not isinstance(msg, control.Negotiate):
-        raise ProtocolError(f"expected negotiate, got {msg.type}")
-    result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
-    result.owner = session.peer_key
-    machine = DestMachine(msg.epoch)
-    tunnel: DestTunnel | None = None
-    decision_task: asyncio.Future[control.Message] | None = None
-    receiver: DiskReceiver | None = None
-    image: RawFileBackend | None = None
-    try:
-        if not msg.token:
-            raise ProtocolError("negotiate carries no token")
-        config = incoming_config(template, msg)
-        if config.ram_mb << 20 != msg.ram_bytes:
-            raise ProtocolError("negotiate: ram_bytes differs from the guest's")
-        private_dir(workdir, exist_ok=True)
-        check_resources(policy, ram_bytes=msg.ram_bytes, disk_bytes=msg.disk_bytes,
-                        workdir=workdir)
-        if msg.disk_bytes:
-            result.image = workdir / IMAGE_NAME
-            image = RawFileBackend.create(result.image, msg.disk_bytes)
-            receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
-            await receiver.start()
-            config = replace(config, disk=result.image)
-        if launch is not None:
-            result.guest = await launch(config)
-        else:
-            result.guest = await QemuGuest.launch(config, workdir, popen=popen)
-        guest = result.guest
-        await _set_capabilities(guest, events=True, return_path=True,
-                                late_block_activate=receiver is not None)
-        tunnel = DestTunnel(session, workdir / STREAM_NAME, chunk=chunk)
-        with guest.listener("MIGRATION") as events:
-            await guest.execute("migrate-incoming", {"uri": tunnel.uri})
-            await tunnel.start()
-            await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
-            machine.prepared()
-            on_event({"event": "phase", "phase": machine.phase.value})
-            # FINAL (or ABORT) is read alongside
-            decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
-            completing = wait_migration(events, guest, {"completed"}, reply_timeout_s)
-            if not await _completed_or_message(completing, decision_task):
-                final = decision_task.result()
-                if not isinstance(final, control.Final):
-                    raise _unexpected(final, "final")
-                await wait_migration(events, guest, {"completed"}, reply_timeout_s)
-            else:
-                final = await decision_task
-                if not isinstance(final, control.Final):
-                    raise _unexpected(final, "final")
-            decision_task = asyncio.ensure_future(_recv(session, reply_timeout_s))
-        on_event({"event": "step", "step": "incoming completed", "at": time.monotonic()})
-        if receiver is not None:
-            await receiver.wait_applied(final.disk_seq)
-            await receiver.flush()
-            on_event({"event": "step", "step": "disk applied", "at": time.monotonic()})
-        result.stream = tunnel.stats()
-        ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
-        on_event({"event": "step", "step": "ram hashed", "at": time.monotonic()})
-        theirs = await _source_digests(session, decision_task, reply_timeout_s, len(ram))
-        stale = ramcheck.differing(theirs, ram)  # every chunk; sizes differ: typed error
-        on_event({"event": "step", "step": "ram compared", "at": time.monotonic(),
-                  "stale": len(stale)})
-        result.ram_stale = len(stale)
-        async def send_ready() -> None:
-            assert tunnel is not None
-            result.ready_at = time.monotonic()
-            await session.send(Channel.CONTROL, control.Ready(
-                msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
-                                           "ram_stale": ramcheck.encode_chunks(stale)}
-                ).encode())
-
-        await execute(machine.final_applied(), Effects(
-            journal=lambda kind: journal.append(kind, msg.migration, msg.epoch,
-                                                token=msg.token, owner=result.owner),
-            send_ready=send_ready))
-        on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
-        on_event({"event": "phase", "phase": machine.phase.value})
-        decision = await decision_task
-        if isinstance(decision, control.Go | control.Abort):
-            control.check_decision(decision, result.migration, result.epoch, result.token)
-        if not isinstance(decision, control.Go):
-            raise _unexpected(decision, "go")
-        on_event({"event": "step", "step": "go", "at": time.monotonic()})
-        # the source's repair of what QEMU's stream left stale was sent before GO
-        more = True
-        while more:
-            async with asyncio.timeout(reply_timeout_s):
-                fixups = await session.recv(Channel.DEVICE_STATE)
-            count, more = await asyncio.to_thread(ramcheck.apply_fixups, guest.mem_path,
-                                                  fixups)
-            result.ram_chunks_repaired += count
-        on_event({"event": "step", "step": "ram repaired", "at": time.monotonic()})
-        go = machine.go(decision.epoch)
-    except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
-        if decision_task is not None:
-            decision_task.cancel()
-        result.error = f"{type(err).__name__}: {err}"
-        prepared = machine.phase is not DestPhase.NEGOTIATE
-        if not prepared and not isinstance(err, asyncio.CancelledError):
-            # before PREPARED: the source learns why at once (and nothing is left)
-            with contextlib.suppress(XmigError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL,
-                                       control.Refused.of(msg.migration, err).encode())
-        if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
-            machine.cut_off()
-            result.status, result.machine = "in-doubt", machine
-            result.receiver, result.backend = receiver, image
-            if tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
-                await tunnel.close()
-            on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut off "
-                          f"from the source before GO ({result.error}): the QEMU guest stays "
-                          "paused until the source's decision arrives",
-                          migration=msg.migration, epoch=msg.epoch, result=result) from err
-        result.status = "discarded"
-        with contextlib.suppress(XmigError):
-            machine.abort(str(err))
-        journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
-        if prepared and not isinstance(err, MigrationError | asyncio.CancelledError):
-            # the source hears it at once (its QEMU runs on), not at its timeout
-            with contextlib.suppress(XmigError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL, control.Abort(
-                        msg.migration, msg.epoch,
-                        f"destination: {result.error}"[:control.MAX_TEXT]).encode())
-        if tunnel is not None:
-            await tunnel.close()
-        if result.guest is not None:
-            await result.guest.quit()
-            result.guest = None
-        if receiver is not None:
-            with contextlib.suppress(XmigError):
-                await receiver.stop()
-        if image is not None:
-            image.close()
-        if result.image is not None:
-            result.image.unlink(missing_ok=True)
-        raise
-    guest = result.guest
-    assert guest is not None
-
-    def journal_running(kind: str) -> None:
-        journal.append(kind, msg.migration, msg.epoch)
-        on_event({"event": "step", "step": "journaled", "at": time.monotonic()})
-
-    # GO: journaled before the guest runs here
-    await execute(go, Effects(journal=journal_running, resume_guest=guest.cont))
-    result.resumed_at = time.monotonic()
-    with contextlib.suppress(XmigError):
-        await session.send(Channel.CONTROL, control.Resumed(
-            msg.migration, msg.epoch, result.resumed_at).encode())
-    await tunnel.close()
-    if receiver is not None:
-        await receiver.stop()
-    if image is not None:
-        image.close()
-    result.status = "running"
-    on_event({"event": "phase", "phase": machine.phase.value})
-    return result
