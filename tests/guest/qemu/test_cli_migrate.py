@@ -111,3 +111,60 @@ async def test_an_agent_not_told_how_to_start_qemu_refuses_and_the_source_runs_o
             assert later.counter > first.counter
         finally:
             await dest.detach()
+
+
+async def test_an_abort_the_destination_did_not_hear_is_told_once_the_link_is_back(
+        guest_image: GuestImage, tmp_path: Path, procs: list[Proc]) -> None:
+    # READY takes 200 ms to reach the source: the cut lands first. The source aborts at its
+    # 2 s blackout deadline and runs on; its ABORT cannot cross until the link is back
+    with Wan(LinkSpec.symmetric(rate_bps=100_000_000, rtt_s=0.4)) as wan:
+        pki = tmp_path / "pki"
+        r = await asyncio.to_thread(xmig, "certs", "init", str(pki), "--server-name",
+                                    wan.dst_addr)
+        assert r.returncode == 0, r.stderr
+        agent = spawn(["agent", "--listen", f"{wan.dst_addr}:0", "--pki", str(pki),
+                       "--workdir", str(tmp_path / "dst"), "--once", "--json",
+                       "--qemu-kernel", str(guest_image.kernel),
+                       "--qemu-initrd", str(guest_image.initrd)],
+                      tmp_path, "agent", functools.partial(wan.popen, "dst"))
+        procs.append(agent)
+        config = QemuConfig(kernel=guest_image.kernel, initrd=guest_image.initrd, ram_mb=128,
+                            name="vm3", append=guest_cmdline("mem", report_ms=100, mem_mb=8,
+                                                             mem_rate=2))
+        async with await QemuGuest.launch(config, tmp_path / "src",
+                                          popen=functools.partial(wan.popen, "src")) as source:
+            first = await source.wait_for_progress(60, min_counter=1)
+            await source.detach()
+            port = (await asyncio.to_thread(agent.expect, is_ready("agent"), 30))["port"]
+            mig = spawn(["migrate", "--qemu-qmp", str(source.qmp_socket),
+                         "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki), "--json",
+                         "--workdir", str(tmp_path / "src-xmig"), "--max-downtime", "1s",
+                         "--blackout-timeout", "2s"],
+                        tmp_path, "migrate", functools.partial(wan.popen, "src"))
+            procs.append(mig)
+            await asyncio.to_thread(
+                agent.expect, lambda e: e.get("event") == "phase" and e.get("phase") == "ready",
+                240)
+            wan.cut()
+            retry = await asyncio.to_thread(
+                mig.expect, lambda e: e.get("event") == "abort-retry", 60)
+            assert "error" in retry
+            wan.restore()
+            await asyncio.to_thread(
+                agent.expect, lambda e: e.get("event") == "superseded", 60)
+            done = await asyncio.to_thread(
+                mig.expect, lambda e: e.get("event") == "abort-delivered", 60)
+            assert done["note"] == "the destination discarded its copy", done
+            assert await asyncio.to_thread(mig.wait, 30) == 3, mig.stderr.read_text()
+            assert "blackout passed its deadline of 2 s" in mig.stderr.read_text()
+            # the destination discarded its paused QEMU: the --once agent is done (1)
+            assert await asyncio.to_thread(agent.wait, 30) == 1
+            assert not list((tmp_path / "dst").rglob("disk.raw"))
+            # and the source QEMU runs on
+            again = await attach_qemu(source.qmp_socket, workdir=tmp_path / "view")
+            try:
+                assert await again.status() == "running"
+                later = await again.wait_for_progress(30, min_counter=first.counter + 5)
+                assert later.counter > first.counter
+            finally:
+                await again.detach()
