@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,8 +45,6 @@ from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import DestMachine, DestPhase, Step
 from xmig.transport import Channel, TransportSession
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -249,14 +246,10 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
     prepared = machine.phase is not DestPhase.NEGOTIATE
     with contextlib.suppress(XmigError):
         machine.abort(str(err))
-    try:
-        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
-        journaled = True
-    except OSError as jerr:
-        # a full disk: what arrived is deleted first, to make room for the record (before
-        # READY nothing was promised, and a restart discards an unfinished directory)
-        log.warning("%s: DISCARDED not journaled yet: %s", journal.path, jerr)
-        journaled = False
+    # a full disk: what arrived is deleted first, to make room for the record (before READY
+    # nothing was promised, and a restart discards an unfinished directory)
+    journaled = journal.append_or_log("DISCARDED", result.migration, result.epoch,
+                                      reason=result.error)
     if not isinstance(err, asyncio.CancelledError) and not (
             prepared and isinstance(err, MigrationError)):
         word: control.Message = (
@@ -268,10 +261,7 @@ async def _discard_and_tell(session: TransportSession, result: DestResult,
                 await session.send(Channel.CONTROL, word.encode())
     await _discard(result, receiver)
     if not journaled:
-        try:
-            journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
-        except OSError as jerr:
-            log.warning("%s: DISCARDED not journaled: %s", journal.path, jerr)
+        journal.append_or_log("DISCARDED", result.migration, result.epoch, reason=result.error)
 
 
 async def tell_discarded(session: TransportSession, migration: str, epoch: int) -> None:

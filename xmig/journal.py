@@ -55,6 +55,16 @@ class Journal:
             fsync_dir(self.path.parent)
         return rec
 
+    def append_or_log(self, kind: str, migration: str, epoch: int, **fields: Any) -> bool:
+        """:meth:`append`, or False (logged) when the disk refuses the record (full, an I/O
+        error): for a record the caller writes again once it has made room."""
+        try:
+            self.append(kind, migration, epoch, **fields)
+        except OSError as err:
+            log.warning("%s: %s not journaled yet: %s", self.path, kind, err)
+            return False
+        return True
+
     def _drop_torn_tail(self, fd: int) -> None:
         """A crash mid-write leaves a last line without its newline: it never counted, and
         appending after it would glue the next record to it. Cut it off (logged)."""

@@ -65,3 +65,44 @@ async def test_a_failure_at_each_step_before_qemu_runs_is_cleaned_up_and_refused
     assert "injected" in reply.reason
     assert sorted(p.name for p in workdir.iterdir()) == ["journal"]
     assert [r.kind for r in Journal(workdir / "journal").records()] == ["DISCARDED"]
+
+
+async def test_a_full_disk_deletes_what_arrived_before_it_journals_discarded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the disk receiver fails as the filesystem fills: DISCARDED cannot be written until
+    # the image (what filled it) is deleted
+    monkeypatch.setattr(DiskReceiver, "start",
+                        after(DiskReceiver.start, OSError(28, "No space left on device")))
+    append = Journal.append
+    refused: list[str] = []
+
+    def full_until_deleted(self: Journal, kind: str, migration: str, epoch: int,
+                           **fields: Any) -> Any:
+        if list(self.path.parent.glob("*.raw")):
+            refused.append(kind)
+            raise OSError(28, "No space left on device")
+        return append(self, kind, migration, epoch, **fields)
+
+    monkeypatch.setattr(Journal, "append", full_until_deleted)
+    workdir = tmp_path / "dst"
+    template = QemuConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", append="", name="guest")
+    msg = control.Negotiate("q1", 1, control.QemuGuest(control.QemuSpec(ram_mb=16)),
+                            4 * MiB, 16 * MiB, TOKEN)
+
+    async def never(config: QemuConfig) -> Any:
+        raise AssertionError("QEMU must not be launched")
+
+    with make_stack("plain", tmp_path) as stack:
+        async with session_pair(stack) as (src, dst):
+            receiving = asyncio.create_task(qemu_receive.receive_qemu(
+                dst, template, workdir=workdir, journal=Journal(workdir / "journal"),
+                launch=never, reply_timeout_s=20))
+            await src.send(Channel.CONTROL, msg.encode())
+            async with asyncio.timeout(30):
+                reply = control.decode(await src.recv(Channel.CONTROL))
+                with pytest.raises(OSError):
+                    await receiving
+    assert isinstance(reply, control.Refused), reply
+    assert refused == ["DISCARDED"]  # refused once, written once the image was gone
+    assert sorted(p.name for p in workdir.iterdir()) == ["journal"]
+    assert [r.kind for r in Journal(workdir / "journal").records()] == ["DISCARDED"]

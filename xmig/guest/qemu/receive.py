@@ -247,7 +247,10 @@ async def receive_qemu(
         result.status = "discarded"
         with contextlib.suppress(XmigError):
             machine.abort(str(err))
-        journal.append("DISCARDED", msg.migration, msg.epoch, reason=result.error)
+        # a full disk: what arrived is deleted first, to make room for the record (before
+        # READY nothing was promised, and a restart discards an unfinished directory)
+        journaled = journal.append_or_log("DISCARDED", msg.migration, msg.epoch,
+                                          reason=result.error)
         if prepared and not isinstance(err, MigrationError | asyncio.CancelledError):
             # the source hears it at once (its QEMU runs on), not at its timeout
             with contextlib.suppress(XmigError, TimeoutError):
@@ -267,6 +270,8 @@ async def receive_qemu(
             image.close()
         if result.image is not None:
             result.image.unlink(missing_ok=True)
+        if not journaled:
+            journal.append_or_log("DISCARDED", msg.migration, msg.epoch, reason=result.error)
         raise
     guest = result.guest
     assert guest is not None
