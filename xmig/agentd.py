@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -51,6 +52,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
 
 from xmig import control, hostctl, recovery
 from xmig.agent import DestResult, first_message, receive_migration, resolve, settle
@@ -74,6 +77,8 @@ from xmig.switchover import DestPhase
 from xmig.transport import Channel, Listener, PeerPolicy, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
+
+log = logging.getLogger(__name__)
 
 
 async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, once: bool,
@@ -130,6 +135,8 @@ def _recover(workdir: Path, emit: Emit) -> None:
 
 #: the agent's own control socket in its workdir (xmig.hostctl: status, resolve)
 AGENT_CTL = "agent.ctl"
+#: the agent's own QMP monitor of a QEMU it hosts, in that guest's directory
+HOST_QMP = "agent.qmp"
 #: how long a superseded receiving session has to end (its guest then in doubt or discarded)
 SUPERSEDE_WAIT_S = 30.0
 
@@ -446,7 +453,9 @@ class _Agent:
                        "note": "a QEMU guest, and no --qemu-kernel/--qemu-initrd"})
             self._ended(1)
             return None
-        template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
+        # a second monitor, the agent's own: it tells whether the guest left by migration
+        template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram", extra=(
+            *self.qemu.extra, "-qmp", f"unix:{sdir / HOST_QMP},server=on,wait=off"))
         try:
             dest = await qemu_receive.receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
@@ -491,8 +500,19 @@ class _Agent:
         self.emit({"event": "hosting", "backend": "qemu", "name": name,
                    "qmp": str(guest.qmp_socket), "pid": guest.pid, "dir": str(sdir)})
         await guest.detach()  # its QMP is the operator's now
-        await guest.wait_gone(self.stopping)
-        self.emit({"event": "exit", "name": name, "backend": "qemu", "rc": 0})
+        migrated = asyncio.Event()
+        watching = asyncio.ensure_future(_watch_migrated_away(sdir / HOST_QMP, migrated))
+        try:
+            await guest.wait_gone(self.stopping)
+        finally:
+            watching.cancel()
+            await asyncio.wait([watching])
+        (sdir / HOST_QMP).unlink(missing_ok=True)
+        if migrated.is_set() and dest.image is not None:
+            # it runs elsewhere now: its copy here would only fill this host's disk
+            dest.image.unlink(missing_ok=True)
+        self.emit({"event": "exit", "name": name, "backend": "qemu", "rc": 0,
+                   "migrated": migrated.is_set()})
         self._ended(0)
 
     async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:
@@ -530,6 +550,29 @@ class _Agent:
                 continue
             return name
         return f"guest-{secrets.token_hex(8)}"
+
+
+async def _watch_migrated_away(path: Path, migrated: asyncio.Event) -> None:
+    """Set ``migrated`` when the hosted QEMU's outgoing migration completes (its MIGRATION
+    event, which every monitor gets), clear it when the guest runs again (RESUME: that
+    migration was aborted after QEMU's part of it): a QEMU that quits while it is set has
+    left for another host. Until cancelled; a monitor that cannot be reached leaves
+    ``migrated`` unset (the image is kept: when in doubt, nothing is deleted)."""
+    client = QMPClient("xmig-agent")
+    try:
+        await client.connect(str(path))
+        with client.listener(("MIGRATION", "RESUME")) as events:
+            async for event in events:
+                data: Any = event.get("data")
+                if event["event"] == "RESUME":
+                    migrated.clear()
+                elif isinstance(data, dict) and data.get("status") == "completed":
+                    migrated.set()
+    except (QMPError, OSError, EOFError) as err:
+        log.info("%s: not watching the hosted QEMU: %s", path, err)
+    finally:
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await client.disconnect()
 
 
 async def _done_with(session: TransportSession) -> None:

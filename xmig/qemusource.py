@@ -19,22 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xmig import hostctl
-from xmig.errors import ConfigError, EpochAbandoned, GuestNotFound, MigrationAborted, XmigError
+from xmig.errors import (
+    ConfigError,
+    EpochAbandoned,
+    GuestNotFound,
+    GuestStateError,
+    MigrationAborted,
+    XmigError,
+)
 from xmig.guest.qemu.attach import attach_qemu
+from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
+from xmig.hostd import claim_socket
 from xmig.journal import Journal
 from xmig.migration import journaled_decision, send_decision
-from xmig.private import FILE_MODE, create_file, private_dir
+from xmig.private import FILE_MODE, create_file, private_dir, unix_listener
 from xmig.report import downtime_estimate
 from xmig.settling import AgentAddress, keep_telling
 from xmig.transport import SessionConfig, connect
@@ -105,18 +115,20 @@ async def migrate_attached(req: QemuMigrateRequest,
                 on_event({"event": "in-doubt", "error": f"{type(err).__name__}: {err}"})
             # GO is journaled: the destination has the guest (or will, once it hears GO)
         settled = result is None or not result.resumed_at
-        if settled and not await _settle(req, name, source.mem_path, on_event):
-            # no RESUMED, and the destination abandoned the epoch: this copy is the only one
+        ending = await _settle(req, source, on_event) if settled else Settled.RESUMED
+        if ending in (Settled.ABANDONED, Settled.FORCED_ABORT):
+            # this copy is the only one: it runs on
             await source.cont()
             return {"status": "aborted", "name": name, "to": req.to, "backend": "qemu",
-                    "error": "EpochAbandoned: the destination restarted without its paused "
-                    "copy and abandoned the epoch; the source QEMU runs on",
-                    "settled": True, "timeline": [] if result is None else result.timeline}
+                    "error": ending.why, "settled": True,
+                    "timeline": [] if result is None else result.timeline}
         arrived = True
         total_s = time.monotonic() - started
-        if result is None:
+        if result is None or ending is Settled.FORCED_GO:
             return {"status": "done", "name": name, "to": req.to, "backend": "qemu",
-                    "settled": True, "total_s": round(total_s, 3), "timeline": []}
+                    "settled": True, "forced": ending is Settled.FORCED_GO,
+                    "total_s": round(total_s, 3),
+                    "timeline": [] if result is None else result.timeline}
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(
             last_progress=result.paused_at, paused_at=result.paused_at,
@@ -125,7 +137,7 @@ async def migrate_attached(req: QemuMigrateRequest,
         wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
         guest_bytes = (source.config.ram_mb << 20) + (source.disk_bytes or 0)
         return {
-            "status": result.status, "name": name, "to": req.to, "backend": "qemu",
+            "status": "done", "name": name, "to": req.to, "backend": "qemu",  # it runs there
             "downtime_ms": round(downtime * 1000, 1) if downtime is not None else None,
             "downtime_basis": basis, "qemu_downtime_ms": result.qemu_info.get("downtime"),
             "total_s": round(total_s, 3), "wire_bytes": wire_bytes,
@@ -191,26 +203,125 @@ def _retrying(on_event: Callable[[dict[str, Any]], None], event: str, **fields: 
     return retry
 
 
-async def _settle(req: QemuMigrateRequest, name: str, mem_path: Path,
-                  on_event: Callable[[dict[str, Any]], None]) -> bool:
+class Settled(enum.Enum):
+    """How a source QEMU left in doubt (GO journaled, no RESUMED) ended."""
+
+    RESUMED = "resumed"  #: the destination runs the guest
+    ABANDONED = "abandoned"  #: the destination restarted without its copy: this one runs
+    FORCED_GO = "forced-go"  #: an operator said the destination runs it (xmig resolve)
+    FORCED_ABORT = "forced-abort"  #: an operator said this one runs (xmig resolve)
+
+    @property
+    def why(self) -> str:
+        return {Settled.ABANDONED: "EpochAbandoned: the destination restarted without its "
+                "paused copy and abandoned the epoch; the source QEMU runs on",
+                Settled.FORCED_ABORT: "forced abort by an operator (xmig resolve): the "
+                "source QEMU runs on"}.get(self, self.value)
+
+
+async def _settle(req: QemuMigrateRequest, source: QemuGuest,
+                  on_event: Callable[[dict[str, Any]], None]) -> Settled:
     """GO is journaled and unconfirmed: reach the agent again and tell it (with the RAM
-    repair), retrying with backoff until it answers. True: it runs the guest (RESUMED);
-    False: it abandoned the epoch (restarted without its paused copy; journaled here
-    too), so the paused source QEMU is the only copy. Anything else (unreachable, nothing
-    known there) keeps it in doubt, paused, and this process retrying."""
+    repair), retrying with backoff until it answers RESUMED, or that it abandoned the epoch
+    (restarted without its paused copy; journaled here too). Meanwhile the migration is
+    listed by ``xmig resolve --workdir WORKDIR`` (this process answers at ``WORKDIR/
+    NAME.ctl``), which may force a side instead. Anything else (unreachable, nothing known
+    there) keeps the source QEMU paused and this process retrying."""
+    name = source.config.name
     journal = Journal(req.workdir.absolute() / "journal")
+    epoch = journaled_decision(journal, name).epoch
+    doubt = _InDoubtControl(req.workdir.absolute() / f"{name}.ctl", name, epoch, req.to,
+                            journal, source)
+    telling = asyncio.ensure_future(keep_telling(
+        _agent(req), lambda s: send_qemu_decision(s, journal, name, source.mem_path),
+        on_retry=_retrying(on_event, "settle-retry", in_doubt=True),
+        final=(EpochAbandoned,), max_retry_s=SETTLE_MAX_BACKOFF_S))
+    waiting: set[asyncio.Future[Any]] = {telling, doubt.forced}
+    async with doubt.serving():
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if doubt.forced.done():
+        telling.cancel()
+        await asyncio.wait({telling})
+        ending = doubt.forced.result()
+        on_event({"event": "forced", "decision": ending.value})
+        return ending
     try:
-        decision = await keep_telling(
-            _agent(req), lambda s: send_qemu_decision(s, journal, name, mem_path),
-            on_retry=_retrying(on_event, "settle-retry", in_doubt=True),
-            final=(EpochAbandoned,), max_retry_s=SETTLE_MAX_BACKOFF_S)
+        decision = telling.result()
     except EpochAbandoned as err:
-        epoch = journaled_decision(journal, name).epoch
         journal.append("ABANDONED", name, epoch, reason=str(err))
         on_event({"event": "settled", "decision": "abandoned", "note": str(err)})
-        return False
+        return Settled.ABANDONED
     on_event({"event": "settled", "decision": decision.type})
-    return True
+    return Settled.RESUMED
+
+
+class _InDoubtControl:
+    """The control socket of a source QEMU in doubt (:mod:`xmig.hostctl`): ``status`` lists
+    the migration for ``xmig resolve``; ``resolve`` journals FORCED, continues the source
+    QEMU for ``abort``, and ends the settling (:attr:`forced`)."""
+
+    def __init__(self, ctl: Path, name: str, epoch: int, to: str, journal: Journal,
+                 source: QemuGuest) -> None:
+        self.ctl, self.name, self.epoch, self.to = ctl, name, epoch, to
+        self.journal, self.source = journal, source
+        self.forced: asyncio.Future[Settled] = asyncio.get_running_loop().create_future()
+
+    def status(self) -> dict[str, Any]:
+        state = {None: "in-doubt", Settled.FORCED_GO: "migrated",
+                 Settled.FORCED_ABORT: "running"}[
+            self.forced.result() if self.forced.done() else None]
+        doubt = None if self.forced.done() else {
+            "migration": self.name, "epoch": self.epoch, "to": self.to, "role": "source",
+            "backend": "qemu"}
+        return {"name": self.name, "role": "source", "backend": "qemu", "state": state,
+                "pid": os.getpid(), "in_doubt": doubt}
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        claim_socket(self.ctl)
+        server = await asyncio.start_unix_server(self._on_client,
+                                                 sock=unix_listener(self.ctl))
+        try:
+            yield
+        finally:
+            server.close()
+            with contextlib.suppress(OSError):
+                self.ctl.unlink()
+
+    async def _force(self, req: hostctl.ResolveRequest) -> None:
+        if self.forced.done():
+            raise GuestStateError(f"migration {self.name} was decided already")
+        if req.migration != self.name:
+            raise GuestNotFound(f"no migration {req.migration} is in doubt here (this "
+                                f"process's is {self.name})")
+        self.journal.append("FORCED", self.name, self.epoch, decision=req.force,
+                            reason="forced by an operator (xmig resolve)")
+        if req.force == "abort":
+            await self.source.cont()
+        self.forced.set_result(Settled.FORCED_GO if req.force == "go"
+                               else Settled.FORCED_ABORT)
+
+    async def _on_client(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10.0):
+                req = hostctl.parse_request(await reader.readuntil(b"\n"))
+            if isinstance(req, hostctl.ResolveRequest):
+                await self._force(req)
+            elif not isinstance(req, hostctl.StatusRequest):
+                raise ConfigError(f"a source QEMU in doubt takes status and resolve, not "
+                                  f"{req.op}")
+            reply: dict[str, Any] = {"ok": True, "status": self.status()}
+        except XmigError as err:
+            reply = {"ok": False, "error": hostctl.error_dict(err)}
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as err:
+            reply = {"ok": False, "error": hostctl.error_dict(ConfigError(
+                f"no request line: {type(err).__name__}"))}
+        with contextlib.suppress(OSError, ConnectionError):
+            writer.write(hostctl.encode(reply))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
 
 
 async def _deliver_abort(req: QemuMigrateRequest, name: str,

@@ -181,7 +181,7 @@ async def set_capabilities(guest: QemuGuest, **caps: bool) -> None:
 
 
 async def completed_or_message(completing: Awaitable[str],
-                                message: asyncio.Future[control.Message]) -> bool:
+                                message: asyncio.Future[Any]) -> bool:
     """Wait until QEMU's migration completes (True) or a control message arrives first
     (False); the first error of either ends the wait."""
     task = asyncio.ensure_future(completing)
@@ -424,13 +424,16 @@ async def migrate_qemu(
             result.bandwidth = list(governor.history)
 
     # -- after GO: the destination runs; the source QEMU stays paused (postmigrate) -------
+    why = ""
     try:
         reply = await recv_message(session, options.reply_timeout_s)
         if isinstance(reply, control.Resumed):
             result.resumed_at, result.resumed_seen_at = reply.at, time.monotonic()
             machine.resumed()
+        else:
+            why = f"got {reply.type}"
     except (XmigError, TimeoutError) as err:
-        result.error = f"no RESUMED after GO: {err}"
+        why = f"{type(err).__name__}: {err}"
     with contextlib.suppress(XmigError):
         result.qemu_info = dict(await source.execute("query-migrate"))
     result.stream = tunnel.stats()
@@ -438,6 +441,11 @@ async def migrate_qemu(
     if mirror is not None:
         result.disk = mirror.progress()
         await mirror.close()
+    if why:  # GO journaled, unconfirmed: the caller settles it (xmig.qemusource)
+        machine.cut_off()
+        result.status, result.error = "in-doubt", f"no RESUMED after GO: {why}"
+        emit("phase", note="in doubt: GO journaled, the destination has not confirmed")
+        return result
     result.status = "done"
     emit("phase", note="destination running")
     return result

@@ -74,6 +74,9 @@ class SourceDiskMirror:
         self.size = disk_size(guest)
         self.shadow_path = workdir / f"{guest.config.name}.mirror.raw"
         self.socket = workdir / f"{guest.config.name}.nbd"
+        # a shadow left by a migration whose process was killed: nothing else holds it
+        # (QEMU serves one QMP client, so one migration of a guest at a time)
+        self.shadow_path.unlink(missing_ok=True)
         self.shadow = RawFileBackend.create(self.shadow_path, self.size)
         self.sender = DiskSender(session, self.shadow, epoch=epoch, bound=bound)
         self.nbd = NbdServer(self.shadow, self.sender)

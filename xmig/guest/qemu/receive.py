@@ -171,7 +171,14 @@ async def receive_qemu(
                 final = decision_task.result()
                 if not isinstance(final, control.Final):
                     raise unexpected(final, "final")
-                await wait_migration(events, guest, {"completed"}, reply_timeout_s)
+                # the rest of the stream, unless the session fails first (a source killed
+                # after FINAL: not the whole reply timeout with the QEMU waiting for it)
+                broken = asyncio.ensure_future(session.wait_until(lambda: False))
+                try:
+                    await completed_or_message(
+                        wait_migration(events, guest, {"completed"}, reply_timeout_s), broken)
+                finally:
+                    broken.cancel()
             else:
                 final = await decision_task
                 if not isinstance(final, control.Final):
@@ -270,6 +277,7 @@ async def receive_qemu(
             image.close()
         if result.image is not None:
             result.image.unlink(missing_ok=True)
+        (workdir / STREAM_NAME).unlink(missing_ok=True)  # QEMU's listening socket
         if not journaled:
             journal.append_or_log("DISCARDED", msg.migration, msg.epoch, reason=result.error)
         raise
