@@ -135,8 +135,6 @@ def _recover(workdir: Path, emit: Emit) -> None:
 
 #: the agent's own control socket in its workdir (xmig.hostctl: status, resolve)
 AGENT_CTL = "agent.ctl"
-#: the agent's own QMP monitor of a QEMU it hosts, in that guest's directory
-HOST_QMP = "agent.qmp"
 #: how long a superseded receiving session has to end (its guest then in doubt or discarded)
 SUPERSEDE_WAIT_S = 30.0
 
@@ -453,9 +451,7 @@ class _Agent:
                        "note": "a QEMU guest, and no --qemu-kernel/--qemu-initrd"})
             self._ended(1)
             return None
-        # a second monitor, the agent's own: it tells whether the guest left by migration
-        template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram", extra=(
-            *self.qemu.extra, "-qmp", f"unix:{sdir / HOST_QMP},server=on,wait=off"))
+        template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
         try:
             dest = await qemu_receive.receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
@@ -501,13 +497,14 @@ class _Agent:
                    "qmp": str(guest.qmp_socket), "pid": guest.pid, "dir": str(sdir)})
         await guest.detach()  # its QMP is the operator's now
         migrated = asyncio.Event()
-        watching = asyncio.ensure_future(_watch_migrated_away(sdir / HOST_QMP, migrated))
+        monitor = sdir / qemu_receive.HOST_QMP
+        watching = asyncio.ensure_future(_watch_migrated_away(monitor, migrated))
         try:
             await guest.wait_gone(self.stopping)
         finally:
             watching.cancel()
             await asyncio.wait([watching])
-        (sdir / HOST_QMP).unlink(missing_ok=True)
+        monitor.unlink(missing_ok=True)
         if migrated.is_set() and dest.image is not None:
             # it runs elsewhere now: its copy here would only fill this host's disk
             dest.image.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,3 +26,22 @@ async def loopback_sessions() -> AsyncIterator[tuple[TransportSession, Transport
         connect("127.0.0.1", lst.port, tls=None, insecure_plaintext=True) as src,
     ):
         yield src, await lst.accept()
+
+
+def kill_qemus_under(path: Path) -> list[int]:
+    """Kill (SIGKILL) every QEMU whose command line names a file under ``path``: the
+    children of an agent that a test killed as a power loss would (they outlive it here)."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(
+                str(path).encode() in arg for arg in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+    return killed

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.guest.qemu.helpers import kill_qemus_under
 from tests.opsproc import Proc, is_ready, spawn, xmig
 from xmig.guest.qemu import QemuConfig, QemuGuest
 from xmig.guest.qemu.attach import attach_qemu
@@ -203,6 +204,7 @@ async def test_a_source_qemu_in_doubt_is_listed_and_forced_to_abort_by_xmig_reso
                 mig.expect, lambda e: e.get("step") == "ready received", 240)
             agent.popen.kill()
             await asyncio.to_thread(agent.popen.wait, 10)
+            kill_qemus_under(tmp_path / "dst")  # the site's power is gone: its QEMU too
             # no RESUMED within the reply timeout (60 s): in doubt, it tells GO again
             await asyncio.to_thread(
                 mig.expect, lambda e: e.get("note", "").startswith("in doubt"), 90)

@@ -89,8 +89,9 @@ async def _source_digests(session: TransportSession, decision: asyncio.Future[co
 
 
 
-#: what this host names an arriving QEMU guest's files, in its own (new, private) workdir
-IMAGE_NAME, STREAM_NAME = "disk.raw", "mig.in"
+#: what this host names an arriving QEMU guest's files, in its own (new, private) workdir:
+#: its image, QEMU's incoming stream socket, the host's own QMP monitor of it
+IMAGE_NAME, STREAM_NAME, HOST_QMP = "disk.raw", "mig.in", "agent.qmp"
 
 
 def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuConfig:
@@ -138,7 +139,11 @@ async def receive_qemu(
     try:
         if not msg.token:
             raise ProtocolError("negotiate carries no token")
+        # a second monitor, the host's own: it tells whether the guest later left by
+        # migration (xmig.agentd), whoever holds the first
         config = incoming_config(template, msg)
+        config = replace(config, extra=(
+            *config.extra, "-qmp", f"unix:{workdir / HOST_QMP},server=on,wait=off"))
         if config.ram_mb << 20 != msg.ram_bytes:
             raise ProtocolError("negotiate: ram_bytes differs from the guest's")
         private_dir(workdir, exist_ok=True)
@@ -277,7 +282,8 @@ async def receive_qemu(
             image.close()
         if result.image is not None:
             result.image.unlink(missing_ok=True)
-        (workdir / STREAM_NAME).unlink(missing_ok=True)  # QEMU's listening socket
+        for sock in (STREAM_NAME, HOST_QMP):  # QEMU's listening sockets
+            (workdir / sock).unlink(missing_ok=True)
         if not journaled:
             journal.append_or_log("DISCARDED", msg.migration, msg.epoch, reason=result.error)
         raise

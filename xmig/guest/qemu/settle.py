@@ -30,7 +30,7 @@ from xmig.agent import tell_discarded
 from xmig.commit import Effects, execute
 from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateError, XmigError
 from xmig.guest.qemu import ramcheck
-from xmig.guest.qemu.receive import QemuDestResult
+from xmig.guest.qemu.receive import HOST_QMP, QemuDestResult
 from xmig.journal import Journal
 from xmig.migration import journaled_decision, send_decision
 from xmig.switchover import Step
@@ -159,3 +159,4 @@ async def _discard(result: QemuDestResult) -> None:
         result.guest = None
     if result.image is not None:
         result.image.unlink(missing_ok=True)
+        (result.image.parent / HOST_QMP).unlink(missing_ok=True)
