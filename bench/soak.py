@@ -4,6 +4,13 @@ is found by inspection (where the guest runs, lost acknowledged writes, leaks).
 
     sudo .venv/bin/python bench/soak.py --json --backend sim --migrations 200 --seed 1
     sudo .venv/bin/python bench/soak.py --migrations 10 --seed 1        # a table, not JSON
+    sudo .venv/bin/python bench/soak.py --json --backend qemu --migrations 20 --seed 1
+
+``--backend qemu`` (bench/soak_qemu.py, whose docstring says what differs): a QEMU test
+guest (``make guest-image``; ``--guest-build``) started on A by this bench, agents with
+``--qemu-kernel``/``--qemu-initrd``, migrations with ``xmig migrate --qemu-qmp`` run in the
+namespace of the side whose QEMU runs it; ``src-killed`` kills that client, which is the
+migration's source side, and the bench settles it as the operator, by its journal.
 
 Real processes, as an operator runs them: ``xmig agent`` in the emulator's ``src``
 namespace (side A) and in its ``dst`` namespace (side B), neither ``--once``; the guest
@@ -262,6 +269,7 @@ class Run:
     lost: int = 0
     leaks: list[str] = field(default_factory=list)
     issues: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  #: what the bench did as the operator
     seconds: float = 0.0
 
     @property
@@ -284,6 +292,8 @@ class Run:
             out["settled"] = self.settled
         if self.issues:
             out["issues"] = self.issues
+        if self.notes:
+            out["notes"] = self.notes
         return out
 
 
@@ -333,13 +343,17 @@ class Soak:
         self.agent_runs[side] += 1
         agent = self.spawn(f"agent-{side}-{self.agent_runs[side]}", [
             "agent", "--listen", f"{self.addr[side]}:{PORT}", "--pki", str(self.pki),
-            "--workdir", str(self.workdir[side]), "--json"], side)
+            "--workdir", str(self.workdir[side]), "--json", *self.agent_args()], side)
         self.my_pids.add(agent.pid)
         self.agents[side] = agent
         if not self.hub.wait(lambda: agent.find(event_is("ready", role="agent")) or (
                 {} if agent.eof else None), READY_TIMEOUT_S):
             raise SystemExit(f"soak: agent {side} did not start; see {self.logs}")
         return agent
+
+    def agent_args(self) -> list[str]:
+        """More ``xmig agent`` flags (the QEMU backend's: how to start a QEMU)."""
+        return []
 
     def start_guest(self, side: str) -> None:
         self.fresh += 1
@@ -695,6 +709,15 @@ def _shm_maps(pid: int) -> set[str]:
 
 # -- the run -----------------------------------------------------------------------------------
 
+def soaker(args: argparse.Namespace, wan: Wan, root: Path) -> Soak:
+    """The backend's soak: the reference guest's (:class:`Soak`) or QEMU's (soak_qemu)."""
+    if args.backend == "qemu":
+        from soak_qemu import QemuSoak
+
+        return QemuSoak(args, wan, root)
+    return Soak(args, wan, root)
+
+
 def soak(args: argparse.Namespace) -> dict[str, Any]:
     faults = plan(args.migrations, args.seed, args.faults, args.fault_share, args.cut,
                   args.stall_max)
@@ -704,7 +727,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[Run] = []
     try:
         with Wan(spec, fallback="tun") as wan:
-            s = Soak(args, wan, root)
+            s = soaker(args, wan, root)
             try:
                 s.setup()
                 for i in range(args.migrations):
@@ -737,7 +760,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "runs": [r.brief() for r in runs],
         "seed": args.seed, "backend": args.backend,
         "link": {"rate_bps": args.rate, "rtt_s": args.rtt, "mode": "tun"},
-        "guest": " ".join(GUEST),
+        "guest": args.guest_desc,
         "workdir": str(root) if args.keep else None,
         "versions": versions(),
     }
@@ -788,6 +811,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the run's directory is made (default: the temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
+    ap.add_argument("--guest-build", type=Path, default=Path(
+        os.environ.get("XMIG_GUEST_BUILD") or Path(__file__).resolve().parent.parent
+        / "build" / "guest"), help="--backend qemu: the test guest's kernel and initramfs "
+        "(make guest-image; default $XMIG_GUEST_BUILD or build/guest)")
+    ap.add_argument("--qemu-sdps", choices=["on", "off"], default="off",
+                    help="--backend qemu: xmig migrate --sdps (default %(default)s, as "
+                    "xmig migrate --qemu-qmp's)")
     args = ap.parse_args(argv)
     args.faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
     bad = [f for f in args.faults if f not in ALL_FAULTS]
@@ -795,18 +825,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--faults: unknown {bad}; known: {', '.join(ALL_FAULTS)}")
     if args.migrations < 1:
         ap.error("--migrations must be at least 1")
+    if args.backend == "qemu" and "src-host-killed" in args.faults:
+        ap.error("--faults: src-host-killed is the reference guest's (--backend sim)")
+    args.guest_desc = " ".join(GUEST)
+    if args.backend == "qemu":
+        from soak_qemu import guest_desc
+
+        args.guest_desc = guest_desc()
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.backend == "qemu":
-        print("soak: --backend qemu is not yet supported: the inspection after each "
-              "migration (a host's status through its control socket, the guest's write "
-              "ledger, its /dev/shm files) is the reference guest's; an arrived QEMU is "
-              "reached only through its QMP socket (one client at a time), has no ledger, "
-              "and a back-and-forth needs `xmig migrate --qemu-qmp` run in the namespace "
-              "of the side that hosts it", file=sys.stderr)
+    if args.backend == "qemu" and not all(
+            (args.guest_build / f).is_file() for f in ("vmlinuz", "initramfs.cpio.gz")):
+        print(f"soak: --backend qemu needs the test guest in {args.guest_build} (make "
+              "guest-image, or --guest-build DIR)", file=sys.stderr)
         return 2
     if not tun_available():
         print("soak: needs root and /dev/net/tun (the TUN emulator's namespaces)",

@@ -46,9 +46,9 @@ def test_short_soak_counts_every_migration_once() -> None:
     assert proc.returncode == (0 if out["failures"] == 0 else 1)
 
 
-def test_qemu_backend_is_refused_in_words() -> None:
+def test_qemu_backend_without_the_test_guest_is_refused_in_words(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SOAK), "--json", "--backend", "qemu",
-                           "--migrations", "1"], capture_output=True, text=True, timeout=60,
-                          check=False)
+                           "--migrations", "1", "--guest-build", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
-    assert "not yet supported" in proc.stderr and not proc.stdout
+    assert "needs the test guest" in proc.stderr and not proc.stdout
