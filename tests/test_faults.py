@@ -1,8 +1,8 @@
 """Fault injection during whole migrations (issues 3 and 9): at several phases, cut the
-link for longer than the resume deadline, stall it for less, kill the destination agent, or
-kill the source agent; a destination stalled in the blackout (its deadline), a destination
-filesystem that fills up mid-copy, a source ABORT over a thin link; afterwards the commit
-protocol's invariants must hold (DESIGN.md):
+link for longer than the resume deadline, stall it for less, corrupt a frame on the wire,
+kill the destination agent, or kill the source agent; a destination stalled in the blackout
+(its deadline), a destination filesystem that fills up mid-copy, a source ABORT over a thin
+link; afterwards the commit protocol's invariants must hold (DESIGN.md):
 
 - I1 exactly one side runs the guest or can resume it: before GO the source guest runs
   (unthrottled, not mirrored) and the destination discarded (journal DISCARDED, image
@@ -126,6 +126,7 @@ class Outcome:
     dst_journal_before_settle: list[str]
     dst_image_before_settle: bool
     dst_ended_after_fault_s: float  #: from the fault to the destination's end
+    connections_lost: int  #: by both sides' migration sessions
 
 
 Trigger = Callable[[dict[str, Any]], bool]
@@ -243,7 +244,9 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 disk_lost_writes=len(disk_check.lost), dst_in_doubt=in_doubt,
                 dst_journal_before_settle=dst_journal_before,
                 dst_image_before_settle=dst_image_before,
-                dst_ended_after_fault_s=rig.dst_ended_mono - rig.fired_mono)
+                dst_ended_after_fault_s=rig.dst_ended_mono - rig.fired_mono,
+                connections_lost=sum(int(x.stats().get("connections_lost", 0))
+                                     for x in (rig.src_session, rig.dst_session)))
         finally:
             if not probe.report.duration_s:
                 probe.stop()
@@ -345,6 +348,18 @@ def stall_link(rig: Rig) -> None:
     """The link goes dark for STALL_S, then comes back (a flapping router)."""
     rig.wan.cut()
     asyncio.get_running_loop().call_later(STALL_S, rig.wan.restore)
+
+
+def corrupt_frame(rig: Rig) -> None:
+    """A frame corrupted on the wire past the checksums (a broken middlebox): a TLS record
+    of seeded garbage written into one of the source's connections, under its TLS layer.
+    The destination's TLS refuses it (bad record MAC) and drops that connection; the
+    session goes on over its other one and resumes what was in flight."""
+    conn = next(iter(rig.src_session._conns.values()))
+    assert conn.transport is not None
+    sock = conn.transport.get_extra_info("socket")
+    garbage = random.Random(9).randbytes(64)
+    os.write(sock.fileno(), b"\x17\x03\x03\x00\x40" + garbage)
 
 
 def kill_destination(rig: Rig) -> None:
@@ -470,6 +485,24 @@ async def test_a_stalled_link_at_each_phase_leaves_exactly_one_side_running(
                                settle=True)
     # the session rides the stall out: the migration completes, or (a deadline passed in
     # the blackout) aborts; a side left in doubt is settled by the source's journal
+    if out.dst_running:
+        assert_destination_has_the_guest(out)
+    else:
+        assert isinstance(out.src, MigrationAborted), out.src
+        assert_source_runs_the_guest(out)
+        assert_destination_discarded(out)
+
+
+@pytest.mark.parametrize(("on", "trigger"), [
+    *PHASES_BEFORE_GO, pytest.param("src", before_go, id="before-go"),
+    pytest.param("dst", destination_running, id="after-go")])
+async def test_a_corrupted_frame_at_each_phase_leaves_exactly_one_side_running(
+        on: str, trigger: Trigger, tmp_path: Path) -> None:
+    out = await run_with_fault(tmp_path, on=on, trigger=trigger, fault=corrupt_frame,
+                               settle=True)
+    # nothing corrupted is taken: the connection is dropped and the session resumes, so
+    # the migration completes, or (a deadline passed meanwhile) aborts; in doubt, settled
+    assert out.connections_lost >= 1, "the corrupted record must cost its connection"
     if out.dst_running:
         assert_destination_has_the_guest(out)
     else:
