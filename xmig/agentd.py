@@ -68,8 +68,8 @@ from xmig.errors import (
 from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.guest.qemu.settle import force_qemu, resolve_qemu
-from xmig.hostctl import NAME_RE
-from xmig.hostd import Emit, GuestHost, claim_socket
+from xmig.hostctl import NAME_RE, claim_socket
+from xmig.hostd import Emit, GuestHost
 from xmig.hostpolicy import HostPolicy
 from xmig.journal import Journal
 from xmig.private import fsync_dir, private_dir, unix_listener

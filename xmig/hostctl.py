@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from xmig import errors
-from xmig.errors import ConfigError, GuestError, GuestNotFound, XmigError
+from xmig.errors import ConfigError, GuestError, GuestNotFound, GuestStateError, XmigError
 
 MAX_REQUEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -57,6 +57,23 @@ def check_socket_path(path: Path) -> Path:
         raise ConfigError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes: "
                           "use a shorter --workdir")
     return path
+
+
+def claim_socket(path: Path) -> None:
+    """Make ``path`` free for a new control socket: GuestStateError if a live host answers
+    there, a stale socket is removed, anything else there is a ConfigError."""
+    check_socket_path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_socket():
+        raise ConfigError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fsencode(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+    raise GuestStateError(f"a guest host already listens on {path}")
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -85,21 +84,6 @@ class GuestSpec:
     udp: tuple[str, int] | None = None
 
 
-def claim_socket(path: Path) -> None:
-    """Make ``path`` free for a new control socket: GuestStateError if a live host answers
-    there, a stale socket is removed, anything else there is a ConfigError."""
-    hostctl.check_socket_path(path)
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not path.is_socket():
-        raise ConfigError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(os.fsencode(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-    raise GuestStateError(f"a guest host already listens on {path}")
 
 
 async def start_source(spec: GuestSpec, emit: Emit) -> GuestHost:
@@ -115,7 +99,7 @@ async def start_source(spec: GuestSpec, emit: Emit) -> GuestHost:
         hotset_bytes=max(PAGE, min(64 * MiB, spec.ram_bytes // 4) // PAGE * PAGE),
         seed=spec.seed, udp_addr=spec.udp, disk_url=f"nbd+unix:///?socket={sock}",
         disk_bytes=spec.disk_bytes)
-    claim_socket(ctl)
+    hostctl.claim_socket(ctl)
     try:
         private_dir(gdir, exist_ok=True)
         disk = RawFileBackend(make_disk_image(gdir / "disk.raw", spec.disk_bytes))
@@ -160,7 +144,7 @@ class GuestHost:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def serve(self) -> int:
-        claim_socket(self.ctl)
+        hostctl.claim_socket(self.ctl)
         server = await asyncio.start_unix_server(self._on_client, sock=unix_listener(self.ctl))
         try:
             async with asyncio.TaskGroup() as tg:

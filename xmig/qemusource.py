@@ -41,7 +41,6 @@ from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
-from xmig.hostd import claim_socket
 from xmig.journal import Journal
 from xmig.migration import journaled_decision, send_decision
 from xmig.private import FILE_MODE, create_file, private_dir, unix_listener
@@ -278,7 +277,7 @@ class _InDoubtControl:
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
-        claim_socket(self.ctl)
+        hostctl.claim_socket(self.ctl)
         server = await asyncio.start_unix_server(self._on_client,
                                                  sock=unix_listener(self.ctl))
         try:
