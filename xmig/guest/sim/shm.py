@@ -130,7 +130,8 @@ def map_file(path: Path, size: int | None = None) -> mmap.mmap:
 
 
 def unmap(mm: mmap.mmap) -> None:
-    """Close ``mm`` unless numpy views still export it (then the GC unmaps it later)."""
+    """Close ``mm`` unless views still export it (then the GC unmaps it later). Views must
+    hold the export: ``np.frombuffer``, ``memoryview``; ``np.ndarray(buffer=mm)`` does not."""
     with contextlib.suppress(BufferError):
         mm.close()
 
@@ -146,10 +147,11 @@ class ControlBlock:
 
     def __init__(self, mm: mmap.mmap) -> None:
         self._mm = mm
-        self.ints: npt.NDArray[np.int64] = np.ndarray((I_SLOTS,), np.int64, buffer=mm, offset=0)
-        self.floats: npt.NDArray[np.float64] = np.ndarray(
-            (F_SLOTS,), np.float64, buffer=mm, offset=I_SLOTS * 8
-        )
+        # frombuffer, not ndarray(buffer=): its views hold the mapping's export, so a close
+        # while one is in use fails (and the GC unmaps later) instead of leaving it dangling
+        self.ints: npt.NDArray[np.int64] = np.frombuffer(mm, np.int64, I_SLOTS, 0)
+        self.floats: npt.NDArray[np.float64] = np.frombuffer(
+            mm, np.float64, F_SLOTS, I_SLOTS * 8)
 
     def init(self, pid: int) -> None:
         """Fresh block (guest side)."""
@@ -200,12 +202,12 @@ class SimMemory:
         self._dirty_mm = map_file(paths.dirty, page_count)
         self._control = ControlBlock(map_file(paths.control, CONTROL_BYTES))
         self._control.check(paths.control)
-        self._ram: npt.NDArray[np.uint8] = np.ndarray(
-            (page_count, PAGE_SIZE), np.uint8, buffer=self._ram_mm
-        )
-        self._dirty: npt.NDArray[np.uint8] = np.ndarray(
-            (page_count,), np.uint8, buffer=self._dirty_mm
-        )
+        # views that hold the mappings' exports (np.ndarray(buffer=) does not: a close()
+        # racing a reader thread unmapped the RAM under it, a segfault in CI)
+        self._ram: npt.NDArray[np.uint8] = np.frombuffer(
+            self._ram_mm, np.uint8, page_count * PAGE_SIZE).reshape(page_count, PAGE_SIZE)
+        self._dirty: npt.NDArray[np.uint8] = np.frombuffer(self._dirty_mm, np.uint8,
+                                                           page_count)
 
     @classmethod
     def open(cls, paths: SharedPaths) -> SimMemory:

@@ -158,7 +158,7 @@ class GuestProcess:
             self.owns_ram = True
         self.ram_mm = shm.map_file(paths.ram, config.ram_bytes)
         self.dirty_mm = shm.map_file(paths.dirty, config.page_count)
-        dirty = np.ndarray((config.page_count,), np.uint8, buffer=self.dirty_mm)
+        dirty = np.frombuffer(self.dirty_mm, np.uint8, config.page_count)
         self.ram = GuestRam(self.ram_mm, dirty, config.write_size)
         self.ram_view = memoryview(self.ram_mm)
         if config.disk_url:

@@ -47,9 +47,8 @@ class GuestRam:
     def __init__(self, ram: mmap.mmap, dirty: npt.NDArray[np.uint8], write_size: int) -> None:
         self.mm = ram
         self.page_count = len(ram) // PAGE_SIZE
-        self.pages: npt.NDArray[np.uint8] = np.ndarray(
-            (self.page_count, PAGE_SIZE), np.uint8, buffer=ram
-        )
+        self.pages: npt.NDArray[np.uint8] = np.frombuffer(
+            ram, np.uint8, self.page_count * PAGE_SIZE).reshape(self.page_count, PAGE_SIZE)
         self.blocks = self.pages.reshape(self.page_count, PAGE_SIZE // write_size, write_size)
         self.dirty = dirty
         self._stamps = np.zeros(self.page_count, np.uint8)
