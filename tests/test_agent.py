@@ -13,7 +13,7 @@ from xmig import control
 from xmig.agent import DestResult, first_message, settle
 from xmig.errors import GuestNotFound, ProtocolError
 from xmig.journal import Journal
-from xmig.migration import send_decision
+from xmig.orchestrator.source import send_decision
 from xmig.transport import Channel
 
 

@@ -54,15 +54,10 @@ from xmig.guest.sim import (
     verify_ledger,
 )
 from xmig.journal import Journal
-from xmig.migration import (
-    MigrationOptions,
-    SourceResult,
-    journaled_decision,
-    migrate,
-    send_decision,
-)
+from xmig.migration import MigrationOptions, SimSourceResult, migrate
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
+from xmig.orchestrator.source import journaled_decision, send_decision
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.switchover import DestPhase
@@ -93,7 +88,7 @@ class Rig:
     guest: SimGuest
     src_session: TransportSession
     dst_session: TransportSession
-    src_task: asyncio.Task[SourceResult] | None = None
+    src_task: asyncio.Task[SimSourceResult] | None = None
     dst_task: asyncio.Task[DestResult] | None = None
     fired: asyncio.Event = field(default_factory=asyncio.Event)
     fired_at: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +101,7 @@ class Outcome:
     """What each side ended with, read before anything is cleaned up."""
 
     fired_at: dict[str, Any]
-    src: SourceResult | BaseException
+    src: SimSourceResult | BaseException
     dst: DestResult | BaseException
     src_running: bool
     src_paused: bool
@@ -587,7 +582,7 @@ async def test_link_cut_after_go_reached_the_destination(tmp_path: Path) -> None
     out = await run_with_fault(tmp_path, on="dst", trigger=destination_running,
                                fault=cut_link)
     # RESUMED never came: the source keeps its paused copy, in doubt, until it hears
-    assert isinstance(out.src, SourceResult) and out.src.status == "in-doubt", out.src
+    assert isinstance(out.src, SimSourceResult) and out.src.status == "in-doubt", out.src
     assert not out.src_running and out.src_journal[-1] == "GO", out.src_journal
     assert isinstance(out.dst, DestResult) and out.dst.status == "running", out.dst
     assert_destination_has_the_guest(out)

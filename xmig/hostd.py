@@ -51,7 +51,8 @@ from xmig.errors import (
 )
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SourceResult, migrate, send_decision
+from xmig.migration import MigrationOptions, SimSourceResult, migrate
+from xmig.orchestrator.source import send_decision
 from xmig.private import private_dir, unix_listener
 from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.settling import AgentAddress, keep_telling
@@ -479,7 +480,7 @@ class GuestHost:
                                if req.bandwidth_bps else None)
         rate_before = self._rate_before()
         put({"event": "connecting", "to": req.to})
-        result: SourceResult | None = None
+        result: SimSourceResult | None = None
         try:
             async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
                                streams=req.streams, config=config,
@@ -503,7 +504,7 @@ class GuestHost:
             return {"status": result.status, "report_error": f"{type(err).__name__}: {err}",
                     "name": self.name, "to": req.to, "timeline": timeline}
 
-    async def _report(self, req: hostctl.MigrateRequest, result: SourceResult,
+    async def _report(self, req: hostctl.MigrateRequest, result: SimSourceResult,
                       wire: dict[str, Any], total_s: float, before: Progress, t_before: float,
                       rate_before: float | None, timeline: list[dict[str, Any]],
                       seen_resumed: float) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from xmig.guest.sim import (
     make_disk_image,
 )
 from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SourceResult, migrate
+from xmig.migration import MigrationOptions, SimSourceResult, migrate
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
 from xmig.report import ledger_check, source_report
@@ -165,7 +165,7 @@ async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:
         await asyncio.sleep(0.005)  # polling the guest's shared control block
 
 
-def _report(run: LocalRun, src: SourceResult, dest: DestResult, before_prog: Any,
+def _report(run: LocalRun, src: SimSourceResult, dest: DestResult, before_prog: Any,
             src_prog: Any, dst_prog: Any, rate_before: float, total: float,
             wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
     # every write acknowledged to the source guest is on the source disk at pause, whose

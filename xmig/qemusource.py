@@ -42,7 +42,7 @@ from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
 from xmig.guest.qemu.settle import send_qemu_decision
 from xmig.journal import Journal
-from xmig.migration import journaled_decision, send_decision
+from xmig.orchestrator.source import journaled_decision, send_decision
 from xmig.private import FILE_MODE, create_file, private_dir, unix_listener
 from xmig.report import downtime_estimate
 from xmig.settling import AgentAddress, keep_telling

@@ -1,6 +1,6 @@
 """The final report of one migration (issue 3's keys), from what the source side measured.
 
-:func:`source_report` builds it from a :class:`~xmig.migration.SourceResult` and a few
+:func:`source_report` builds it from a :class:`~xmig.migration.SimSourceResult` and a few
 measures the caller takes around the migration; the helpers compute those measures.
 Definitions as in DESIGN.md "Measures". Keys:
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import LedgerCheck, read_ledger, verify_ledger
-from xmig.migration import SourceResult
+from xmig.migration import SimSourceResult
 from xmig.storage.raw import RawFileBackend
 
 REPORT_KEYS = (
@@ -43,7 +43,7 @@ def ledger_check(ledger: Path, disk: RawFileBackend) -> LedgerCheck:
     return verify_ledger(read_ledger(ledger), disk.pread)
 
 
-def digests_equal(src: SourceResult, verify: bool) -> bool | None:
+def digests_equal(src: SimSourceResult, verify: bool) -> bool | None:
     """True when the destination's memory, device and disk digests at READY equal the
     source's (I5, and I2 with the ledger); None when verification was off."""
     if not verify:
@@ -93,7 +93,7 @@ def bulk_utilization(timeline: list[dict[str, Any]], link_rate_bps: int
 
 
 def source_report(
-    src: SourceResult,
+    src: SimSourceResult,
     *,
     total_s: float,
     downtime_s: float | None,

@@ -32,7 +32,7 @@ from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateErro
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.receive import HOST_QMP, QemuDestResult
 from xmig.journal import Journal
-from xmig.migration import journaled_decision, send_decision
+from xmig.orchestrator.source import journaled_decision, send_decision
 from xmig.switchover import Step
 from xmig.transport import Channel, TransportSession
 

@@ -1,0 +1,155 @@
+"""The interface a guest backend implements for the one source engine
+(:func:`xmig.orchestrator.source.run_source`), and the result every backend's source fills.
+
+The engine owns the protocol: NEGOTIATE and its answer, the peer's word read alongside the
+transfer (an ABORT or a broken session ends pre-copy at once), the blackout's deadline,
+FINAL, READY, the commit (GO journaled, then sent: :mod:`xmig.commit`), the wait for
+RESUMED and, before GO, the abort. A backend says how its guest is moved:
+
+    negotiate()        what the destination is told of the guest
+    start(session)     after PREPARED: the disk mirror and the memory transfer begin
+    converge()         the brownout: returns once the guest may pause (or its hypervisor
+                       paused it: QEMU's pre-switchover)
+    watch()            runs beside the brownout; raises when a part of the transfer breaks
+    pause_effects()    the pause step's effects (release the throttle, pause the guest)
+    seal()             paused: the last state queued; FINAL's figures
+    after_final()      FINAL is sent (QEMU: migrate-continue)
+    transferred(peer)  the last bytes are out (``peer``: the destination's next word)
+    check_ready(ready) READY is the destination's vote: compare what it says; the fields
+                       journaled with GO (GoRecord)
+    after_go()         GO is sent: the source's copy stays paused, its mirror ends
+    finish()           RESUMED came: the source's figures, its transfer closed
+    interrupted()      any failure: background work stopped (before abort or in doubt)
+    abort_effects(...) the abort step's effects, the source guest running at the end
+
+Backends never import the engine; they import this module and the protocol
+(:mod:`xmig.control`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from xmig import control
+from xmig.commit import Effects
+from xmig.transport import TransportSession
+
+
+class Outcome(enum.StrEnum):
+    """How a migration ended for its source (a ``str``: reports print it as is)."""
+
+    RUNNING = "running"  #: not ended yet
+    DONE = "done"  #: the destination confirmed that the guest runs there
+    ABORTED = "aborted"  #: before GO: the source guest runs on
+    IN_DOUBT = "in-doubt"  #: GO journaled, unconfirmed: settle it (xmig resolve)
+
+
+class Emit(Protocol):
+    """A progress event: its kind and fields (the engine adds the phase and the time)."""
+
+    def __call__(self, kind: str, /, **fields: Any) -> None: ...
+
+
+@dataclass
+class SourceResult:
+    """What a source saw; every backend's result extends it with its own figures."""
+
+    migration: str
+    epoch: int
+    status: Outcome = Outcome.RUNNING
+    error: str | None = None
+    started: float = 0.0
+    paused_at: float = 0.0  #: the guest's vCPUs stopped here (monotonic)
+    committed_at: float = 0.0  #: GO sent
+    resumed_at: float = 0.0  #: the destination's RESUMED (its monotonic clock)
+    resumed_seen_at: float = 0.0  #: when RESUMED arrived here
+    sdps_max_throttle: float = 0.0
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """The paused source's last state is queued: what FINAL says of it."""
+
+    disk_seq: int = 0  #: the last mirrored write
+    device_state_bytes: int = 0  #: sent on the device-state channel before FINAL
+
+
+@dataclass(frozen=True)
+class GoRecord:
+    """What is journaled with GO besides the decision (settling sends it again)."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class SourceBackend(ABC):
+    """One guest on the source side of one migration, driven by the engine."""
+
+    #: the result the engine fills (the backend's own figures are set by its hooks)
+    result: SourceResult
+
+    @abstractmethod
+    def negotiate(self, migration: str, epoch: int, token: str) -> control.Negotiate:
+        """What the destination is told: the guest's definition, none of this host's paths."""
+
+    @abstractmethod
+    async def start(self, session: TransportSession, emit: Emit) -> None:
+        """After PREPARED: begin the disk mirror and the memory transfer."""
+
+    @abstractmethod
+    async def converge(self) -> None:
+        """The brownout: return when the guest may be paused (NotConverging past the
+        backend's timeout)."""
+
+    async def watch(self) -> None:
+        """Beside :meth:`converge`: raise when a part of the transfer breaks; never return
+        otherwise. By default nothing is watched but the session (the engine does)."""
+        await _forever()
+
+    @abstractmethod
+    def pause_effects(self) -> Effects:
+        """The pause step's effects: ``release_throttle`` and ``pause_guest``."""
+
+    @abstractmethod
+    async def seal(self) -> Sealed:
+        """The guest is paused: queue its last memory, seal the mirror, send the device
+        state."""
+
+    async def after_final(self) -> None:
+        """FINAL is sent."""
+        return None
+
+    async def transferred(self, peer: Any) -> None:
+        """Return when the source's last bytes are out; ``peer`` (an asyncio future) is the
+        destination's next word, which may come first."""
+        return None
+
+    @abstractmethod
+    async def check_ready(self, ready: control.Ready) -> GoRecord:
+        """READY: compare the destination's account with the source's (MigrationError on a
+        difference: GO is not sent); what goes into GO's journal record."""
+
+    async def after_go(self) -> None:
+        """GO is sent: the source's copy never runs again."""
+        return None
+
+    async def finish(self) -> None:
+        """RESUMED arrived, or did not in time: figures taken, the transfer closed."""
+        return None
+
+    async def interrupted(self) -> None:
+        """A failure, before the abort or when left in doubt: background work stopped."""
+        return None
+
+    @abstractmethod
+    def abort_effects(self) -> Effects:
+        """The abort step's effects but the journal and ABORT: ``release_throttle``,
+        ``stop_mirror``, ``stop_transfer``, ``resume_guest`` (the guest runs at the end)."""
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
