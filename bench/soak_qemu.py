@@ -205,8 +205,9 @@ async def qmp_quit(sock: Path) -> None:
 
 
 async def resume_source(sock: Path) -> list[str]:
-    """What xmig's abort does to a source QEMU (xmig.guest.qemu.migrate._abort_source), done
-    by the operator after its ``xmig migrate`` died: the steps taken."""
+    """What xmig's abort does to a source QEMU (QemuSource.abort_effects in
+    xmig.guest.qemu.migrate), done by the operator after its ``xmig migrate`` died: the
+    steps taken."""
     done: list[str] = []
     async with qmp(sock) as client, asyncio.timeout(120):
         run = client.execute

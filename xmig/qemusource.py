@@ -37,6 +37,7 @@ from xmig.errors import (
     MigrationAborted,
     XmigError,
 )
+from xmig.guest.backend import Outcome
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
@@ -105,6 +106,8 @@ async def migrate_attached(req: QemuMigrateRequest,
                                             workdir=workdir, options=req.options,
                                             on_progress=on_event)
                 wire = session.stats()
+                if result.status is Outcome.IN_DOUBT and not result.committed_at:
+                    on_event({"event": "in-doubt", "error": result.error})
         except XmigError as err:
             if result is None and not _go_journaled(workdir, name):
                 if isinstance(err, MigrationAborted) and err.abort_unconfirmed:

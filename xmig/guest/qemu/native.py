@@ -34,8 +34,8 @@ from qemu.qmp import EventListener
 
 from xmig.errors import QemuError, XmigError
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
-from xmig.guest.qemu.migrate import cancel_migration, wait_migration
 from xmig.guest.qemu.mirror import disk_size
+from xmig.guest.qemu.qmpmig import cancel_migration, wait_migration
 
 JOB = "native-mirror"
 NODE = "native-nbd"

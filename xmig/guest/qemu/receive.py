@@ -29,7 +29,7 @@ from xmig.errors import (
 )
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
-from xmig.guest.qemu.migrate import (
+from xmig.guest.qemu.qmpmig import (
     completed_or_message,
     recv_message,
     set_capabilities,
@@ -69,9 +69,9 @@ class QemuDestResult:
 
 async def _source_digests(session: TransportSession, decision: asyncio.Future[control.Message],
                           timeout: float, chunks: int) -> ramcheck.Digests:
-    """The source's RAM digests (:func:`_send_ram_digests`), as many as this RAM has
-    ``chunks`` (a peer's other count is refused, not kept); an ABORT (or any control
-    message) before them ends the wait with its error."""
+    """The source's RAM digests (sent by :class:`~xmig.guest.qemu.migrate.QemuSource`),
+    as many as this RAM has ``chunks`` (a peer's other count is refused, not kept); an
+    ABORT (or any control message) before them ends the wait with its error."""
     assembler = ramcheck.DigestAssembler(chunks)
     async with asyncio.timeout(timeout):
         while not assembler.done:
