@@ -10,7 +10,7 @@ import pytest
 
 from tests.transport.stacks import make_stack, session_pair
 from xmig import control
-from xmig.agent import DestResult, first_message, settle
+from xmig.agent import SimDestResult, first_message, settle
 from xmig.errors import GuestNotFound, ProtocolError
 from xmig.journal import Journal
 from xmig.orchestrator.source import send_decision
@@ -21,7 +21,7 @@ async def test_a_decision_for_a_migration_not_in_doubt_is_refused(tmp_path: Path
     source_journal = Journal(tmp_path / "src" / "journal")
     source_journal.append("START", "m9", 2)
     source_journal.append("GO", "m9", 2)
-    held = DestResult(migration="m9", epoch=1, status="in-doubt")  # another epoch
+    held = SimDestResult(migration="m9", epoch=1, status="in-doubt")  # another epoch
     in_doubt = {"m9": (held, Journal(tmp_path / "dst" / "journal"))}
     with make_stack("plain", tmp_path) as stack:
         async with session_pair(stack) as (src, dst):

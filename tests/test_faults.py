@@ -33,7 +33,7 @@ from typing import Any, cast
 import pytest
 
 from xmig import recovery
-from xmig.agent import IMAGE_NAME, DestResult, first_message, receive_migration, settle
+from xmig.agent import IMAGE_NAME, SimDestResult, first_message, receive_migration, settle
 from xmig.control import Abort, Go, Resumed
 from xmig.errors import (
     ConnectionClosed,
@@ -89,7 +89,7 @@ class Rig:
     src_session: TransportSession
     dst_session: TransportSession
     src_task: asyncio.Task[SimSourceResult] | None = None
-    dst_task: asyncio.Task[DestResult] | None = None
+    dst_task: asyncio.Task[SimDestResult] | None = None
     fired: asyncio.Event = field(default_factory=asyncio.Event)
     fired_at: dict[str, Any] = field(default_factory=dict)
     fired_mono: float = 0.0
@@ -102,7 +102,7 @@ class Outcome:
 
     fired_at: dict[str, Any]
     src: SimSourceResult | BaseException
-    dst: DestResult | BaseException
+    dst: SimDestResult | BaseException
     src_running: bool
     src_paused: bool
     src_throttle: float
@@ -166,7 +166,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
         addr = guest.udp_address
         assert addr is not None
         probe = DowntimeProbe(addr, put_keys=True).start()
-        dest: DestResult | BaseException | None = None
+        dest: SimDestResult | BaseException | None = None
         try:
             async with listen_across(wan, tls=server_context(pki), config=SESSION) as lst:
                 async with contextlib.AsyncExitStack() as sessions:
@@ -206,11 +206,11 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 dst_journal_before = [r.kind for r in Journal(dst_dir / "journal").records()]
                 dst_image_before = (dst_dir / IMAGE_NAME).exists()
                 if isinstance(dest, InDoubt):
-                    dest = cast(DestResult, dest.result)
+                    dest = cast(SimDestResult, dest.result)
                     if settle:  # the link is back: the source tells its journaled decision
                         await settle_over_a_new_session(wan, lst, pki, src_dir, dst_dir, dest)
             seen = probe.stop()
-            dst_guest = dest.guest if isinstance(dest, DestResult) else None
+            dst_guest = dest.guest if isinstance(dest, SimDestResult) else None
             # the UDP service follows the guest: whichever side runs answers the client
             try:
                 puts_lost = len(await asyncio.to_thread(seen.missing, SimClient(addr)))
@@ -247,7 +247,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                 probe.stop()
             await asyncio.to_thread(guest.quit)
             await nbd.close()
-            if isinstance(dest, DestResult):
+            if isinstance(dest, SimDestResult):
                 if dest.guest is not None:
                     await asyncio.to_thread(dest.guest.quit)
                 if dest.nbd is not None:
@@ -258,7 +258,7 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
 
 
 async def settle_over_a_new_session(wan: Wan, lst: Listener, pki: Any, src_dir: Path,
-                                    dst_dir: Path, dest: DestResult) -> None:
+                                    dst_dir: Path, dest: SimDestResult) -> None:
     """Restore the link; the source connects again and sends the decision its journal
     holds; the destination agent applies it to the migration it holds in doubt."""
     wan.restore()
@@ -584,7 +584,7 @@ async def test_link_cut_after_go_reached_the_destination(tmp_path: Path) -> None
     # RESUMED never came: the source keeps its paused copy, in doubt, until it hears
     assert isinstance(out.src, SimSourceResult) and out.src.status == "in-doubt", out.src
     assert not out.src_running and out.src_journal[-1] == "GO", out.src_journal
-    assert isinstance(out.dst, DestResult) and out.dst.status == "running", out.dst
+    assert isinstance(out.dst, SimDestResult) and out.dst.status == "running", out.dst
     assert_destination_has_the_guest(out)
     # settling again, it is told (from the destination's journal) that the guest runs there
     [held] = recovery.read_dir(tmp_path / "dst")

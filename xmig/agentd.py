@@ -56,7 +56,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from xmig import control, hostctl, recovery
-from xmig.agent import DestResult, first_message, receive_migration, resolve, settle
+from xmig.agent import SimDestResult, first_message, receive_migration, resolve, settle
 from xmig.errors import (
     ConfigError,
     GuestNotFound,
@@ -163,7 +163,7 @@ class _Agent:
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
         #: migrations left in doubt here, by migration id: (result, journal, directory)
-        self.in_doubt: dict[str, tuple[DestResult, Journal, Path]] = {}
+        self.in_doubt: dict[str, tuple[SimDestResult, Journal, Path]] = {}
         self.qemu_in_doubt: dict[str, tuple[qemu_receive.QemuDestResult, Journal, Path]] = {}
         self.live: dict[str, _Live] = {}  #: receiving sessions, by migration id
         self.ctl = workdir / AGENT_CTL
@@ -280,7 +280,7 @@ class _Agent:
         assert task is not None
         self.receiving.add(task)
         mine = False  #: this session took the agent's migration (with once, its only one)
-        dest: DestResult | None = None
+        dest: SimDestResult | None = None
         arrived: qemu_receive.QemuDestResult | None = None
         try:
             first = await self._first(session)
@@ -328,7 +328,7 @@ class _Agent:
             await self._host(dest, sdir, journal)
 
     async def _settle_sim(self, session: TransportSession,
-                          decision: control.Go | control.Abort) -> DestResult | None:
+                          decision: control.Go | control.Abort) -> SimDestResult | None:
         """A source settling a reference guest left in doubt here: the guest to host
         (GO), or None (ABORT: discarded)."""
         sdir = self.in_doubt[decision.migration][2]
@@ -416,7 +416,7 @@ class _Agent:
             return None
 
     async def _negotiated(self, session: TransportSession, first: control.Negotiate,
-                          sdir: Path, journal: Journal) -> DestResult | None:
+                          sdir: Path, journal: Journal) -> SimDestResult | None:
         try:
             return await receive_migration(
                 session, workdir=sdir, journal=journal, first=first, policy=self.policy,
@@ -426,7 +426,7 @@ class _Agent:
             # this process) may be the only copy. Keep it until the source's decision
             # comes (a new session opening with GO or ABORT); never exit for it
             held = err.result
-            assert isinstance(held, DestResult)
+            assert isinstance(held, SimDestResult)
             self.in_doubt[err.migration] = (held, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "error": f"{type(err).__name__}: {err}"})
@@ -512,7 +512,7 @@ class _Agent:
                    "migrated": migrated.is_set()})
         self._ended(0)
 
-    async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:
+    async def _host(self, dest: SimDestResult, sdir: Path, journal: Journal) -> None:
         assert dest.guest is not None and dest.image is not None and dest.nbd is not None
         name = self._name_for(dest.migration)
         host = GuestHost(name=name, role="destination", workdir=sdir,

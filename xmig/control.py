@@ -238,6 +238,17 @@ def check_decision(decision: Go | Abort, migration: str, epoch: int, token: str)
                             f"{decision.epoch} without this migration's token: ignored")
 
 
+def unexpected(msg: Message, wanted: str, *, peer: str) -> errors.XmigError:
+    """The typed error for ``msg`` from ``peer`` ("source", "destination") where ``wanted``
+    was awaited: its ABORT is a MigrationError, its REFUSED the error it names, anything
+    else a ProtocolError."""
+    if isinstance(msg, Abort):
+        return errors.MigrationError(f"{peer} aborted: {msg.reason}")
+    if isinstance(msg, Refused):
+        return msg.as_error()
+    return ProtocolError(f"expected {wanted}, got {msg.type}")
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.__struct_config__.tag: m  # type: ignore[misc]
     for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed, Discarded)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xmig.agent import DestResult, receive_migration
+from xmig.agent import SimDestResult, receive_migration
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -83,7 +83,7 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     config = replace(run.guest, disk_url=f"nbd+unix:///?socket={sock}",
                      disk_bytes=run.disk_bytes, udp_addr=("127.0.0.1", 0))
     guest = await asyncio.to_thread(SimGuest.start, config, workdir=src_dir, name="src")
-    dest: DestResult | None = None
+    dest: SimDestResult | None = None
     addr = guest.udp_address
     assert addr is not None
     # a client PUTting keys throughout, in a process of its own: this one is busy migrating
@@ -165,7 +165,7 @@ async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:
         await asyncio.sleep(0.005)  # polling the guest's shared control block
 
 
-def _report(run: LocalRun, src: SimSourceResult, dest: DestResult, before_prog: Any,
+def _report(run: LocalRun, src: SimSourceResult, dest: SimDestResult, before_prog: Any,
             src_prog: Any, dst_prog: Any, rate_before: float, total: float,
             wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
     # every write acknowledged to the source guest is on the source disk at pause, whose

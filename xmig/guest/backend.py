@@ -22,6 +22,10 @@ RESUMED and, before GO, the abort. A backend says how its guest is moved:
     interrupted()      any failure: background work stopped (before abort or in doubt)
     abort_effects(...) the abort step's effects, the source guest running at the end
 
+A destination backend (:class:`DestBackend`) is driven the same way by
+:func:`xmig.orchestrator.destination.run_destination`: prepare, receive until FINAL, vote
+(READY's digests), before GO, resume, hold in doubt, discard.
+
 Backends never import the engine; they import this module and the protocol
 (:mod:`xmig.control`).
 """
@@ -36,6 +40,7 @@ from typing import Any, Protocol
 
 from xmig import control
 from xmig.commit import Effects
+from xmig.switchover import DestMachine
 from xmig.transport import TransportSession
 
 
@@ -153,3 +158,59 @@ class SourceBackend(ABC):
 
 async def _forever() -> None:
     await asyncio.Event().wait()
+
+
+@dataclass
+class DestResult:
+    """What a destination saw; every backend's result extends it with its own parts."""
+
+    migration: str = ""
+    epoch: int = 0
+    status: str = "running"  #: running, discarded, in-doubt
+    error: str | None = None
+    resumed_at: float = 0.0  #: the guest runs here since (monotonic)
+    token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
+    owner: str = ""  #: the identity (certificate) of the source that started it
+    machine: DestMachine | None = None  #: kept while in doubt, to settle it
+
+
+class DestBackend(ABC):
+    """One guest on the destination side of one migration, driven by the engine
+    (:func:`xmig.orchestrator.destination.run_destination`)."""
+
+    result: DestResult
+
+    @abstractmethod
+    async def prepare(self, session: TransportSession, negotiate: control.Negotiate) -> None:
+        """Check the request against this host (typed errors: the source is REFUSED), then
+        make the paused guest and everything it receives into; PREPARED is said next."""
+
+    @abstractmethod
+    async def receive(self, final: Any) -> control.Final:
+        """Apply what arrives until the source's FINAL (``final``, an asyncio future of the
+        source's next word) and everything up to it is applied and durable."""
+
+    @abstractmethod
+    async def vote(self, decision: Any) -> dict[str, str]:
+        """Check what arrived (``decision``: the source's next word, GO or ABORT, which may
+        end the check); READY's digests."""
+
+    async def before_go(self) -> None:
+        """GO arrived: what must be in place before the guest runs (still paused)."""
+        return None
+
+    @abstractmethod
+    def go_effects(self) -> Effects:
+        """The GO step's effect: ``resume_guest``."""
+
+    async def after_resume(self) -> None:
+        """The guest runs here: what carried it closed."""
+        return None
+
+    async def hold(self) -> None:
+        """READY and cut off from the source: keep the paused guest and its image."""
+        return None
+
+    @abstractmethod
+    async def discard(self) -> None:
+        """Throw away everything made for this migration."""

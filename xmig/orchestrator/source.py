@@ -30,7 +30,6 @@ from xmig.aborting import blackout_deadline, run_abort, tell_abort
 from xmig.commit import Effects, execute
 from xmig.errors import (
     DeadlineExceeded,
-    MigrationError,
     ProtocolError,
     TransportError,
     XmigError,
@@ -41,15 +40,6 @@ from xmig.switchover import SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-def unexpected(msg: control.Message, wanted: str) -> XmigError:
-    """The typed error for a control message other than the one awaited."""
-    if isinstance(msg, control.Abort):
-        return MigrationError(f"destination aborted: {msg.reason}")
-    if isinstance(msg, control.Refused):
-        return msg.as_error()
-    return ProtocolError(f"expected {wanted}, got {msg.type}")
 
 
 async def recv_control(session: TransportSession, timeout: float | None) -> control.Message:
@@ -92,7 +82,7 @@ async def run_source(
         await session.send(Channel.CONTROL, backend.negotiate(migration, epoch, token).encode())
         reply = await recv_control(session, reply_timeout_s)
         if not isinstance(reply, control.Prepared):
-            raise unexpected(reply, "prepared")
+            raise control.unexpected(reply, "prepared", peer="destination")
         machine.negotiated()
         emit("phase")
         await backend.start(session, emit)
@@ -147,7 +137,7 @@ async def _brownout(backend: SourceBackend, peer: asyncio.Future[control.Message
     """The backend converges; its watch or the destination's word (anything before READY
     is an error) ends the brownout first with their error."""
     async def word() -> None:
-        raise unexpected(await asyncio.shield(peer), "ready")
+        raise control.unexpected(await asyncio.shield(peer), "ready", peer="destination")
 
     converging = asyncio.ensure_future(backend.converge())
     others = [asyncio.ensure_future(backend.watch()), asyncio.ensure_future(word())]
@@ -190,7 +180,7 @@ async def _blackout(session: TransportSession, backend: SourceBackend,
         raise DeadlineExceeded(
             f"no READY from the destination within {reply_timeout_s:g} s") from err
     if not isinstance(reply, control.Ready):
-        raise unexpected(reply, "ready")
+        raise control.unexpected(reply, "ready", peer="destination")
     emit("blackout", step="ready received")
     return reply
 

@@ -60,7 +60,6 @@ from xmig.guest.qemu.qmpmig import (
     cancel_migration,
     completed_or_message,
     set_capabilities,
-    unexpected,
     wait_migration,
 )
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, SourceTunnel
@@ -267,7 +266,7 @@ class QemuSource(SourceBackend):
         if not await completed_or_message(completing, peer):
             reply = peer.result()
             if not isinstance(reply, control.Ready):
-                raise unexpected(reply, "ready")
+                raise control.unexpected(reply, "ready", peer="destination")
             await wait_migration(self._events, self.source, {"completed"}, timeout)
         self.result.completed_at = time.monotonic()
         self._emit("blackout", step="source completed")

@@ -13,19 +13,11 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from xmig import control
-from xmig.errors import MigrationError, ProtocolError, QemuError, XmigError
+from xmig.errors import QemuError, XmigError
 from xmig.guest.qemu.machine import QemuGuest
-from xmig.transport import Channel, TransportSession
 
 FAILED_STATES = frozenset({"failed", "cancelled"})
 LIVE_STATES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling"})
-
-
-async def recv_message(session: TransportSession, timeout: float) -> control.Message:
-    """The peer's next control message (TimeoutError past ``timeout`` seconds)."""
-    async with asyncio.timeout(timeout):
-        return control.decode(await session.recv(Channel.CONTROL))
 
 
 async def wait_migration(events: EventListener, guest: QemuGuest, wanted: set[str],
@@ -77,13 +69,6 @@ async def completed_or_message(completing: Awaitable[str],
         return False
     finally:
         task.cancel()
-
-
-def unexpected(msg: control.Message, wanted: str) -> XmigError:
-    """The typed error for a control message other than the one awaited."""
-    if isinstance(msg, control.Abort):
-        return MigrationError(f"peer aborted: {msg.reason}")
-    return ProtocolError(f"expected {wanted}, got {msg.type}")
 
 
 #: how long QEMU has to fail its migration on its own once its stream is cut

@@ -19,52 +19,41 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from xmig import control
-from xmig.commit import Effects, execute
-from xmig.errors import (
-    InDoubt,
-    MigrationError,
-    ProtocolError,
-    XmigError,
-)
+from xmig.commit import Effects
+from xmig.errors import MigrationError, ProtocolError, XmigError
+from xmig.guest.backend import DestBackend, DestResult
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
 from xmig.guest.qemu.qmpmig import (
     completed_or_message,
-    recv_message,
     set_capabilities,
-    unexpected,
     wait_migration,
 )
 from xmig.guest.qemu.stream import CHUNK, DestTunnel
 from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
 from xmig.journal import Journal
+from xmig.orchestrator.destination import run_destination
 from xmig.private import private_dir
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import DestMachine, DestPhase
 from xmig.transport import Channel, TransportSession
 
 
 @dataclass
-class QemuDestResult:
-    migration: str = ""
-    epoch: int = 0
-    status: str = "running"
-    error: str | None = None
+class QemuDestResult(DestResult):
+    """What a QEMU destination holds: after GO its running guest (the caller owns it)."""
+
     guest: QemuGuest | None = None  #: runs here after GO; the caller owns it then
     stream: dict[str, Any] = field(default_factory=dict)
     ready_at: float = 0.0
-    resumed_at: float = 0.0
     ram_chunks_repaired: int = 0
     ram_stale: int = 0  #: RAM chunks found stale at READY (GO brings their repair)
     image: Path | None = None  #: the destination disk image (filled by the receiver)
-    token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
-    owner: str = ""  #: the identity (certificate) of the source that started it
-    machine: DestMachine | None = None
     receiver: DiskReceiver | None = None  #: kept while in doubt
     backend: RawFileBackend | None = None  #: the image, open, while in doubt
-
 
 
 async def _source_digests(session: TransportSession, decision: asyncio.Future[control.Message],
@@ -83,7 +72,8 @@ async def _source_digests(session: TransportSession, decision: asyncio.Future[co
                 if not receiving.done():
                     receiving.cancel()
             if not receiving.done() or receiving.cancelled():
-                raise unexpected(decision.result(), "the source's RAM digests")
+                raise control.unexpected(decision.result(), "the source's RAM digests",
+                                         peer="source")
             assembler.add(receiving.result())
     return assembler.digests()
 
@@ -104,6 +94,155 @@ def incoming_config(template: QemuConfig, negotiate: control.Negotiate) -> QemuC
                    extra=(*template.extra, "-incoming", "defer", "-S"))
 
 
+class QemuDest(DestBackend):
+    """A QEMU destination: QEMU started paused (``-incoming defer -S``) from the host's
+    template, fed the stream from the session (DestTunnel), its disk mirror applied to a
+    new image (DiskReceiver), its RAM checked against the source's digests."""
+
+    def __init__(self, template: QemuConfig, *, workdir: Path, reply_timeout_s: float,
+                 popen: PopenFn | None = None,
+                 launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
+                 chunk: int = CHUNK, policy: HostPolicy = DEFAULT_POLICY,
+                 on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+        self.template, self.workdir, self.timeout = template, workdir, reply_timeout_s
+        self.popen, self.launch, self.chunk, self.policy = popen, launch, chunk, policy
+        self.on_event = on_event
+        self.result: QemuDestResult = QemuDestResult()
+        self.tunnel: DestTunnel | None = None
+        self._listening = contextlib.ExitStack()
+        self._events: EventListener | None = None
+        self._stale: list[int] = []
+
+    def _step(self, step: str, **fields: Any) -> None:
+        self.on_event({"event": "step", "step": step, "at": time.monotonic(), **fields})
+
+    async def prepare(self, session: TransportSession, negotiate: control.Negotiate) -> None:
+        msg, result, workdir = negotiate, self.result, self.workdir
+        self._session = session
+        # a second monitor, the host's own: it tells whether the guest later left by
+        # migration (xmig.agentd), whoever holds the first
+        config = incoming_config(self.template, msg)
+        config = replace(config, extra=(
+            *config.extra, "-qmp", f"unix:{workdir / HOST_QMP},server=on,wait=off"))
+        if config.ram_mb << 20 != msg.ram_bytes:
+            raise ProtocolError("negotiate: ram_bytes differs from the guest's")
+        private_dir(workdir, exist_ok=True)
+        check_resources(self.policy, ram_bytes=msg.ram_bytes, disk_bytes=msg.disk_bytes,
+                        workdir=workdir)
+        if msg.disk_bytes:
+            result.image = workdir / IMAGE_NAME
+            result.backend = RawFileBackend.create(result.image, msg.disk_bytes)
+            result.receiver = DiskReceiver(session, result.backend, epoch=msg.epoch,
+                                           fresh=True)
+            await result.receiver.start()
+            config = replace(config, disk=result.image)
+        if self.launch is not None:
+            result.guest = await self.launch(config)
+        else:
+            result.guest = await QemuGuest.launch(config, workdir, popen=self.popen)
+        await set_capabilities(result.guest, events=True, return_path=True,
+                               late_block_activate=result.receiver is not None)
+        self.tunnel = DestTunnel(session, workdir / STREAM_NAME, chunk=self.chunk)
+        self._events = self._listening.enter_context(result.guest.listener("MIGRATION"))
+        await result.guest.execute("migrate-incoming", {"uri": self.tunnel.uri})
+        await self.tunnel.start()
+
+    async def receive(self, final: Any) -> control.Final:
+        """QEMU's incoming migration completed and FINAL read, in either order; the disk
+        applied up to FINAL's write."""
+        guest, events, result = self.result.guest, self._events, self.result
+        assert guest is not None and events is not None and self.tunnel is not None
+        completing = wait_migration(events, guest, {"completed"}, self.timeout)
+        if not await completed_or_message(completing, final):
+            word = final.result()
+            if not isinstance(word, control.Final):
+                raise control.unexpected(word, "final", peer="source")
+            # the rest of the stream, unless the session fails first (a source killed
+            # after FINAL: not the whole reply timeout with the QEMU waiting for it)
+            broken = asyncio.ensure_future(self._session.wait_until(lambda: False))
+            try:
+                await completed_or_message(
+                    wait_migration(events, guest, {"completed"}, self.timeout), broken)
+            finally:
+                broken.cancel()
+        else:
+            word = await final
+            if not isinstance(word, control.Final):
+                raise control.unexpected(word, "final", peer="source")
+        self._listening.close()
+        self._step("incoming completed")
+        if result.receiver is not None:
+            await result.receiver.wait_applied(word.disk_seq)
+            await result.receiver.flush()
+            self._step("disk applied")
+        result.stream = self.tunnel.stats()
+        return word
+
+    async def vote(self, decision: Any) -> dict[str, str]:
+        """The RAM hashed and compared with the source's digests (which cross with the
+        last pass); the stale chunks are repaired by the source before GO."""
+        guest, result = self.result.guest, self.result
+        assert guest is not None and self.tunnel is not None
+        ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
+        self._step("ram hashed")
+        theirs = await _source_digests(self._session, decision, self.timeout, len(ram))
+        stale = ramcheck.differing(theirs, ram)  # every chunk; sizes differ: typed error
+        self._step("ram compared", stale=len(stale))
+        result.ram_stale = len(stale)
+        result.ready_at = time.monotonic()
+        return {"stream_bytes": str(self.tunnel.received.bytes),
+                "ram_stale": ramcheck.encode_chunks(stale)}
+
+    async def before_go(self) -> None:
+        """The source's repair of what QEMU's stream left stale was sent before GO."""
+        guest = self.result.guest
+        assert guest is not None
+        more = True
+        while more:
+            async with asyncio.timeout(self.timeout):
+                fixups = await self._session.recv(Channel.DEVICE_STATE)
+            count, more = await asyncio.to_thread(ramcheck.apply_fixups, guest.mem_path,
+                                                  fixups)
+            self.result.ram_chunks_repaired += count
+        self._step("ram repaired")
+
+    def go_effects(self) -> Effects:
+        guest = self.result.guest
+        assert guest is not None
+        return Effects(resume_guest=guest.cont)
+
+    async def after_resume(self) -> None:
+        result = self.result
+        if self.tunnel is not None:
+            await self.tunnel.close()
+        if result.receiver is not None:
+            await result.receiver.stop()
+        if result.backend is not None:
+            result.backend.close()
+
+    async def hold(self) -> None:
+        if self.tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
+            await self.tunnel.close()
+
+    async def discard(self) -> None:
+        result = self.result
+        self._listening.close()
+        if self.tunnel is not None:
+            await self.tunnel.close()
+        if result.guest is not None:
+            await result.guest.quit()
+            result.guest = None
+        if result.receiver is not None:
+            with contextlib.suppress(XmigError):
+                await result.receiver.stop()
+        if result.backend is not None:
+            result.backend.close()
+        if result.image is not None:
+            result.image.unlink(missing_ok=True)
+        for sock in (STREAM_NAME, HOST_QMP):  # QEMU's listening sockets
+            (self.workdir / sock).unlink(missing_ok=True)
+
+
 async def receive_qemu(
     session: TransportSession,
     template: QemuConfig,
@@ -118,193 +257,16 @@ async def receive_qemu(
     first: control.Negotiate | None = None,
     policy: HostPolicy = DEFAULT_POLICY,
 ) -> QemuDestResult:
-    """Serve one QEMU migration arriving on ``session``: start the destination QEMU from
-    ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
+    """Serve one QEMU migration arriving on ``session`` by the one engine
+    (:func:`~xmig.orchestrator.destination.run_destination`): start the destination QEMU
+    from ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
     loaded everything, run it on GO. The result holds the running guest (the caller owns
     it). Before READY a failure discards the destination; READY and then cut off from the
     source: InDoubt (the guest stays paused). Every file is named here, in ``workdir``
-    (this host's choice); the source's words are labels. Whatever fails, typed or not, the
-    same cleanup runs."""
-    result = QemuDestResult()
-    msg = first or control.decode(await session.recv(Channel.CONTROL))
-    if not isinstance(msg, control.Negotiate):
-        raise ProtocolError(f"expected negotiate, got {msg.type}")
-    result.migration, result.epoch, result.token = msg.migration, msg.epoch, msg.token
-    result.owner = session.peer_key
-    machine = DestMachine(msg.epoch)
-    tunnel: DestTunnel | None = None
-    decision_task: asyncio.Future[control.Message] | None = None
-    receiver: DiskReceiver | None = None
-    image: RawFileBackend | None = None
-    try:
-        if not msg.token:
-            raise ProtocolError("negotiate carries no token")
-        # a second monitor, the host's own: it tells whether the guest later left by
-        # migration (xmig.agentd), whoever holds the first
-        config = incoming_config(template, msg)
-        config = replace(config, extra=(
-            *config.extra, "-qmp", f"unix:{workdir / HOST_QMP},server=on,wait=off"))
-        if config.ram_mb << 20 != msg.ram_bytes:
-            raise ProtocolError("negotiate: ram_bytes differs from the guest's")
-        private_dir(workdir, exist_ok=True)
-        check_resources(policy, ram_bytes=msg.ram_bytes, disk_bytes=msg.disk_bytes,
-                        workdir=workdir)
-        if msg.disk_bytes:
-            result.image = workdir / IMAGE_NAME
-            image = RawFileBackend.create(result.image, msg.disk_bytes)
-            receiver = DiskReceiver(session, image, epoch=msg.epoch, fresh=True)
-            await receiver.start()
-            config = replace(config, disk=result.image)
-        if launch is not None:
-            result.guest = await launch(config)
-        else:
-            result.guest = await QemuGuest.launch(config, workdir, popen=popen)
-        guest = result.guest
-        await set_capabilities(guest, events=True, return_path=True,
-                                late_block_activate=receiver is not None)
-        tunnel = DestTunnel(session, workdir / STREAM_NAME, chunk=chunk)
-        with guest.listener("MIGRATION") as events:
-            await guest.execute("migrate-incoming", {"uri": tunnel.uri})
-            await tunnel.start()
-            await session.send(Channel.CONTROL, control.Prepared(msg.migration).encode())
-            machine.prepared()
-            on_event({"event": "phase", "phase": machine.phase.value})
-            # FINAL (or ABORT) is read alongside
-            decision_task = asyncio.ensure_future(recv_message(session, reply_timeout_s))
-            completing = wait_migration(events, guest, {"completed"}, reply_timeout_s)
-            if not await completed_or_message(completing, decision_task):
-                final = decision_task.result()
-                if not isinstance(final, control.Final):
-                    raise unexpected(final, "final")
-                # the rest of the stream, unless the session fails first (a source killed
-                # after FINAL: not the whole reply timeout with the QEMU waiting for it)
-                broken = asyncio.ensure_future(session.wait_until(lambda: False))
-                try:
-                    await completed_or_message(
-                        wait_migration(events, guest, {"completed"}, reply_timeout_s), broken)
-                finally:
-                    broken.cancel()
-            else:
-                final = await decision_task
-                if not isinstance(final, control.Final):
-                    raise unexpected(final, "final")
-            decision_task = asyncio.ensure_future(recv_message(session, reply_timeout_s))
-        on_event({"event": "step", "step": "incoming completed", "at": time.monotonic()})
-        if receiver is not None:
-            await receiver.wait_applied(final.disk_seq)
-            await receiver.flush()
-            on_event({"event": "step", "step": "disk applied", "at": time.monotonic()})
-        result.stream = tunnel.stats()
-        ram = await asyncio.to_thread(ramcheck.ram_digests, guest.mem_path)
-        on_event({"event": "step", "step": "ram hashed", "at": time.monotonic()})
-        theirs = await _source_digests(session, decision_task, reply_timeout_s, len(ram))
-        stale = ramcheck.differing(theirs, ram)  # every chunk; sizes differ: typed error
-        on_event({"event": "step", "step": "ram compared", "at": time.monotonic(),
-                  "stale": len(stale)})
-        result.ram_stale = len(stale)
-        async def send_ready() -> None:
-            assert tunnel is not None
-            result.ready_at = time.monotonic()
-            await session.send(Channel.CONTROL, control.Ready(
-                msg.migration, msg.epoch, {"stream_bytes": str(tunnel.received.bytes),
-                                           "ram_stale": ramcheck.encode_chunks(stale)}
-                ).encode())
-
-        await execute(machine.final_applied(), Effects(
-            journal=lambda kind: journal.append(kind, msg.migration, msg.epoch,
-                                                token=msg.token, owner=result.owner),
-            send_ready=send_ready))
-        on_event({"event": "step", "step": "ready sent", "at": time.monotonic()})
-        on_event({"event": "phase", "phase": machine.phase.value})
-        decision = await decision_task
-        if isinstance(decision, control.Go | control.Abort):
-            control.check_decision(decision, result.migration, result.epoch, result.token)
-        if not isinstance(decision, control.Go):
-            raise unexpected(decision, "go")
-        on_event({"event": "step", "step": "go", "at": time.monotonic()})
-        # the source's repair of what QEMU's stream left stale was sent before GO
-        more = True
-        while more:
-            async with asyncio.timeout(reply_timeout_s):
-                fixups = await session.recv(Channel.DEVICE_STATE)
-            count, more = await asyncio.to_thread(ramcheck.apply_fixups, guest.mem_path,
-                                                  fixups)
-            result.ram_chunks_repaired += count
-        on_event({"event": "step", "step": "ram repaired", "at": time.monotonic()})
-        go = machine.go(decision.epoch)
-    except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
-        if decision_task is not None:
-            decision_task.cancel()
-        result.error = f"{type(err).__name__}: {err}"
-        prepared = machine.phase is not DestPhase.NEGOTIATE
-        if not prepared and not isinstance(err, asyncio.CancelledError):
-            # before PREPARED: the source learns why at once (and nothing is left)
-            with contextlib.suppress(XmigError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL,
-                                       control.Refused.of(msg.migration, err).encode())
-        if machine.phase is DestPhase.READY and not isinstance(err, MigrationError):
-            machine.cut_off()
-            result.status, result.machine = "in-doubt", machine
-            result.receiver, result.backend = receiver, image
-            if tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
-                await tunnel.close()
-            on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
-            if isinstance(err, asyncio.CancelledError):
-                raise
-            raise InDoubt(f"READY for migration {msg.migration} epoch {msg.epoch} and cut off "
-                          f"from the source before GO ({result.error}): the QEMU guest stays "
-                          "paused until the source's decision arrives",
-                          migration=msg.migration, epoch=msg.epoch, result=result) from err
-        result.status = "discarded"
-        with contextlib.suppress(XmigError):
-            machine.abort(str(err))
-        # a full disk: what arrived is deleted first, to make room for the record (before
-        # READY nothing was promised, and a restart discards an unfinished directory)
-        journaled = journal.append_or_log("DISCARDED", msg.migration, msg.epoch,
-                                          reason=result.error)
-        if prepared and not isinstance(err, MigrationError | asyncio.CancelledError):
-            # the source hears it at once (its QEMU runs on), not at its timeout
-            with contextlib.suppress(XmigError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await session.send(Channel.CONTROL, control.Abort(
-                        msg.migration, msg.epoch,
-                        f"destination: {result.error}"[:control.MAX_TEXT]).encode())
-        if tunnel is not None:
-            await tunnel.close()
-        if result.guest is not None:
-            await result.guest.quit()
-            result.guest = None
-        if receiver is not None:
-            with contextlib.suppress(XmigError):
-                await receiver.stop()
-        if image is not None:
-            image.close()
-        if result.image is not None:
-            result.image.unlink(missing_ok=True)
-        for sock in (STREAM_NAME, HOST_QMP):  # QEMU's listening sockets
-            (workdir / sock).unlink(missing_ok=True)
-        if not journaled:
-            journal.append_or_log("DISCARDED", msg.migration, msg.epoch, reason=result.error)
-        raise
-    guest = result.guest
-    assert guest is not None
-
-    def journal_running(kind: str) -> None:
-        journal.append(kind, msg.migration, msg.epoch)
-        on_event({"event": "step", "step": "journaled", "at": time.monotonic()})
-
-    # GO: journaled before the guest runs here
-    await execute(go, Effects(journal=journal_running, resume_guest=guest.cont))
-    result.resumed_at = time.monotonic()
-    with contextlib.suppress(XmigError):
-        await session.send(Channel.CONTROL, control.Resumed(
-            msg.migration, msg.epoch, result.resumed_at).encode())
-    await tunnel.close()
-    if receiver is not None:
-        await receiver.stop()
-    if image is not None:
-        image.close()
-    result.status = "running"
-    on_event({"event": "phase", "phase": machine.phase.value})
-    return result
+    (this host's choice); the source's words are labels."""
+    backend = QemuDest(template, workdir=workdir, reply_timeout_s=reply_timeout_s,
+                       popen=popen, launch=launch, chunk=chunk, policy=policy,
+                       on_event=on_event)
+    await run_destination(session, backend, journal=journal, reply_timeout_s=reply_timeout_s,
+                          on_event=on_event, first=first)
+    return backend.result
