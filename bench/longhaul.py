@@ -4,12 +4,12 @@ WAN emulator.
     python bench/longhaul.py --json --plot out/          # full: 1 GiB guest, 2 GiB disk
     python bench/longhaul.py --json --quick --plot out/  # 256 MiB / 256 MiB, fewer points
 
-Each point migrates a fresh reference guest (``xmig.localrun``) and records the measures of
+Each point migrates a fresh reference guest (``xmig.harness.localrun``) and records the measures of
 DESIGN.md ("Measures") as the final report gives them, with the targets of issue 3 §6:
 downtime ≤ 1.5 × RTT + 100 ms, workload penalty ≤ 0.10, link utilization ≥ 0.9. Two more
 points run a guest dirtying memory at 2× the link's rate, with SDPS on (must converge) and
 off with a timeout (must abort, source still running). ``--plot DIR`` writes one timeline
-PNG per point (``xmig.plot``). Inputs are seeded (``--seed``); versions are recorded.
+PNG per point (``xmig.harness.plot``). Inputs are seeded (``--seed``); versions are recorded.
 The printed JSON leaves out each point's ``timeline`` (the plot shows it).
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 from xmig import __version__
 from xmig.guest.sim import SimConfig
-from xmig.localrun import LocalRun, run_local
-from xmig.migration import MigrationOptions
+from xmig.guest.sim.source import MigrationOptions
+from xmig.harness.localrun import LocalRun, run_local
 from xmig.netem import LinkSpec
 
 GUEST_NICE = -10
@@ -255,7 +255,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report = await run_point(point, args, seed, Path(tmp))
         summary = summarize(point, report, seed, args.verify, args.max_downtime)
         if args.plot and report.get("timeline") is not None:
-            from xmig.plot import plot_timeline
+            from xmig.harness.plot import plot_timeline
 
             png = args.plot / f"{point.name}.png"
             plot_timeline(report, png)

@@ -75,11 +75,11 @@ from typing import Any, Literal, TypeVar
 
 from longhaul import versions
 
-from xmig import hostctl
 from xmig.errors import XmigError
 from xmig.guest.sim import read_ledger, verify_ledger
 from xmig.guest.sim.ledger import RECORD, LedgerEntry
 from xmig.netem import LinkSpec, Wan, tun_available
+from xmig.service import hostctl
 from xmig.units import argtype, parse_bit_rate, parse_duration
 
 T = TypeVar("T")

@@ -95,15 +95,15 @@ from soak import (
     event_is,
 )
 
-from xmig import hostctl
 from xmig.errors import XmigError
 from xmig.guest.qemu.attach import option, process_argv
 from xmig.guest.qemu.image import guest_cmdline
 from xmig.guest.qemu.machine import QemuConfig, QemuGuest
 from xmig.guest.qemu.progress import Progress, parse_progress
 from xmig.guest.qemu.records import check_records
-from xmig.journal import Journal
 from xmig.private import private_dir
+from xmig.protocol.journal import Journal
+from xmig.service import hostctl
 
 NAME = "vm1"
 RAM_MB = 128

@@ -11,7 +11,7 @@ disk, ``memdisk`` with QemuRun's default parameters) booted under TCG:
   with auto-converge (:mod:`xmig.guest.qemu.native`): the disk mirrored into the
   destination's NBD export, RAM over QEMU's TCP stream, both QEMUs in the emulator's
   namespaces so QEMU's sockets cross the link themselves.
-- ``xmig``: :func:`xmig.qemurun.run_qemu_local` (QEMU's stream and disk on xmig's session,
+- ``xmig``: :func:`xmig.harness.qemurun.run_qemu_local` (QEMU's stream and disk on xmig's session,
   xmig's commit protocol).
 
 Both measured the same way (DESIGN.md "Measures", this host's monotonic clock): downtime =
@@ -48,8 +48,15 @@ from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
 from xmig.guest.qemu.native import NativeOptions, migrate_native
+from xmig.harness.qemurun import (
+    BOOT_S,
+    REPORT_MS,
+    QemuRun,
+    default_build_dir,
+    link_bytes,
+    run_qemu_local,
+)
 from xmig.netem import LinkSpec, Wan
-from xmig.qemurun import BOOT_S, REPORT_MS, QemuRun, default_build_dir, link_bytes, run_qemu_local
 from xmig.units import argtype, parse_duration, parse_size
 from xmig.units import parse_bit_rate as parse_rate
 

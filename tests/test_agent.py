@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.transport.stacks import make_stack, session_pair
-from xmig import control
-from xmig.agent import SimDestResult, first_message, settle
 from xmig.errors import GuestNotFound, ProtocolError
-from xmig.journal import Journal
+from xmig.guest.backend import DestBackend
+from xmig.guest.sim.dest import SimDest, SimDestResult
+from xmig.orchestrator.destination import first_message, settle
 from xmig.orchestrator.source import send_decision
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
 from xmig.transport import Channel
 
 
@@ -22,7 +24,9 @@ async def test_a_decision_for_a_migration_not_in_doubt_is_refused(tmp_path: Path
     source_journal.append("START", "m9", 2)
     source_journal.append("GO", "m9", 2)
     held = SimDestResult(migration="m9", epoch=1, status="in-doubt")  # another epoch
-    in_doubt = {"m9": (held, Journal(tmp_path / "dst" / "journal"))}
+    dst_dir = tmp_path / "dst"
+    in_doubt: dict[str, tuple[DestBackend, Journal]] = {
+        "m9": (SimDest(workdir=dst_dir, result=held), Journal(dst_dir / "journal"))}
     with make_stack("plain", tmp_path) as stack:
         async with session_pair(stack) as (src, dst):
             async def destination() -> None:
@@ -35,7 +39,7 @@ async def test_a_decision_for_a_migration_not_in_doubt_is_refused(tmp_path: Path
                 await send_decision(src, source_journal, "m9", timeout=10)
             with pytest.raises(GuestNotFound, match="not in doubt"):
                 await agent
-    assert in_doubt["m9"][0].status == "in-doubt"  # unchanged
+    assert held.status == "in-doubt"  # unchanged
     assert Journal(tmp_path / "dst" / "journal").records() == []
 
 

@@ -13,13 +13,15 @@ import pytest
 
 from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
-from xmig import agent, control
-from xmig.agent import IMAGE_NAME, NBD_NAME, receive_migration
 from xmig.errors import ResourceLimit
 from xmig.guest.sim import SimGuest
+from xmig.guest.sim import dest as agent
+from xmig.guest.sim.dest import IMAGE_NAME, NBD_NAME
 from xmig.hostpolicy import HostPolicy
-from xmig.journal import Journal
 from xmig.memory.engine import MemoryReceiver
+from xmig.orchestrator.run import receive_migration
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from tests.opsproc import Proc, is_ready, spawn, status, xmig
-from xmig import hostctl
 from xmig.cli import main
-from xmig.cli_view import ProgressView, summary
+from xmig.cli.view import ProgressView, summary
 from xmig.errors import ConfigError, GuestNotFound, MigrationAborted, NotConverging, QemuError
-from xmig.report import aborted_report, downtime_estimate
+from xmig.orchestrator.report import aborted_report, downtime_estimate
+from xmig.service import hostctl
 from xmig.transport.certs import init_pki
 
 
@@ -440,7 +440,7 @@ def test_a_qmp_socket_that_does_not_greet_is_refused_within_the_greeting_timeout
 
 
 def test_the_source_workdir_is_private(tmp_path: Path) -> None:
-    from xmig.qemusource import prepare_workdir
+    from xmig.service.qemusource import prepare_workdir
 
     fresh = tmp_path / "a" / "xmig"
     prepare_workdir(fresh)
@@ -464,7 +464,7 @@ def test_the_source_workdir_is_private(tmp_path: Path) -> None:
 
 def test_agent_limits_and_allow_patterns_are_passed_on(
         tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import xmig.agentd
+    import xmig.service.agentd
 
     seen: list[dict[str, Any]] = []
 
@@ -472,7 +472,7 @@ def test_agent_limits_and_allow_patterns_are_passed_on(
         seen.append(kwargs)
         return 0
 
-    monkeypatch.setattr(xmig.agentd, "serve_agent", fake_serve)
+    monkeypatch.setattr(xmig.service.agentd, "serve_agent", fake_serve)
     base = ["agent", "--listen", "127.0.0.1:0", "--pki", str(pki), "--workdir", str(tmp_path)]
     assert main(base) == 0
     assert (seen[-1]["max_ram_bytes"], seen[-1]["max_disk_bytes"], seen[-1]["allow"]) == \

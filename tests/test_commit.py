@@ -1,4 +1,4 @@
-"""The commit protocol executed (xmig.commit): every backend's orchestrator performs a
+"""The commit protocol executed (xmig.protocol.commit): every backend's orchestrator performs a
 state machine's step through execute(), so the order proved here is the order on every
 backend: the decision journaled before it is said or acted on, nothing after a record that
 could not be written."""
@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from xmig.commit import Effects, execute
 from xmig.errors import StateError
-from xmig.switchover import DestMachine, SourceMachine, SourcePhase
+from xmig.protocol.commit import Effects, execute
+from xmig.protocol.switchover import DestMachine, SourceMachine, SourcePhase
 
 
 class Recorder:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from xmig.control import (
+from xmig.errors import ProtocolError
+from xmig.protocol.control import (
     Abort,
     Discarded,
     Final,
@@ -24,7 +25,6 @@ from xmig.control import (
     new_token,
     token_matches,
 )
-from xmig.errors import ProtocolError
 
 TOKEN = "0123456789abcdef" * 2
 

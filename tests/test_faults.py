@@ -13,7 +13,7 @@ link; afterwards the commit protocol's invariants must hold (DESIGN.md):
 - I3 the destination applies no older-epoch write (unit-tested in storage): here, the
   destination journals the migration's own epoch and deletes a discarded image.
 
-The harness is ``xmig.localrun`` with its inside exposed (the tasks, sessions and the link),
+The harness is ``xmig.harness.localrun`` with its inside exposed (the tasks, sessions and the link),
 short session timeouts so a cut expires quickly, and the fault fired from a progress event.
 """
 
@@ -32,9 +32,6 @@ from typing import Any, cast
 
 import pytest
 
-from xmig import recovery
-from xmig.agent import IMAGE_NAME, SimDestResult, first_message, receive_migration, settle
-from xmig.control import Abort, Go, Resumed
 from xmig.errors import (
     ConnectionClosed,
     DeadlineExceeded,
@@ -44,6 +41,7 @@ from xmig.errors import (
     MigrationAborted,
     MigrationError,
 )
+from xmig.guest.backend import DestBackend
 from xmig.guest.sim import (
     DowntimeProbe,
     SimClient,
@@ -53,14 +51,19 @@ from xmig.guest.sim import (
     read_ledger,
     verify_ledger,
 )
-from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SimSourceResult, migrate
+from xmig.guest.sim.dest import IMAGE_NAME, SimDest, SimDestResult
+from xmig.guest.sim.source import MigrationOptions, SimSourceResult
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
+from xmig.orchestrator import recovery
+from xmig.orchestrator.destination import first_message, settle
+from xmig.orchestrator.run import migrate, receive_migration
 from xmig.orchestrator.source import journaled_decision, send_decision
+from xmig.protocol.control import Abort, Go, Resumed
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestPhase
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import DestPhase
 from xmig.transport import Channel, Listener, SessionConfig, TransportSession
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
@@ -265,7 +268,8 @@ async def settle_over_a_new_session(wan: Wan, lst: Listener, pki: Any, src_dir: 
     async with connect_across(wan, lst.port, tls=client_context(pki), streams=1,
                               config=SESSION) as session:
         dst_session = await lst.accept()
-        in_doubt = {"m1": (dest, Journal(dst_dir / "journal"))}
+        in_doubt: dict[str, tuple[DestBackend, Journal]] = {
+            "m1": (SimDest(workdir=dst_dir, result=dest), Journal(dst_dir / "journal"))}
 
         async def destination() -> None:
             first = await first_message(dst_session)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.opsproc import Proc, is_ready, spawn, start_pair, status, xmig
 from xmig.netem import LinkSpec, Wan, tun_available
-from xmig.report import REPORT_KEYS
+from xmig.orchestrator.report import REPORT_KEYS
 
 
 @pytest.mark.root

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.opsproc import Proc, is_ready, spawn, xmig
-from xmig import control
 from xmig.errors import AuthenticationError, PeerNotAllowed, TransportError
+from xmig.protocol import control
 from xmig.transport import Channel, SessionConfig, connect
 from xmig.transport.certs import Issued, PkiPaths, init_pki, issue
 from xmig.transport.frames import HEADER_SIZE, FrameType, encode_frame

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from xmig.guest.sim import SimConfig
-from xmig.localrun import LocalRun, run_local
-from xmig.migration import MigrationOptions
+from xmig.guest.sim.source import MigrationOptions
+from xmig.harness.localrun import LocalRun, run_local
 from xmig.netem import LinkSpec
 
 pytestmark = pytest.mark.root

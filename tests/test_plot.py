@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from xmig.plot import plot_timeline, timeline_series
+from xmig.harness.plot import plot_timeline, timeline_series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MiB = 1 << 20
@@ -72,8 +72,8 @@ def test_plot_empty_and_aborted_reports(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_plot_real_tiny_migration(tmp_path: Path) -> None:
     from xmig.guest.sim import SimConfig
-    from xmig.localrun import LocalRun, run_local
-    from xmig.migration import MigrationOptions
+    from xmig.guest.sim.source import MigrationOptions
+    from xmig.harness.localrun import LocalRun, run_local
     from xmig.netem import LinkSpec
 
     guest = SimConfig(ram_bytes=64 * MiB, workload="oltp", rate_Bps=20 * MiB,

@@ -1,4 +1,5 @@
-"""xmig.recovery: what a destination agent's journals say after it restarted (real journal
+"""xmig.orchestrator.recovery: what a destination agent's journals say after it restarted (real
+journal
 files, fsynced; no agent process: tests/test_restart.py kills and restarts a real one)."""
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from xmig import control, recovery
-from xmig.agentd import _recover
 from xmig.errors import ConfigError, GuestNotFound
-from xmig.journal import Journal
-from xmig.switchover import DestPhase
+from xmig.orchestrator import recovery
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestPhase
+from xmig.service.agentd import _recover
 
 TOKEN = "a" * 32
 OWNER = "CN=xmig-client"

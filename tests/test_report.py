@@ -1,4 +1,4 @@
-"""Report measures computed from a timeline (xmig.report)."""
+"""Report measures computed from a timeline (xmig.orchestrator.report)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from xmig.report import bulk_utilization
+from xmig.orchestrator.report import bulk_utilization
 
 
 def progress(t: float, sent: int, round_: int, bulk_done: bool | None) -> dict[str, Any]:

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.opsproc import XMIG, Proc, spawn, start_pair, status, xmig
-from xmig import control, recovery
 from xmig.errors import GuestNotFound
 from xmig.guest.sim import read_ledger, verify_ledger
-from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan, tun_available
+from xmig.orchestrator import recovery
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestPhase
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import DestPhase
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not tun_available(), reason="needs root and /dev/net/tun")]

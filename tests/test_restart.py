@@ -19,8 +19,8 @@ import pytest
 
 from tests.opsproc import Proc, is_ready, spawn, start_pair, status, xmig
 from xmig.guest.sim import read_ledger, verify_ledger
-from xmig.journal import Journal
 from xmig.netem import LinkSpec, Wan, tun_available
+from xmig.protocol.journal import Journal
 from xmig.storage.raw import RawFileBackend
 
 pytestmark = [pytest.mark.root,

@@ -1,4 +1,5 @@
-"""A source keeps telling its journaled decision (``xmig.settling``): here, an ABORT that
+"""A source keeps telling its journaled decision (``xmig.orchestrator.settling``): here, an ABORT
+that
 could not cross. Real processes, TLS, the emulated WAN: the link goes down just as the
 destination says READY, so the source never hears it, aborts at its blackout deadline and
 runs on, while the destination holds a paused copy, in doubt, until ABORT reaches it."""
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.opsproc import Proc, spawn, start_pair, status
-from xmig import recovery
-from xmig.agent import IMAGE_NAME
+from xmig.guest.sim.dest import IMAGE_NAME
 from xmig.netem import LinkSpec, Wan, tun_available
-from xmig.switchover import DestPhase
+from xmig.orchestrator import recovery
+from xmig.protocol.switchover import DestPhase
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(not tun_available(), reason="needs root and /dev/net/tun")]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from xmig.errors import ConfigError, StateError
-from xmig.journal import Journal
-from xmig.switchover import Action, DestMachine, DestPhase, SourceMachine, SourcePhase
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import Action, DestMachine, DestPhase, SourceMachine, SourcePhase
 
 
 def test_happy_path_actions_in_order() -> None:

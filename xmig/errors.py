@@ -252,7 +252,7 @@ class NotConverging(MigrationError):
 class MigrationAborted(MigrationError):
     """The migration was aborted before GO; the source guest runs as before.
     ``abort_unconfirmed``: the destination may hold a paused copy (it may have voted READY)
-    that has not heard ABORT: the source keeps telling it (:mod:`xmig.settling`)."""
+    that has not heard ABORT: the source keeps telling it (:mod:`xmig.orchestrator.settling`)."""
 
     def __init__(self, message: str, *, abort_unconfirmed: bool = False) -> None:
         super().__init__(message)
@@ -263,7 +263,7 @@ class InDoubt(MigrationError):
     """The commit's outcome is not known on this side yet. On a destination: it voted READY
     and lost the source before GO arrived; it keeps the guest paused and its image (I1: the
     source may have journaled GO) until the source's decision reaches it
-    (:func:`xmig.agent.resolve`) or an operator forces a side. On a source: GO is journaled
+    (:func:`xmig.guest.sim.dest.resolve`) or an operator forces a side. On a source: GO is journaled
     and sent and the destination has not confirmed it runs the guest; the source keeps its
     paused copy and tells the destination again until it answers."""
 
@@ -272,7 +272,8 @@ class InDoubt(MigrationError):
         super().__init__(message)
         self.migration = migration
         self.epoch = epoch
-        self.result = result  #: the :class:`xmig.agent.DestResult` holding the paused guest
+        #: the :class:`~xmig.guest.backend.DestResult` holding the paused guest
+        self.result = result
 
 
 class EpochAbandoned(MigrationError):

@@ -1,12 +1,12 @@
-"""The control messages (``xmig.control.decode``): JSON from the peer, one per message."""
+"""The control messages (``xmig.protocol.control.decode``): JSON from the peer, one per message."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from xmig import control
 from xmig.errors import XmigError
+from xmig.protocol import control
 
 from .core import Target
 from .mutate import json_mutation

@@ -3,7 +3,7 @@
 
 The engine owns the protocol: NEGOTIATE and its answer, the peer's word read alongside the
 transfer (an ABORT or a broken session ends pre-copy at once), the blackout's deadline,
-FINAL, READY, the commit (GO journaled, then sent: :mod:`xmig.commit`), the wait for
+FINAL, READY, the commit (GO journaled, then sent: :mod:`xmig.protocol.commit`), the wait for
 RESUMED and, before GO, the abort. A backend says how its guest is moved:
 
     negotiate()        what the destination is told of the guest
@@ -27,7 +27,7 @@ A destination backend (:class:`DestBackend`) is driven the same way by
 (READY's digests), before GO, resume, hold in doubt, discard.
 
 Backends never import the engine; they import this module and the protocol
-(:mod:`xmig.control`).
+(:mod:`xmig.protocol.control`).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from xmig import control
-from xmig.commit import Effects
-from xmig.switchover import DestMachine
+from xmig.protocol import control
+from xmig.protocol.commit import Effects
+from xmig.protocol.switchover import DestMachine
 from xmig.transport import TransportSession
 
 

@@ -24,12 +24,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xmig import control
-from xmig.commit import Effects, execute
-from xmig.errors import InDoubt, MigrationError, ProtocolError, XmigError
+from xmig.errors import (
+    GuestNotFound,
+    InDoubt,
+    MigrationError,
+    ProtocolError,
+    StateError,
+    XmigError,
+)
 from xmig.guest.backend import DestBackend, DestResult
-from xmig.journal import Journal
-from xmig.switchover import DestMachine, DestPhase, Step
+from xmig.protocol import control
+from xmig.protocol.commit import Effects, execute
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestMachine, DestPhase, Step
 from xmig.transport import Channel, TransportSession
 
 Events = Callable[[dict[str, Any]], None]
@@ -183,3 +190,69 @@ async def _discard_and_tell(session: TransportSession, backend: DestBackend,
     await backend.discard()
     if not journaled:
         journal.append_or_log("DISCARDED", result.migration, result.epoch, reason=result.error)
+
+
+async def tell_discarded(session: TransportSession, migration: str, epoch: int) -> None:
+    """Tell a settling source that its ABORT took effect (bounded: it retries otherwise)."""
+    with contextlib.suppress(XmigError, TimeoutError):
+        async with asyncio.timeout(5.0):
+            await session.send(Channel.CONTROL, control.Discarded(migration, epoch).encode())
+            await session.drain(Channel.CONTROL)
+
+
+async def first_message(session: TransportSession, timeout: float = 60.0
+                        ) -> control.Negotiate | control.Go | control.Abort:
+    """What a new session is for: a migration (NEGOTIATE) or a source settling one left in
+    doubt here (its journaled GO or ABORT)."""
+    async with asyncio.timeout(timeout):
+        msg = control.decode(await session.recv(Channel.CONTROL))
+    if not isinstance(msg, control.Negotiate | control.Go | control.Abort):
+        raise ProtocolError(f"a session must open with negotiate, go or abort, not {msg.type}")
+    return msg
+
+
+async def settle(session: TransportSession, decision: control.Go | control.Abort,
+                 in_doubt: dict[str, tuple[DestBackend, Journal]], *,
+                 on_event: Events = lambda event: None) -> DestBackend:
+    """A source reached us again with its decision for a migration left in doubt here:
+    apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here, or a
+    decision without its token or from another identity than the one that started it, is
+    refused (typed: GuestNotFound) and nothing changes."""
+    held = in_doubt.get(decision.migration)
+    result = None if held is None else held[0].result
+    if result is None or result.epoch != decision.epoch or not control.token_matches(
+            decision.token, result.token) or session.peer_key != result.owner:
+        await session.send(Channel.CONTROL, control.Refused(
+            decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
+            f"{decision.epoch} is in doubt here").encode())
+        raise GuestNotFound(f"a decision for migration {decision.migration}, which is not "
+                            "in doubt here")
+    assert held is not None
+    backend, journal = held
+    await resolve(backend, decision, journal=journal, session=session, on_event=on_event)
+    del in_doubt[decision.migration]
+    return backend
+
+
+async def resolve(backend: DestBackend, decision: control.Go | control.Abort, *,
+                  journal: Journal, session: TransportSession | None = None,
+                  on_event: Events = lambda event: None) -> None:
+    """Settle a migration left in doubt (:class:`~xmig.errors.InDoubt`) with the source's
+    journaled decision: GO runs the guest here, ABORT discards it. ``session``, if given,
+    is the new session to the source (told RESUMED after GO, DISCARDED after ABORT)."""
+    result = backend.result
+    machine = result.machine
+    if result.status != "in-doubt" or machine is None:
+        raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
+                         state=result.status, event=decision.type)
+    control.check_decision(decision, result.migration, result.epoch, result.token)
+    if isinstance(decision, control.Abort):
+        machine.abort(decision.reason)
+        result.status, result.error = "discarded", f"source aborted: {decision.reason}"
+        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
+        await backend.discard()
+        on_event({"event": "phase", "phase": machine.phase.value})
+        if session is not None:
+            await tell_discarded(session, result.migration, result.epoch)
+        return
+    await run_here(backend, machine.go(decision.epoch), journal, session, on_event)

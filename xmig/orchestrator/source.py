@@ -5,10 +5,10 @@
                   alongside (an ABORT or a broken session ends it at once)
     BLACKOUT   -> from the pause, bounded as a whole (``blackout_timeout_s``): the last
                   state sealed, FINAL, READY checked
-    PREPARE    -> GO journaled, then sent (:mod:`xmig.commit`); the source's copy stays
+    PREPARE    -> GO journaled, then sent (:mod:`xmig.protocol.commit`); the source's copy stays
                   paused until the destination says RESUMED
 
-The phases and the commit rules are :mod:`xmig.switchover`'s, executed from the machine's
+The phases and the commit rules are :mod:`xmig.protocol.switchover`'s, executed from the machine's
 steps; the backend (:class:`~xmig.guest.backend.SourceBackend`) says how its guest is
 moved. Before GO any failure aborts (:func:`_abort`): ABORT journaled, the backend's
 transfer ended and its guest running, the destination told; then
@@ -25,9 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xmig import control
-from xmig.aborting import blackout_deadline, run_abort, tell_abort
-from xmig.commit import Effects, execute
 from xmig.errors import (
     DeadlineExceeded,
     ProtocolError,
@@ -35,8 +32,11 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.backend import Outcome, SourceBackend, SourceResult
-from xmig.journal import Journal
-from xmig.switchover import SourceMachine, SourcePhase
+from xmig.orchestrator.aborting import blackout_deadline, run_abort, tell_abort
+from xmig.protocol import control
+from xmig.protocol.commit import Effects, execute
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
 
 Progress = Callable[[dict[str, Any]], None]

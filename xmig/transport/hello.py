@@ -12,7 +12,6 @@ from typing import Annotated
 
 import msgspec
 
-from xmig import strictjson
 from xmig.errors import (
     AuthenticationError,
     PeerLimitExceeded,
@@ -21,6 +20,7 @@ from xmig.errors import (
     SessionExpired,
     TransportError,
 )
+from xmig.protocol import strictjson
 from xmig.transport.frames import Frame, FrameType, encode_frame
 
 PROTOCOL = "xmig/1"

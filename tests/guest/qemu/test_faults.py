@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from xmig import control
 from xmig.errors import (
     DeadlineExceeded,
     DiskFull,
@@ -28,11 +27,12 @@ from xmig.errors import (
 )
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
-from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions
 from xmig.guest.qemu.mirror import NODE, SourceDiskMirror
-from xmig.guest.qemu.receive import receive_qemu
-from xmig.journal import Journal
 from xmig.netem import Wan
+from xmig.orchestrator.run import migrate_qemu, receive_qemu
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.raw import RawFileBackend
 from xmig.transport import Channel, TransportSession

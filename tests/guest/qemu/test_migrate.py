@@ -25,11 +25,12 @@ import pytest
 from xmig.errors import MigrationAborted, NotConverging, QemuError, XmigError
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage, guest_cmdline
-from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
-from xmig.guest.qemu.receive import QemuDestResult, receive_qemu
-from xmig.journal import Journal
+from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
+from xmig.guest.qemu.receive import QemuDestResult
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
+from xmig.orchestrator.run import migrate_qemu, receive_qemu
+from xmig.protocol.journal import Journal
 from xmig.transport import TransportSession
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context

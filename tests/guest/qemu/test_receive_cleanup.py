@@ -13,10 +13,10 @@ import pytest
 
 from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
-from xmig import control
 from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
-from xmig.journal import Journal
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.raw import RawFileBackend
 from xmig.transport import Channel

@@ -16,17 +16,18 @@ from typing import Any
 import pytest
 
 from tests.transport.stacks import make_stack, session_pair
-from xmig import control
-from xmig.agent import first_message
 from xmig.errors import GuestNotFound, InDoubt
 from xmig.guest.qemu import QemuGuest
 from xmig.guest.qemu.image import GuestImage
-from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
-from xmig.guest.qemu.receive import QemuDestResult, receive_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions
+from xmig.guest.qemu.receive import QemuDestResult
 from xmig.guest.qemu.settle import resolve_qemu, send_qemu_decision
-from xmig.journal import Journal
 from xmig.netem import Wan
 from xmig.netem.sessions import connect_across, listen_across
+from xmig.orchestrator.destination import first_message
+from xmig.orchestrator.run import migrate_qemu, receive_qemu
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
 from xmig.transport import SessionConfig
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context
@@ -102,7 +103,7 @@ TOKEN = "5" * 32
 
 async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResult:
     """A paused QEMU with its image, held in doubt at epoch 3 of migration q2."""
-    from xmig.switchover import DestMachine
+    from xmig.protocol.switchover import DestMachine
 
     image = tmp_path / "q2.raw"
     image.write_bytes(b"\0" * 4096)

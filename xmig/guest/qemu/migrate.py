@@ -48,8 +48,6 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from xmig import control
-from xmig.commit import Effects, nothing
 from xmig.errors import MigrationError, NotConverging, XmigError
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
 from xmig.guest.qemu import ramcheck
@@ -64,8 +62,8 @@ from xmig.guest.qemu.qmpmig import (
 )
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, SourceTunnel
 from xmig.guest.qemu.throttle import QemuSdps
-from xmig.journal import Journal
-from xmig.orchestrator.source import run_source
+from xmig.protocol import control
+from xmig.protocol.commit import Effects, nothing
 from xmig.storage.engine import DEFAULT_BOUND
 from xmig.transport import Channel, TransportSession
 
@@ -364,27 +362,6 @@ class QemuSource(SourceBackend):
 
         return Effects(release_throttle=release_throttle, stop_mirror=stop_mirror,
                        stop_transfer=stop_transfer, resume_guest=resume_guest)
-
-
-async def migrate_qemu(
-    session: TransportSession,
-    source: QemuGuest,
-    *,
-    migration: str,
-    journal: Journal,
-    workdir: Path,
-    options: QemuMigrationOptions = QemuMigrationOptions(),
-    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
-) -> QemuSourceResult:
-    """Move the running QEMU ``source`` to the destination agent at the other end of
-    ``session`` (:func:`~xmig.orchestrator.source.run_source`). Raises MigrationAborted
-    (the source guest runs) on any failure before GO; a result IN_DOUBT when GO was
-    journaled and the destination did not confirm (the caller settles it)."""
-    backend = QemuSource(source, workdir, options)
-    await run_source(session, backend, migration=migration, journal=journal,
-                     reply_timeout_s=options.reply_timeout_s,
-                     blackout_timeout_s=options.blackout_timeout_s, on_progress=on_progress)
-    return backend.result
 
 
 async def _precopy_figures(source: QemuGuest, sdps: QemuSdps | None) -> str:

@@ -21,8 +21,6 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from xmig import control
-from xmig.commit import Effects
 from xmig.errors import MigrationError, ProtocolError, XmigError
 from xmig.guest.backend import DestBackend, DestResult
 from xmig.guest.qemu import ramcheck
@@ -34,9 +32,9 @@ from xmig.guest.qemu.qmpmig import (
 )
 from xmig.guest.qemu.stream import CHUNK, DestTunnel
 from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
-from xmig.journal import Journal
-from xmig.orchestrator.destination import run_destination
 from xmig.private import private_dir
+from xmig.protocol import control
+from xmig.protocol.commit import Effects
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.raw import RawFileBackend
 from xmig.transport import Channel, TransportSession
@@ -120,7 +118,7 @@ class QemuDest(DestBackend):
         msg, result, workdir = negotiate, self.result, self.workdir
         self._session = session
         # a second monitor, the host's own: it tells whether the guest later left by
-        # migration (xmig.agentd), whoever holds the first
+        # migration (xmig.service.agentd), whoever holds the first
         config = incoming_config(self.template, msg)
         config = replace(config, extra=(
             *config.extra, "-qmp", f"unix:{workdir / HOST_QMP},server=on,wait=off"))
@@ -241,32 +239,3 @@ class QemuDest(DestBackend):
             result.image.unlink(missing_ok=True)
         for sock in (STREAM_NAME, HOST_QMP):  # QEMU's listening sockets
             (self.workdir / sock).unlink(missing_ok=True)
-
-
-async def receive_qemu(
-    session: TransportSession,
-    template: QemuConfig,
-    *,
-    workdir: Path,
-    journal: Journal,
-    reply_timeout_s: float = 300.0,
-    popen: PopenFn | None = None,
-    launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
-    chunk: int = CHUNK,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-    first: control.Negotiate | None = None,
-    policy: HostPolicy = DEFAULT_POLICY,
-) -> QemuDestResult:
-    """Serve one QEMU migration arriving on ``session`` by the one engine
-    (:func:`~xmig.orchestrator.destination.run_destination`): start the destination QEMU
-    from ``template`` (:func:`incoming_config`), feed it the stream, vote READY when it has
-    loaded everything, run it on GO. The result holds the running guest (the caller owns
-    it). Before READY a failure discards the destination; READY and then cut off from the
-    source: InDoubt (the guest stays paused). Every file is named here, in ``workdir``
-    (this host's choice); the source's words are labels."""
-    backend = QemuDest(template, workdir=workdir, reply_timeout_s=reply_timeout_s,
-                       popen=popen, launch=launch, chunk=chunk, policy=policy,
-                       on_event=on_event)
-    await run_destination(session, backend, journal=journal, reply_timeout_s=reply_timeout_s,
-                          on_event=on_event, first=first)
-    return backend.result

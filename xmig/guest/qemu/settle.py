@@ -25,15 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from xmig import control
-from xmig.agent import tell_discarded
-from xmig.commit import Effects, execute
 from xmig.errors import GuestNotFound, GuestStateError, ProtocolError, StateError, XmigError
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.receive import HOST_QMP, QemuDestResult
-from xmig.journal import Journal
+from xmig.orchestrator.destination import tell_discarded
 from xmig.orchestrator.source import journaled_decision, send_decision
-from xmig.switchover import Step
+from xmig.protocol import control
+from xmig.protocol.commit import Effects, execute
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import Step
 from xmig.transport import Channel, TransportSession
 
 

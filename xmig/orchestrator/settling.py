@@ -11,7 +11,7 @@ A source settles on a new session (the migration's own is gone), retrying with b
   it knows nothing of the migration (it discarded before READY, on its own).
 
 The agent ends a receiving session still open for the migration when its source settles
-(:mod:`xmig.agentd`), so the answer comes as soon as the link is back.
+(:mod:`xmig.service.agentd`), so the answer comes as soon as the link is back.
 """
 
 from __future__ import annotations

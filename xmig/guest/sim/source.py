@@ -17,22 +17,19 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import xxhash
 
-from xmig import control, guestctl
-from xmig.commit import Effects, nothing
+from xmig import guestctl
 from xmig.errors import MigrationError, XmigError
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
 from xmig.guest.sim import SimConfig, SimGuest
-from xmig.journal import Journal
 from xmig.memory.engine import MemorySender, Progress, SenderConfig
 from xmig.memory.precopy import PlannerConfig
 from xmig.memory.sdps import AutoConverge
-from xmig.orchestrator.source import run_source
+from xmig.protocol import control
+from xmig.protocol.commit import Effects, nothing
 from xmig.storage.engine import DiskSender
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -64,7 +61,8 @@ class MigrationOptions:
 
 @dataclass
 class SimSourceResult(SourceResult):
-    """What the reference guest's source saw; :mod:`xmig.report` turns it into the report."""
+    """What the reference guest's source saw; :mod:`xmig.orchestrator.report` turns it into the
+    report."""
 
     rounds: int = 0
     memory_digest: str = ""
@@ -245,23 +243,3 @@ class SimSource(SourceBackend):
         return dataclasses.replace(self.pause_effects(), pause_guest=None,
                                    stop_mirror=stop_mirror, stop_transfer=nothing,
                                    resume_guest=resume_guest)
-
-
-async def migrate(
-    session: TransportSession,
-    guest: SimGuest,
-    disk: RawFileBackend,
-    nbd: NbdServer,
-    *,
-    migration: str,
-    journal: Journal,
-    options: MigrationOptions,
-    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
-) -> SimSourceResult:
-    """Move ``guest`` (its RAM, and its disk served to it by ``nbd`` from ``disk``) to the
-    destination agent at the other end of ``session`` (:func:`run_source`)."""
-    backend = SimSource(guest, disk, nbd, options)
-    await run_source(session, backend, migration=migration, journal=journal,
-                     reply_timeout_s=options.reply_timeout_s,
-                     blackout_timeout_s=options.blackout_timeout_s, on_progress=on_progress)
-    return backend.result

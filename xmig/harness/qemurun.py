@@ -24,11 +24,11 @@ from typing import Any
 from xmig.errors import QemuError
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
-from xmig.guest.qemu.migrate import QemuMigrationOptions, migrate_qemu
-from xmig.guest.qemu.receive import receive_qemu
-from xmig.journal import Journal
+from xmig.guest.qemu.migrate import QemuMigrationOptions
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
+from xmig.orchestrator.run import migrate_qemu, receive_qemu
+from xmig.protocol.journal import Journal
 from xmig.transport import SessionConfig
 from xmig.transport.certs import init_pki
 from xmig.transport.tls import client_context, server_context

@@ -28,9 +28,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from xmig import hostctl
-from xmig.cli_view import ProgressView, summary
+from xmig.cli.view import ProgressView, summary
 from xmig.errors import ConfigError, XmigError
+from xmig.service import hostctl
 from xmig.units import argtype, parse_bit_rate, parse_byte_rate, parse_duration, parse_size
 
 EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_IN_DOUBT = 2, 3, 4
@@ -216,7 +216,7 @@ def _human(e: dict[str, Any]) -> str | None:
 
 
 def _guest_start(args: argparse.Namespace) -> int:
-    from xmig.hostd import GuestSpec, start_source
+    from xmig.service.hostd import GuestSpec, start_source
 
     udp = hostctl.parse_endpoint(args.udp) if args.udp else None
     spec = GuestSpec(name=args.name, workdir=args.workdir, ram_bytes=args.ram,
@@ -234,7 +234,7 @@ def _guest_start(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from xmig.agentd import serve_agent
+    from xmig.service.agentd import serve_agent
 
     host, port = hostctl.parse_endpoint(args.listen)
     qemu = None
@@ -323,7 +323,7 @@ def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
         if args.report:
             args.report.write_text(json.dumps(report, indent=1) + "\n")
         if args.plot:
-            from xmig.plot import plot_timeline
+            from xmig.harness.plot import plot_timeline
 
             plot_timeline(report, args.plot)
         if args.json:
@@ -342,7 +342,7 @@ def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
 def _migrate_qemu(args: argparse.Namespace) -> int:
     from xmig.errors import MigrationAborted
     from xmig.guest.qemu.migrate import QemuMigrationOptions
-    from xmig.qemusource import QemuMigrateRequest, migrate_attached
+    from xmig.service.qemusource import QemuMigrateRequest, migrate_attached
 
     options = QemuMigrationOptions(downtime_limit_ms=max(1, round(args.max_downtime * 1000)),
                                    timeout_s=args.timeout, sdps=args.sdps == "on",

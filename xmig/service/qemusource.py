@@ -12,7 +12,7 @@ destination may be waiting in doubt: this process reaches its agent again with t
 journaled GO (and the RAM repair) until it answers (:mod:`~xmig.guest.qemu.settle`).
 Aborted in the blackout without the destination's word that it heard ABORT, it keeps
 telling it for up to ``abort_delivery_s`` (3 minutes) before it exits
-(:mod:`xmig.settling`).
+(:mod:`xmig.orchestrator.settling`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmig import hostctl
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -40,13 +39,15 @@ from xmig.errors import (
 from xmig.guest.backend import Outcome
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
-from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, migrate_qemu
+from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
 from xmig.guest.qemu.settle import send_qemu_decision
-from xmig.journal import Journal
+from xmig.orchestrator.report import downtime_estimate
+from xmig.orchestrator.run import migrate_qemu
+from xmig.orchestrator.settling import AgentAddress, keep_telling
 from xmig.orchestrator.source import journaled_decision, send_decision
 from xmig.private import FILE_MODE, create_file, private_dir, unix_listener
-from xmig.report import downtime_estimate
-from xmig.settling import AgentAddress, keep_telling
+from xmig.protocol.journal import Journal
+from xmig.service import hostctl
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import client_context
@@ -258,7 +259,7 @@ async def _settle(req: QemuMigrateRequest, source: QemuGuest,
 
 
 class _InDoubtControl:
-    """The control socket of a source QEMU in doubt (:mod:`xmig.hostctl`): ``status`` lists
+    """The control socket of a source QEMU in doubt (:mod:`xmig.service.hostctl`): ``status`` lists
     the migration for ``xmig resolve``; ``resolve`` journals FORCED, continues the source
     QEMU for ``abort``, and ends the settling (:attr:`forced`)."""
 

@@ -2,7 +2,7 @@
 
 The source agent coordinates. Each side feeds events in and reads the actions to perform;
 the orchestrator does the I/O (the transport, the guest, the journal), each step's actions
-in their order through :func:`xmig.commit.execute`. Transitions are the
+in their order through :func:`xmig.protocol.commit.execute`. Transitions are the
 tables :data:`SOURCE_TRANSITIONS` and :data:`DEST_TRANSITIONS`; an event a state does not
 allow raises :class:`~xmig.errors.StateError`; a failure moves to the sticky FAILED state.
 

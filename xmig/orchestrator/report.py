@@ -1,6 +1,6 @@
 """The final report of one migration (issue 3's keys), from what the source side measured.
 
-:func:`source_report` builds it from a :class:`~xmig.migration.SimSourceResult` and a few
+:func:`source_report` builds it from a :class:`~xmig.guest.sim.source.SimSourceResult` and a few
 measures the caller takes around the migration; the helpers compute those measures.
 Definitions as in DESIGN.md "Measures". Keys:
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import LedgerCheck, read_ledger, verify_ledger
-from xmig.migration import SimSourceResult
+from xmig.guest.sim.source import SimSourceResult
 from xmig.storage.raw import RawFileBackend
 
 REPORT_KEYS = (

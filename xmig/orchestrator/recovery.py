@@ -1,7 +1,7 @@
 """What a destination agent knows of the migrations it received: their journals.
 
 Each arriving guest gets its own directory ``DIR/incoming-<hex>/`` with its own journal
-(:mod:`xmig.agentd`). The journals are the agent's memory across a restart (``kill -9``,
+(:mod:`xmig.service.agentd`). The journals are the agent's memory across a restart (``kill -9``,
 a power loss):
 
 - READY journaled (with the migration's token and the certificate identity that started it)
@@ -34,10 +34,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xmig import control
 from xmig.errors import ConfigError, GuestNotFound
-from xmig.journal import Journal
-from xmig.switchover import DestMachine, DestPhase
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestMachine, DestPhase
 
 log = logging.getLogger(__name__)
 

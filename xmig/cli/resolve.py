@@ -23,8 +23,8 @@ from typing import Any
 
 from rich.console import Console
 
-from xmig import hostctl
 from xmig.errors import ConfigError, GuestNotFound, XmigError
+from xmig.service import hostctl
 
 ROLES = ("source", "destination")
 

@@ -22,8 +22,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from xmig import errors, strictjson
+from xmig import errors
 from xmig.errors import ProtocolError
+from xmig.protocol import strictjson
 
 GiB = 1 << 30
 MAX_MESSAGE_BYTES = 4 << 20  #: the CONTROL channel's window: no message is larger

@@ -1,10 +1,10 @@
 """The destination agent (``xmig agent``): accepts migrations and hosts the guests that arrive.
 
-Each session is received (:func:`xmig.agent.receive_migration`) into a new private
+Each session is received (:func:`xmig.guest.sim.dest.receive_migration`) into a new private
 directory ``DIR/incoming-<8 random hex>/`` (0700; image, NBD socket, ledger, journal, guest
 log under names this agent chooses, 0600), so an arriving guest never touches the files of
 one already here, and nothing a source says becomes a path. Once it runs here, a
-:class:`~xmig.hostd.GuestHost` hosts it exactly as ``xmig guest start`` does, with the
+:class:`~xmig.service.hostd.GuestHost` hosts it exactly as ``xmig guest start`` does, with the
 control socket ``DIR/NAME.ctl`` (0600): NAME is the migration's label (a source host sets
 it to its guest's name; the protocol lets only ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`` through),
 ``NAME-2``, ``NAME-3``, ... when that socket is taken. The guest can be migrated onward.
@@ -16,13 +16,13 @@ it succeeds it hosts the guest until that is stopped or migrated away, then exit
 host's status (0).
 
 A migration left in doubt (the destination voted READY and lost the source before GO, when
-:func:`~xmig.agent.receive_migration` raises ``InDoubt``) keeps its paused guest in this
+:func:`~xmig.guest.sim.dest.receive_migration` raises ``InDoubt``) keeps its paused guest in this
 process, which then does not exit by itself, even with ``once``, until the source reaches
 it again with a session that opens with its journaled decision
-(:func:`xmig.migration.send_decision`, which the source host retries on its own): GO runs
+(:func:`xmig.guest.sim.source.send_decision`, which the source host retries on its own): GO runs
 and hosts the guest here, ABORT discards it. An operator may decide instead (``xmig
 resolve``, when the source's site is gone): the agent's own control socket ``DIR/agent.ctl``
-(:mod:`xmig.hostctl`) answers ``status`` (the migrations in doubt here) and ``resolve`` (a
+(:mod:`xmig.service.hostctl`) answers ``status`` (the migrations in doubt here) and ``resolve`` (a
 forced GO or ABORT, journaled as FORCED; the source's contrary decision is refused after).
 
 A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is received by
@@ -55,8 +55,6 @@ from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
 
-from xmig import control, hostctl, recovery
-from xmig.agent import SimDestResult, first_message, receive_migration, resolve, settle
 from xmig.errors import (
     ConfigError,
     GuestNotFound,
@@ -65,15 +63,22 @@ from xmig.errors import (
     ProtocolError,
     XmigError,
 )
+from xmig.guest.backend import DestBackend
 from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.guest.qemu.settle import force_qemu, resolve_qemu
-from xmig.hostctl import NAME_RE, claim_socket
-from xmig.hostd import Emit, GuestHost
+from xmig.guest.sim.dest import SimDest, SimDestResult
 from xmig.hostpolicy import HostPolicy
-from xmig.journal import Journal
+from xmig.orchestrator import recovery
+from xmig.orchestrator.destination import first_message, resolve, settle
+from xmig.orchestrator.run import receive_migration, receive_qemu
 from xmig.private import fsync_dir, private_dir, unix_listener
-from xmig.switchover import DestPhase
+from xmig.protocol import control
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import DestPhase
+from xmig.service import hostctl
+from xmig.service.hostctl import NAME_RE, claim_socket
+from xmig.service.hostd import Emit, GuestHost
 from xmig.transport import Channel, Listener, PeerPolicy, TransportSession, listen
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import server_context
@@ -133,7 +138,7 @@ def _recover(workdir: Path, emit: Emit) -> None:
             claim_socket(ctl)  # a live one (not ours) stays: claim_socket refuses it
 
 
-#: the agent's own control socket in its workdir (xmig.hostctl: status, resolve)
+#: the agent's own control socket in its workdir (xmig.service.hostctl: status, resolve)
 AGENT_CTL = "agent.ctl"
 #: how long a superseded receiving session has to end (its guest then in doubt or discarded)
 SUPERSEDE_WAIT_S = 30.0
@@ -242,7 +247,7 @@ class _Agent:
         """An operator decides a migration in doubt here (its source's site is gone):
         journaled (FORCED) before it acts. ``go`` runs and hosts the guest here, ``abort``
         discards it; either way a later contrary decision of the source is refused from the
-        journal (:func:`xmig.recovery.answer`): GO after a forced abort with
+        journal (:func:`xmig.orchestrator.recovery.answer`): GO after a forced abort with
         EpochAbandoned (the source resumes its copy), ABORT after a forced go as too late."""
         self.emit({"event": "forced", "migration": req.migration, "decision": req.force})
         if req.migration in self.qemu_in_doubt:
@@ -262,7 +267,7 @@ class _Agent:
             control.Abort(dest.migration, dest.epoch, "forced by an operator", dest.token))
         journal.append("FORCED", dest.migration, dest.epoch, decision=req.force,
                        reason="forced by an operator (xmig resolve)")
-        await resolve(dest, decision, journal=journal,
+        await resolve(SimDest(workdir=sdir, result=dest), decision, journal=journal,
                       on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         self.in_doubt.pop(req.migration, None)
         if dest.status == "running":
@@ -334,9 +339,12 @@ class _Agent:
         sdir = self.in_doubt[decision.migration][2]
         self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
                    "migration": decision.migration})
-        dest = await settle(session, decision, {
-            k: (r, j) for k, (r, j, _) in self.in_doubt.items()},
-            on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        held: dict[str, tuple[DestBackend, Journal]] = {
+            k: (SimDest(workdir=d, result=r), j) for k, (r, j, d) in self.in_doubt.items()}
+        settled = await settle(session, decision, held,
+                               on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        dest = settled.result
+        assert isinstance(dest, SimDestResult)
         self.in_doubt.pop(decision.migration, None)
         if dest.status != "running":  # ABORT: discarded
             self._ended(1)
@@ -375,7 +383,7 @@ class _Agent:
     async def _answer_from_journals(self, session: TransportSession,
                                     decision: control.Go | control.Abort) -> None:
         """A decision for a migration no guest here is held for: what the journals say
-        (:func:`xmig.recovery.answer`): RESUMED if it ran here, EpochAbandoned if this
+        (:func:`xmig.orchestrator.recovery.answer`): RESUMED if it ran here, EpochAbandoned if this
         agent abandoned it after a restart; GuestNotFound if nothing is known."""
         self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
                    "migration": decision.migration, "held": False})
@@ -453,7 +461,7 @@ class _Agent:
             return None
         template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
         try:
-            dest = await qemu_receive.receive_qemu(
+            dest = await receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
                 policy=self.policy,
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))

@@ -1,6 +1,6 @@
 """A migration's journal: an append-only file of decisions, each fsynced before it counts.
 
-The commit protocol (``xmig.switchover``) journals GO on the source before sending it, and
+The commit protocol (``xmig.protocol.switchover``) journals GO on the source before sending it, and
 READY / RUNNING / DISCARDED on the destination; after a crash the last record says what
 the side may do (a source that journaled GO never resumes its guest). One JSON object per
 line; a torn last line (crash mid-write) is ignored, an unreadable middle line is an error.

@@ -9,8 +9,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NoReturn
 
-from xmig import control
 from xmig.errors import DeadlineExceeded, MigrationAborted, XmigError
+from xmig.protocol import control
 from xmig.transport import Channel, TransportSession
 
 ABORT_DELIVERY_S = 5.0  #: how long an abort waits for the peer to have read ABORT

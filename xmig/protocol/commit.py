@@ -1,7 +1,8 @@
-"""The commit protocol, executed: a state machine's :class:`~xmig.switchover.Step` is carried
+"""The commit protocol, executed: a state machine's :class:`~xmig.protocol.switchover.Step` is
+carried
 out action by action, in the machine's order, for every backend.
 
-The machines (:mod:`xmig.switchover`) decide *what* happens and in which order (GO is
+The machines (:mod:`xmig.protocol.switchover`) decide *what* happens and in which order (GO is
 journaled before it is sent; RUNNING before the destination guest resumes; ABORT journaled
 before the source guest resumes and the destination is told). A backend says only *how* each
 action is done on its side, as :class:`Effects`; :func:`execute` does them in the step's
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from xmig.errors import StateError
-from xmig.switchover import Action, Step
+from xmig.protocol.switchover import Action, Step
 
 Effect = Callable[[], Awaitable[None]]
 

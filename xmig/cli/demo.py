@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from xmig.cli_view import ProgressView, summary
+from xmig.cli.view import ProgressView, summary
 from xmig.errors import ConfigError
 from xmig.units import (
     argtype,
@@ -113,8 +113,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.guest == "qemu":
         return _run_qemu(args, spec)
     from xmig.guest.sim import SimConfig
-    from xmig.localrun import LocalRun, run_local
-    from xmig.migration import MigrationOptions
+    from xmig.guest.sim.source import MigrationOptions
+    from xmig.harness.localrun import LocalRun, run_local
 
     run = LocalRun(
         guest=SimConfig(ram_bytes=args.ram, workload=args.workload, rate_Bps=args.dirty_rate,
@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def _run_qemu(args: argparse.Namespace, spec: Any) -> int:
     """The QEMU test guest (memdisk workload) migrated over the emulated link."""
     from xmig.guest.qemu.migrate import QemuMigrationOptions
-    from xmig.qemurun import QemuRun, default_build_dir, run_qemu_local
+    from xmig.harness.qemurun import QemuRun, default_build_dir, run_qemu_local
 
     run = QemuRun(link=spec, build_dir=default_build_dir(),
                   ram_mb=min(args.ram, 512 * MiB) // MiB,
@@ -188,13 +188,13 @@ def _save(args: argparse.Namespace, report: dict[str, Any]) -> None:
     if args.report:
         args.report.write_text(json.dumps(report, indent=1) + "\n")
     if args.plot and report.get("timeline"):
-        from xmig.plot import plot_timeline
+        from xmig.harness.plot import plot_timeline
 
         plot_timeline(report, args.plot)
 
 
 def _run_transport(args: argparse.Namespace, spec: Any) -> int:
-    from xmig.demo import DemoProgress, progress_dict, run_transport_demo
+    from xmig.harness.demo import DemoProgress, progress_dict, run_transport_demo
 
     total = args.size
     if total < (1 << 20):

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xmig.agent import SimDestResult, receive_migration
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -28,11 +27,13 @@ from xmig.guest.sim import (
     downtime_s,
     make_disk_image,
 )
-from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SimSourceResult, migrate
+from xmig.guest.sim.dest import SimDestResult
+from xmig.guest.sim.source import MigrationOptions, SimSourceResult
 from xmig.netem import LinkSpec, Wan
 from xmig.netem.sessions import connect_across, listen_across
-from xmig.report import ledger_check, source_report
+from xmig.orchestrator.report import ledger_check, source_report
+from xmig.orchestrator.run import migrate, receive_migration
+from xmig.protocol.journal import Journal
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
 from xmig.transport import SessionConfig

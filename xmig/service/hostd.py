@@ -1,14 +1,15 @@
 """The guest host: the process that runs a reference guest and its migrations, like libvirtd.
 
 ``xmig guest start`` runs one :class:`GuestHost` for a fresh guest (:func:`start_source`);
-``xmig agent`` (:mod:`xmig.agentd`) runs one per guest that arrived. A host owns the guest
+``xmig agent`` (:mod:`xmig.service.agentd`) runs one per guest that arrived. A host owns the guest
 process, its disk image, the NBD server that serves the disk to it, the guest's journal and
-a control socket ``DIR/NAME.ctl`` speaking :mod:`xmig.hostctl` (status, stop, migrate).
+a control socket ``DIR/NAME.ctl`` speaking :mod:`xmig.service.hostctl` (status, stop, migrate).
 
 On ``migrate`` the host opens the TLS session to the destination agent itself
 (:func:`xmig.transport.connect`, client certificate from the PKI directory), runs
-:func:`xmig.migration.migrate` and streams its progress events to the client, then the
-final report (:mod:`xmig.report`). The migration belongs to the host, not to the client: a
+:func:`xmig.guest.sim.source.migrate` and streams its progress events to the client, then the
+final report (:mod:`xmig.orchestrator.report`). The migration belongs to the host, not to the
+client: a
 client that goes away does not stop it. Afterwards:
 
 - done (GO sent, destination running): the guest is discarded here and the host exits 0;
@@ -17,7 +18,7 @@ client that goes away does not stop it. Afterwards:
 - in doubt (GO was journaled, so this side never resumes on its own: I1, and the
   destination has not confirmed it runs): the host keeps the paused guest and its state
   (state ``in-doubt``), refuses new migrations, and keeps reaching the destination agent
-  with GO (:func:`xmig.migration.send_decision`, with backoff). RESUMED: the guest runs
+  with GO (:func:`xmig.guest.sim.source.send_decision`, with backoff). RESUMED: the guest runs
   there and is discarded here. ``EpochAbandoned`` (the agent restarted and journaled that
   this epoch never runs there): ABANDONED is journaled and the paused guest resumes here,
   state ``running``. Stopped before either, it exits 1.
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xmig import guestctl, hostctl
+from xmig import guestctl
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -50,15 +51,17 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
-from xmig.journal import Journal
-from xmig.migration import MigrationOptions, SimSourceResult, migrate
+from xmig.guest.sim.source import MigrationOptions, SimSourceResult
+from xmig.orchestrator.report import aborted_report, downtime_estimate, ledger_check, source_report
+from xmig.orchestrator.run import migrate
+from xmig.orchestrator.settling import AgentAddress, keep_telling
 from xmig.orchestrator.source import send_decision
 from xmig.private import private_dir, unix_listener
-from xmig.report import aborted_report, downtime_estimate, ledger_check, source_report
-from xmig.settling import AgentAddress, keep_telling
+from xmig.protocol.journal import Journal
+from xmig.protocol.switchover import SourceMachine, SourcePhase
+from xmig.service import hostctl
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.switchover import SourceMachine, SourcePhase
 from xmig.transport import SessionConfig, connect
 from xmig.transport.certs import PkiPaths
 from xmig.transport.tls import client_context
@@ -381,7 +384,8 @@ class GuestHost:
 
     async def _settle(self, req: hostctl.MigrateRequest, epoch: int) -> None:
         """GO is journaled and unconfirmed: reach the destination agent again and tell it,
-        with backoff, until it answers (:func:`xmig.settling.keep_telling`). RESUMED: the
+        with backoff, until it answers (:func:`xmig.orchestrator.settling.keep_telling`). RESUMED:
+        the
         guest runs there and is discarded here. EpochAbandoned (it restarted without its
         paused copy, and journaled that it never runs it): ABANDONED is journaled here and
         the paused guest resumes. Anything else (unreachable, nothing known there) keeps

@@ -2,7 +2,7 @@
 
 A typed :class:`~xmig.errors.XmigError` becomes one red line on stderr and exit status 2
 (``xmig migrate`` tells bad input, 2, from a migration that did not happen, 3, or one in
-doubt after GO, 4: :mod:`xmig.cli_ops`). Sizes, rates and durations are read by :mod:`xmig.units`.
+doubt after GO, 4: :mod:`xmig.cli.ops`). Sizes, rates and durations are read by :mod:`xmig.units`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     transport_cli.add_parsers(sub)
     netem_cli.add_parsers(sub)
-    from xmig import cli_demo, cli_ops, cli_resolve
+    from xmig.cli import demo as cli_demo
+    from xmig.cli import ops as cli_ops
+    from xmig.cli import resolve as cli_resolve
 
     cli_demo.add_parsers(sub)
     cli_ops.add_parsers(sub)

@@ -17,29 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from xmig import control, guestctl
-from xmig.commit import Effects
+from xmig import guestctl
 from xmig.errors import (
-    GuestNotFound,
     MigrationError,
     ProtocolError,
-    StateError,
     XmigError,
 )
 from xmig.guest.backend import DestBackend, DestResult
 from xmig.guest.sim import SimConfig, SimGuest
 from xmig.hostpolicy import DEFAULT_POLICY, HostPolicy, check_resources
-from xmig.journal import Journal
 from xmig.memory.engine import MemoryReceiver
-from xmig.orchestrator.destination import run_destination, run_here
 from xmig.private import private_dir
+from xmig.protocol import control
+from xmig.protocol.commit import Effects
 from xmig.storage.engine import DiskReceiver
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
@@ -169,93 +165,6 @@ class SimDest(DestBackend):
     async def discard(self) -> None:
         """Throw away what was received: the guest process, the NBD server, the image."""
         await _discard(self.result, self.result.receiver)
-
-
-async def receive_migration(
-    session: TransportSession,
-    *,
-    workdir: Path,
-    journal: Journal,
-    reply_timeout_s: float = 300.0,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-    first: control.Negotiate | None = None,
-    policy: HostPolicy = DEFAULT_POLICY,
-) -> SimDestResult:
-    """Serve one migration arriving on ``session`` (``first``: its NEGOTIATE, if the caller
-    read it already, see :func:`first_message`) into ``workdir`` (this host's choice; every
-    file in it is named here), by the one engine
-    (:func:`~xmig.orchestrator.destination.run_destination`). On success the guest runs
-    here and the result holds it (with its image and NBD server: the caller owns them from
-    then on); READY and cut off from the source is :class:`~xmig.errors.InDoubt`."""
-    backend = SimDest(workdir=workdir, reply_timeout_s=reply_timeout_s, policy=policy)
-    await run_destination(session, backend, journal=journal, reply_timeout_s=reply_timeout_s,
-                          on_event=on_event, first=first)
-    return backend.result
-
-
-async def tell_discarded(session: TransportSession, migration: str, epoch: int) -> None:
-    """Tell a settling source that its ABORT took effect (bounded: it retries otherwise)."""
-    with contextlib.suppress(XmigError, TimeoutError):
-        async with asyncio.timeout(5.0):
-            await session.send(Channel.CONTROL, control.Discarded(migration, epoch).encode())
-            await session.drain(Channel.CONTROL)
-
-
-async def first_message(session: TransportSession, timeout: float = 60.0
-                        ) -> control.Negotiate | control.Go | control.Abort:
-    """What a new session is for: a migration (NEGOTIATE) or a source settling one left in
-    doubt here (its journaled GO or ABORT)."""
-    async with asyncio.timeout(timeout):
-        msg = control.decode(await session.recv(Channel.CONTROL))
-    if not isinstance(msg, control.Negotiate | control.Go | control.Abort):
-        raise ProtocolError(f"a session must open with negotiate, go or abort, not {msg.type}")
-    return msg
-
-
-async def settle(session: TransportSession, decision: control.Go | control.Abort,
-                 in_doubt: dict[str, tuple[SimDestResult, Journal]], *,
-                 on_event: Callable[[dict[str, Any]], None] = lambda event: None
-                 ) -> SimDestResult:
-    """A source reached us again with its decision for a migration left in doubt here:
-    apply it (:func:`resolve`); GO is answered RESUMED. A migration not in doubt here, or a
-    decision without its token or from another identity than the one that started it, is
-    refused (typed: GuestNotFound) and nothing changes."""
-    held = in_doubt.get(decision.migration)
-    if held is None or held[0].epoch != decision.epoch or not control.token_matches(
-            decision.token, held[0].token) or session.peer_key != held[0].owner:
-        await session.send(Channel.CONTROL, control.Refused(
-            decision.migration, "GuestNotFound", f"no migration {decision.migration} epoch "
-            f"{decision.epoch} is in doubt here").encode())
-        raise GuestNotFound(f"a decision for migration {decision.migration}, which is not "
-                            "in doubt here")
-    result, journal = held
-    await resolve(result, decision, journal=journal, session=session, on_event=on_event)
-    del in_doubt[decision.migration]
-    return result
-
-
-async def resolve(result: SimDestResult, decision: control.Go | control.Abort, *,
-                  journal: Journal, session: TransportSession | None = None,
-                  on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
-    """Settle a migration left in doubt (:class:`~xmig.errors.InDoubt`) with the source's
-    journaled decision: GO runs the guest here, ABORT discards it. ``session``, if given,
-    is the new session to the source (told RESUMED after GO, DISCARDED after ABORT)."""
-    machine, receiver = result.machine, result.receiver
-    if result.status != "in-doubt" or machine is None or receiver is None:
-        raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
-                         state=result.status, event=decision.type)
-    control.check_decision(decision, result.migration, result.epoch, result.token)
-    if isinstance(decision, control.Abort):
-        machine.abort(decision.reason)
-        result.status, result.error = "discarded", f"source aborted: {decision.reason}"
-        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
-        await _discard(result, receiver)
-        on_event({"event": "phase", "phase": machine.phase.value})
-        if session is not None:
-            await tell_discarded(session, result.migration, result.epoch)
-        return
-    held = SimDest(workdir=journal.path.parent, result=result)
-    await run_here(held, machine.go(decision.epoch), journal, session, on_event)
 
 
 async def _discard(result: SimDestResult, receiver: DiskReceiver | None) -> None:

@@ -1,6 +1,6 @@
 """Bytes from a peer into typed, validated values: msgspec's JSON decoder for a schema, every
 failure a :class:`~xmig.errors.ProtocolError` saying what and where (the control messages,
-:mod:`xmig.control`; the connection handshake, :mod:`xmig.transport.hello`)."""
+:mod:`xmig.protocol.control`; the connection handshake, :mod:`xmig.transport.hello`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,7 @@
+"""``python -m xmig.cli``: the ``xmig`` command."""
+
+import sys
+
+from xmig.cli import main
+
+sys.exit(main())
