@@ -10,7 +10,7 @@ import pytest
 
 from tests.transport.stacks import make_stack, session_pair
 from xmig.errors import GuestNotFound, ProtocolError
-from xmig.guest.backend import DestBackend
+from xmig.guest.backend import Arrival, DestBackend
 from xmig.guest.sim.dest import SimDest, SimDestResult
 from xmig.orchestrator.destination import first_message, settle
 from xmig.orchestrator.source import send_decision
@@ -23,7 +23,7 @@ async def test_a_decision_for_a_migration_not_in_doubt_is_refused(tmp_path: Path
     source_journal = Journal(tmp_path / "src" / "journal")
     source_journal.append("START", "m9", 2)
     source_journal.append("GO", "m9", 2)
-    held = SimDestResult(migration="m9", epoch=1, status="in-doubt")  # another epoch
+    held = SimDestResult(migration="m9", epoch=1, status=Arrival.IN_DOUBT)  # another epoch
     dst_dir = tmp_path / "dst"
     in_doubt: dict[str, tuple[DestBackend, Journal]] = {
         "m9": (SimDest(workdir=dst_dir, result=held), Journal(dst_dir / "journal"))}

@@ -263,17 +263,20 @@ class InDoubt(MigrationError):
     """The commit's outcome is not known on this side yet. On a destination: it voted READY
     and lost the source before GO arrived; it keeps the guest paused and its image (I1: the
     source may have journaled GO) until the source's decision reaches it
-    (:func:`xmig.guest.sim.dest.resolve`) or an operator forces a side. On a source: GO is journaled
+    (:func:`xmig.orchestrator.destination.settle`) or an operator forces a side. On a
+    source: GO is journaled
     and sent and the destination has not confirmed it runs the guest; the source keeps its
     paused copy and tells the destination again until it answers."""
 
     def __init__(self, message: str, *, migration: str = "", epoch: int = 0,
-                 result: object = None) -> None:
+                 result: object = None, backend: object = None) -> None:
         super().__init__(message)
         self.migration = migration
         self.epoch = epoch
         #: the :class:`~xmig.guest.backend.DestResult` holding the paused guest
         self.result = result
+        #: the :class:`~xmig.guest.backend.DestBackend` that holds it, to settle it with
+        self.backend = backend
 
 
 class EpochAbandoned(MigrationError):

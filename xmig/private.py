@@ -15,7 +15,7 @@ import socket
 import stat
 from pathlib import Path
 
-from xmig.errors import ConfigError
+from xmig.errors import ConfigError, GuestNotFound
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -89,5 +89,52 @@ def unix_listener(path: Path, *, backlog: int = 16) -> socket.socket:
         sock.setblocking(False)
     except BaseException:
         sock.close()
+        raise
+    return sock
+
+
+def not_a_socket(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be ``what`` (e.g. "an xmig guest host's control socket"), in
+    words, when it is not a Unix socket: it does not exist, or it is a directory, a regular
+    file, ...; None when it is a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{path} not found: no such file or directory (want {what})"
+    except OSError as err:
+        return f"{path} cannot be looked at ({err.strerror or err}): want {what}"
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "not a socket")
+    return f"{path} is {kind}, not {what}"
+
+
+def connect_unix(path: Path, what: str, timeout: float) -> socket.socket:
+    """A connected Unix socket to ``path``, which should be ``what``; GuestNotFound saying
+    in words why not: not found, a directory, a regular file, nothing listening (a stale
+    socket), not allowed."""
+    why = not_a_socket(path, what)
+    if why is not None:
+        raise GuestNotFound(why)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fsencode(path))
+    except BaseException as err:
+        sock.close()
+        if isinstance(err, ConnectionRefusedError):
+            raise GuestNotFound(f"nothing listens at {path}: a stale socket (whatever served "
+                                f"it exited), not {what}") from err
+        if isinstance(err, FileNotFoundError | NotADirectoryError):
+            raise GuestNotFound(f"{path} not found: no such file or directory (want "
+                                f"{what})") from err
+        if isinstance(err, PermissionError):
+            raise GuestNotFound(f"cannot connect to {path}: permission denied (a socket of "
+                                "another user?)") from err
+        if isinstance(err, OSError):
+            raise GuestNotFound(f"cannot connect to {path} ({what}): "
+                                f"{err.strerror or err}") from err
         raise
     return sock

@@ -53,6 +53,15 @@ class Outcome(enum.StrEnum):
     IN_DOUBT = "in-doubt"  #: GO journaled, unconfirmed: settle it (xmig resolve)
 
 
+class Arrival(enum.StrEnum):
+    """Where a migration stands for its destination (a ``str``: reports print it as is)."""
+
+    RECEIVING = "receiving"  #: not ended yet
+    RUNNING = "running"  #: GO: the guest runs here
+    DISCARDED = "discarded"  #: aborted: nothing of it is left here
+    IN_DOUBT = "in-doubt"  #: READY, cut off from the source: paused until its decision
+
+
 class Emit(Protocol):
     """A progress event: its kind and fields (the engine adds the phase and the time)."""
 
@@ -166,7 +175,7 @@ class DestResult:
 
     migration: str = ""
     epoch: int = 0
-    status: str = "running"  #: running, discarded, in-doubt
+    status: Arrival = Arrival.RECEIVING
     error: str | None = None
     resumed_at: float = 0.0  #: the guest runs here since (monotonic)
     token: str = field(default="", repr=False)  #: the migration's secret (Negotiate's)
@@ -195,8 +204,14 @@ class DestBackend(ABC):
         """Check what arrived (``decision``: the source's next word, GO or ABORT, which may
         end the check); READY's digests."""
 
-    async def before_go(self) -> None:
-        """GO arrived: what must be in place before the guest runs (still paused)."""
+    async def before_go(self, session: TransportSession | None) -> None:
+        """GO arrived on ``session`` (None: an operator forced it): what must be in place
+        before the guest runs (still paused)."""
+        return None
+
+    def check_force(self, force: str) -> None:
+        """An operator would force ``force`` ("go", "abort") with the source gone:
+        GuestStateError if this guest cannot take it (nothing is changed)."""
         return None
 
     @abstractmethod

@@ -26,13 +26,14 @@ from typing import Any
 
 from xmig.errors import (
     GuestNotFound,
+    GuestStateError,
     InDoubt,
     MigrationError,
     ProtocolError,
     StateError,
     XmigError,
 )
-from xmig.guest.backend import DestBackend, DestResult
+from xmig.guest.backend import Arrival, DestBackend, DestResult
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, execute
 from xmig.protocol.journal import Journal
@@ -109,7 +110,7 @@ async def run_destination(
         if not isinstance(decision, control.Go):
             raise control.unexpected(decision, "go", peer="source")
         on_event({"event": "step", "step": "go", "at": time.monotonic()})
-        await backend.before_go()
+        await backend.before_go(session)
         go = machine.go(decision.epoch)
     except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
         for word in words:
@@ -133,7 +134,7 @@ async def run_here(backend: DestBackend, go: Step, journal: Journal,
             await session.send(Channel.CONTROL, control.Resumed(
                 result.migration, result.epoch, result.resumed_at).encode())
     await backend.after_resume()
-    result.status, result.error = "running", None
+    result.status, result.error = Arrival.RUNNING, None
     on_event({"event": "phase", "phase": go.phase.value})
 
 
@@ -148,7 +149,7 @@ async def _failed(session: TransportSession, backend: DestBackend, machine: Dest
         # READY and the source is gone: it may have journaled GO. Discarding could
         # lose the guest (I1); running could run it twice. Stay paused, in doubt.
         machine.cut_off()
-        result.status, result.machine = "in-doubt", machine
+        result.status, result.machine = Arrival.IN_DOUBT, machine
         await backend.hold()
         on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
         if isinstance(err, asyncio.CancelledError):
@@ -156,8 +157,9 @@ async def _failed(session: TransportSession, backend: DestBackend, machine: Dest
         raise InDoubt(f"READY for migration {result.migration} epoch {result.epoch} and cut "
                       f"off from the source before GO ({result.error}): the guest stays "
                       "paused until the source's decision arrives",
-                      migration=result.migration, epoch=result.epoch, result=result) from err
-    result.status = "discarded"
+                      migration=result.migration, epoch=result.epoch, result=result,
+                      backend=backend) from err
+    result.status = Arrival.DISCARDED
     cleanup = asyncio.ensure_future(_discard_and_tell(session, backend, machine, journal, err))
     try:
         await asyncio.shield(cleanup)
@@ -242,17 +244,37 @@ async def resolve(backend: DestBackend, decision: control.Go | control.Abort, *,
     is the new session to the source (told RESUMED after GO, DISCARDED after ABORT)."""
     result = backend.result
     machine = result.machine
-    if result.status != "in-doubt" or machine is None:
+    if result.status != Arrival.IN_DOUBT or machine is None:
         raise StateError(f"migration {result.migration} is {result.status}, not in doubt",
                          state=result.status, event=decision.type)
     control.check_decision(decision, result.migration, result.epoch, result.token)
     if isinstance(decision, control.Abort):
         machine.abort(decision.reason)
-        result.status, result.error = "discarded", f"source aborted: {decision.reason}"
+        result.status, result.error = Arrival.DISCARDED, f"source aborted: {decision.reason}"
         journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
         await backend.discard()
         on_event({"event": "phase", "phase": machine.phase.value})
         if session is not None:
             await tell_discarded(session, result.migration, result.epoch)
         return
-    await run_here(backend, machine.go(decision.epoch), journal, session, on_event)
+    go = machine.go(decision.epoch)
+    await backend.before_go(session)
+    await run_here(backend, go, journal, session, on_event)
+
+
+async def force(backend: DestBackend, decision: str, *, journal: Journal,
+                on_event: Events = lambda event: None) -> None:
+    """An operator decides a migration in doubt here, its source's site gone (``xmig
+    resolve --force go|abort``): FORCED journaled before it acts; ``go`` runs the guest
+    here, ``abort`` discards it. GuestStateError, and nothing changes, when it is not in
+    doubt or the backend cannot take it (:meth:`~xmig.guest.backend.DestBackend.check_force`)."""
+    result = backend.result
+    if result.status != Arrival.IN_DOUBT or result.machine is None:
+        raise GuestStateError(f"migration {result.migration} is {result.status}, not in doubt")
+    backend.check_force(decision)
+    journal.append("FORCED", result.migration, result.epoch, decision=decision,
+                   reason="forced by an operator (xmig resolve)")
+    word: control.Go | control.Abort = (
+        control.Go(result.migration, result.epoch, result.token) if decision == "go" else
+        control.Abort(result.migration, result.epoch, "forced by an operator", result.token))
+    await resolve(backend, word, journal=journal, on_event=on_event)

@@ -1,6 +1,6 @@
 """The destination agent (``xmig agent``): accepts migrations and hosts the guests that arrive.
 
-Each session is received (:func:`xmig.guest.sim.dest.receive_migration`) into a new private
+Each session is received (:func:`xmig.orchestrator.run.receive_migration`) into a new private
 directory ``DIR/incoming-<8 random hex>/`` (0700; image, NBD socket, ledger, journal, guest
 log under names this agent chooses, 0600), so an arriving guest never touches the files of
 one already here, and nothing a source says becomes a path. Once it runs here, a
@@ -16,19 +16,22 @@ it succeeds it hosts the guest until that is stopped or migrated away, then exit
 host's status (0).
 
 A migration left in doubt (the destination voted READY and lost the source before GO, when
-:func:`~xmig.guest.sim.dest.receive_migration` raises ``InDoubt``) keeps its paused guest in this
+:func:`~xmig.orchestrator.destination.run_destination` raises ``InDoubt``) keeps its paused guest
+in this
 process, which then does not exit by itself, even with ``once``, until the source reaches
 it again with a session that opens with its journaled decision
-(:func:`xmig.guest.sim.source.send_decision`, which the source host retries on its own): GO runs
+(:func:`xmig.orchestrator.source.send_decision`, which the source host retries on its
+own): GO runs
 and hosts the guest here, ABORT discards it. An operator may decide instead (``xmig
 resolve``, when the source's site is gone): the agent's own control socket ``DIR/agent.ctl``
 (:mod:`xmig.service.hostctl`) answers ``status`` (the migrations in doubt here) and ``resolve`` (a
 forced GO or ABORT, journaled as FORCED; the source's contrary decision is refused after).
 
 A QEMU guest (``--qemu-kernel``/``--qemu-initrd`` given; refused otherwise) is received by
-:func:`~xmig.guest.qemu.receive.receive_qemu` into a QEMU this agent starts, and hosted
+:func:`~xmig.orchestrator.run.receive_qemu` into a QEMU this agent starts, and hosted
 until that QEMU quits (its QMP socket, in the ``hosting`` line, is the operator's); in doubt,
-it is settled by :func:`~xmig.guest.qemu.settle.resolve_qemu`.
+it is settled the same way (:func:`~xmig.orchestrator.destination.settle` on its
+:class:`~xmig.guest.qemu.receive.QemuDest`).
 
 A source settles only after it gave up the migration's session; when its decision arrives
 while that session is still open here (the link was cut, and this side has not noticed:
@@ -63,14 +66,13 @@ from xmig.errors import (
     ProtocolError,
     XmigError,
 )
-from xmig.guest.backend import DestBackend
-from xmig.guest.qemu import receive as qemu_receive
+from xmig.guest.backend import Arrival, DestBackend, DestResult
 from xmig.guest.qemu.machine import QemuConfig
-from xmig.guest.qemu.settle import force_qemu, resolve_qemu
-from xmig.guest.sim.dest import SimDest, SimDestResult
+from xmig.guest.qemu.receive import HOST_QMP, QemuDestResult
+from xmig.guest.sim.dest import SimDestResult
 from xmig.hostpolicy import HostPolicy
 from xmig.orchestrator import recovery
-from xmig.orchestrator.destination import first_message, resolve, settle
+from xmig.orchestrator.destination import first_message, force, settle
 from xmig.orchestrator.run import receive_migration, receive_qemu
 from xmig.private import fsync_dir, private_dir, unix_listener
 from xmig.protocol import control
@@ -167,9 +169,8 @@ class _Agent:
         self.policy, self.peers = policy, peers
         self.hosts: dict[str, GuestHost] = {}
         self.receiving: set[asyncio.Task[None]] = set()
-        #: migrations left in doubt here, by migration id: (result, journal, directory)
-        self.in_doubt: dict[str, tuple[SimDestResult, Journal, Path]] = {}
-        self.qemu_in_doubt: dict[str, tuple[qemu_receive.QemuDestResult, Journal, Path]] = {}
+        #: migrations left in doubt here, by migration id: (backend, journal, directory)
+        self.in_doubt: dict[str, tuple[DestBackend, Journal, Path]] = {}
         self.live: dict[str, _Live] = {}  #: receiving sessions, by migration id
         self.ctl = workdir / AGENT_CTL
         self.stopping = asyncio.Event()
@@ -196,9 +197,8 @@ class _Agent:
                     with contextlib.suppress(OSError):
                         self.ctl.unlink()
                 acceptor.cancel()
-                if self.in_doubt or self.qemu_in_doubt:
-                    self.emit({"event": "warning",
-                               "in_doubt": sorted([*self.in_doubt, *self.qemu_in_doubt]),
+                if self.in_doubt:
+                    self.emit({"event": "warning", "in_doubt": sorted(self.in_doubt),
                                "note": "stopping: guests in doubt are lost with this process"})
                 for task in list(self.receiving):
                     task.cancel()
@@ -213,10 +213,9 @@ class _Agent:
     # -- the control socket: migrations in doubt, an operator's forced decision -----------
 
     def _status(self) -> dict[str, Any]:
-        doubts = [{"migration": m, "epoch": r.epoch, "role": "destination", "backend": b,
-                   "dir": str(d), "owner": r.owner}
-                  for b, held in (("sim", self.in_doubt), ("qemu", self.qemu_in_doubt))
-                  for m, (r, _, d) in held.items()]
+        doubts = [{"migration": m, "epoch": b.result.epoch, "role": "destination",
+                   "backend": _backend_name(b.result), "dir": str(d), "owner": b.result.owner}
+                  for m, (b, _, d) in self.in_doubt.items()]
         return {"role": "agent", "pid": os.getpid(), "workdir": str(self.workdir),
                 "hosting": sorted(self.hosts), "in_doubt": doubts}
 
@@ -250,28 +249,14 @@ class _Agent:
         journal (:func:`xmig.orchestrator.recovery.answer`): GO after a forced abort with
         EpochAbandoned (the source resumes its copy), ABORT after a forced go as too late."""
         self.emit({"event": "forced", "migration": req.migration, "decision": req.force})
-        if req.migration in self.qemu_in_doubt:
-            held, journal, sdir = self.qemu_in_doubt[req.migration]
-            await force_qemu(held, req.force, journal=journal)
-            self.qemu_in_doubt.pop(req.migration, None)
-            if held.status == "running":
-                tg.create_task(self._host_qemu(held, sdir))
-            else:
-                self._ended(1)
-            return
         if req.migration not in self.in_doubt:
             raise GuestNotFound(f"no migration {req.migration} is in doubt at this agent")
-        dest, journal, sdir = self.in_doubt[req.migration]
-        decision: control.Go | control.Abort = (
-            control.Go(dest.migration, dest.epoch, dest.token) if req.force == "go" else
-            control.Abort(dest.migration, dest.epoch, "forced by an operator", dest.token))
-        journal.append("FORCED", dest.migration, dest.epoch, decision=req.force,
-                       reason="forced by an operator (xmig resolve)")
-        await resolve(SimDest(workdir=sdir, result=dest), decision, journal=journal,
-                      on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+        backend, journal, sdir = self.in_doubt[req.migration]
+        await force(backend, req.force, journal=journal,
+                    on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         self.in_doubt.pop(req.migration, None)
-        if dest.status == "running":
-            tg.create_task(self._host(dest, sdir, journal))
+        if backend.result.status == Arrival.RUNNING:
+            tg.create_task(self._host(backend.result, sdir, journal))
         else:
             self._ended(1)
 
@@ -285,8 +270,7 @@ class _Agent:
         assert task is not None
         self.receiving.add(task)
         mine = False  #: this session took the agent's migration (with once, its only one)
-        dest: SimDestResult | None = None
-        arrived: qemu_receive.QemuDestResult | None = None
+        dest: DestResult | None = None
         try:
             first = await self._first(session)
             if first is None:
@@ -305,51 +289,43 @@ class _Agent:
                 self.emit({"event": "incoming", "peer": session.peer, "dir": str(sdir)})
                 with self._receiving(session, first):
                     if isinstance(first.guest, control.QemuGuest):
-                        arrived = await self._receive_qemu(session, first, sdir, journal)
+                        dest = await self._receive_qemu(session, first, sdir, journal)
                     else:
                         dest = await self._negotiated(session, first, sdir, journal)
             else:  # a source settling: its GO or ABORT
                 await self._supersede(first, session)
-                if first.migration in self.qemu_in_doubt:  # a QEMU guest left in doubt here
-                    sdir = self.qemu_in_doubt[first.migration][2]
-                    arrived = await self._settle_qemu(session, first)
-                elif first.migration in self.in_doubt:
+                if first.migration in self.in_doubt:
                     _, journal, sdir = self.in_doubt[first.migration]
-                    dest = await self._settle_sim(session, first)
+                    dest = await self._settle(session, first)
                 else:  # settled, or held by an earlier run
                     await self._answer_from_journals(session, first)
                     return
         except Exception as err:  # typed, or a bug: either way this session is over
             self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
-            if mine and not (self.in_doubt or self.qemu_in_doubt):
+            if mine and not self.in_doubt:
                 self._ended(1)
             return
         finally:
             self.receiving.discard(task)
             await _done_with(session)
-        if arrived is not None:
-            await self._host_qemu(arrived, sdir)
-        elif dest is not None:
+        if dest is not None:
             await self._host(dest, sdir, journal)
 
-    async def _settle_sim(self, session: TransportSession,
-                          decision: control.Go | control.Abort) -> SimDestResult | None:
-        """A source settling a reference guest left in doubt here: the guest to host
-        (GO), or None (ABORT: discarded)."""
+    async def _settle(self, session: TransportSession,
+                      decision: control.Go | control.Abort) -> DestResult | None:
+        """A source settling a guest left in doubt here: the guest to host (GO), or None
+        (ABORT: discarded)."""
         sdir = self.in_doubt[decision.migration][2]
         self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
                    "migration": decision.migration})
-        held: dict[str, tuple[DestBackend, Journal]] = {
-            k: (SimDest(workdir=d, result=r), j) for k, (r, j, d) in self.in_doubt.items()}
-        settled = await settle(session, decision, held,
-                               on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
-        dest = settled.result
-        assert isinstance(dest, SimDestResult)
+        settled = await settle(session, decision, {
+            k: (b, j) for k, (b, j, _) in self.in_doubt.items()},
+            on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         self.in_doubt.pop(decision.migration, None)
-        if dest.status != "running":  # ABORT: discarded
+        if settled.result.status != Arrival.RUNNING:  # ABORT: discarded
             self._ended(1)
             return None
-        return dest
+        return settled.result
 
     @contextlib.contextmanager
     def _receiving(self, session: TransportSession, first: control.Negotiate
@@ -433,9 +409,8 @@ class _Agent:
             # READY, then cut off from the source before GO: the paused guest (a child of
             # this process) may be the only copy. Keep it until the source's decision
             # comes (a new session opening with GO or ABORT); never exit for it
-            held = err.result
-            assert isinstance(held, SimDestResult)
-            self.in_doubt[err.migration] = (held, journal, sdir)
+            assert isinstance(err.backend, DestBackend)
+            self.in_doubt[err.migration] = (err.backend, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "error": f"{type(err).__name__}: {err}"})
             return None
@@ -447,7 +422,7 @@ class _Agent:
 
     async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
                             sdir: Path, journal: Journal
-                            ) -> qemu_receive.QemuDestResult | None:
+                            ) -> QemuDestResult | None:
         """A QEMU guest: received by :func:`~xmig.guest.qemu.receive.receive_qemu` into a
         QEMU this agent starts; the caller hosts it until it quits (its QMP for the operator
         is ``DIR/incoming-*/guest.qmp``) or the agent stops."""
@@ -467,9 +442,8 @@ class _Agent:
                 on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
         except InDoubt as err:
             # paused, READY, cut off before GO: kept (never run) until the source's decision
-            held = err.result
-            assert isinstance(held, qemu_receive.QemuDestResult)
-            self.qemu_in_doubt[err.migration] = (held, journal, sdir)
+            assert isinstance(err.backend, DestBackend)
+            self.in_doubt[err.migration] = (err.backend, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
                        "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
             return None
@@ -480,24 +454,7 @@ class _Agent:
             return None
         return dest
 
-    async def _settle_qemu(self, session: TransportSession,
-                           decision: control.Go | control.Abort
-                           ) -> qemu_receive.QemuDestResult | None:
-        held, journal, _ = self.qemu_in_doubt[decision.migration]
-        self.emit({"event": "decision", "peer": session.peer, "decision": decision.type,
-                   "migration": decision.migration, "backend": "qemu"})
-        try:
-            await resolve_qemu(held, decision, journal=journal, session=session)
-        except XmigError as err:
-            self.emit({"event": "session-failed", "error": f"{type(err).__name__}: {err}"})
-            return None
-        del self.qemu_in_doubt[decision.migration]
-        if held.status != "running":  # ABORT: discarded
-            self._ended(1)
-            return None
-        return held
-
-    async def _host_qemu(self, dest: qemu_receive.QemuDestResult, sdir: Path) -> None:
+    async def _host_qemu(self, dest: QemuDestResult, sdir: Path) -> None:
         guest = dest.guest
         assert guest is not None
         name = guest.config.name
@@ -505,7 +462,7 @@ class _Agent:
                    "qmp": str(guest.qmp_socket), "pid": guest.pid, "dir": str(sdir)})
         await guest.detach()  # its QMP is the operator's now
         migrated = asyncio.Event()
-        monitor = sdir / qemu_receive.HOST_QMP
+        monitor = sdir / HOST_QMP
         watching = asyncio.ensure_future(_watch_migrated_away(monitor, migrated))
         try:
             await guest.wait_gone(self.stopping)
@@ -520,7 +477,12 @@ class _Agent:
                    "migrated": migrated.is_set()})
         self._ended(0)
 
-    async def _host(self, dest: SimDestResult, sdir: Path, journal: Journal) -> None:
+    async def _host(self, dest: DestResult, sdir: Path, journal: Journal) -> None:
+        """Host a guest that runs here: until it stops or migrates away."""
+        if isinstance(dest, QemuDestResult):
+            await self._host_qemu(dest, sdir)
+            return
+        assert isinstance(dest, SimDestResult)
         assert dest.guest is not None and dest.image is not None and dest.nbd is not None
         name = self._name_for(dest.migration)
         host = GuestHost(name=name, role="destination", workdir=sdir,
@@ -555,6 +517,10 @@ class _Agent:
                 continue
             return name
         return f"guest-{secrets.token_hex(8)}"
+
+
+def _backend_name(result: DestResult) -> str:
+    return "qemu" if isinstance(result, QemuDestResult) else "sim"
 
 
 async def _watch_migrated_away(path: Path, migrated: asyncio.Event) -> None:

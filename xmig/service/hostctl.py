@@ -28,7 +28,6 @@ import math
 import os
 import re
 import socket
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from typing import Any
 
 from xmig import errors
 from xmig.errors import ConfigError, GuestError, GuestNotFound, GuestStateError, XmigError
+from xmig.private import connect_unix
 
 MAX_REQUEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -256,53 +256,6 @@ class Outcome:
 #: how long a host has to answer a status request: one that does not is not taken for one
 PROBE_TIMEOUT_S = 10.0
 NOT_A_HOST = "is not an xmig guest host's control socket"
-
-
-def not_a_socket(path: Path, what: str) -> str | None:
-    """Why ``path`` cannot be ``what`` (e.g. "an xmig guest host's control socket"), in
-    words, when it is not a Unix socket: it does not exist, or it is a directory, a regular
-    file, ...; None when it is a socket."""
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return f"{path} not found: no such file or directory (want {what})"
-    except OSError as err:
-        return f"{path} cannot be looked at ({err.strerror or err}): want {what}"
-    if stat.S_ISSOCK(mode):
-        return None
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a regular file" if stat.S_ISREG(mode)
-            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode)
-            or stat.S_ISBLK(mode) else "not a socket")
-    return f"{path} is {kind}, not {what}"
-
-
-def connect_unix(path: Path, what: str, timeout: float) -> socket.socket:
-    """A connected Unix socket to ``path``, which should be ``what``; GuestNotFound saying
-    in words why not: not found, a directory, a regular file, nothing listening (a stale
-    socket), not allowed."""
-    why = not_a_socket(path, what)
-    if why is not None:
-        raise GuestNotFound(why)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(os.fsencode(path))
-    except BaseException as err:
-        sock.close()
-        if isinstance(err, ConnectionRefusedError):
-            raise GuestNotFound(f"nothing listens at {path}: a stale socket (whatever served "
-                                f"it exited), not {what}") from err
-        if isinstance(err, FileNotFoundError | NotADirectoryError):
-            raise GuestNotFound(f"{path} not found: no such file or directory (want "
-                                f"{what})") from err
-        if isinstance(err, PermissionError):
-            raise GuestNotFound(f"cannot connect to {path}: permission denied (a socket of "
-                                "another user?)") from err
-        if isinstance(err, OSError):
-            raise GuestNotFound(f"cannot connect to {path} ({what}): "
-                                f"{err.strerror or err}") from err
-        raise
-    return sock
 
 
 def _is_reply(obj: Any) -> bool:

@@ -9,7 +9,7 @@ pre-switchover, never run again) is told to quit, unless ``keep_source``. Nothin
 before attaching succeeded; then ``workdir`` is made private (0700, the journal 0600). Before GO any
 failure leaves the source QEMU running (MigrationAborted). After GO without RESUMED the
 destination may be waiting in doubt: this process reaches its agent again with the
-journaled GO (and the RAM repair) until it answers (:mod:`~xmig.guest.qemu.settle`).
+journaled GO (and the RAM repair) until it answers (:mod:`~xmig.orchestrator.qemusettle`).
 Aborted in the blackout without the destination's word that it heard ABORT, it keeps
 telling it for up to ``abort_delivery_s`` (3 minutes) before it exits
 (:mod:`xmig.orchestrator.settling`).
@@ -40,7 +40,7 @@ from xmig.guest.backend import Outcome
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
-from xmig.guest.qemu.settle import send_qemu_decision
+from xmig.orchestrator.qemusettle import send_qemu_decision
 from xmig.orchestrator.report import downtime_estimate
 from xmig.orchestrator.run import migrate_qemu
 from xmig.orchestrator.settling import AgentAddress, keep_telling

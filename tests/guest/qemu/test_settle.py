@@ -17,14 +17,15 @@ import pytest
 
 from tests.transport.stacks import make_stack, session_pair
 from xmig.errors import GuestNotFound, InDoubt
+from xmig.guest.backend import Arrival
 from xmig.guest.qemu import QemuGuest
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions
-from xmig.guest.qemu.receive import QemuDestResult
-from xmig.guest.qemu.settle import resolve_qemu, send_qemu_decision
+from xmig.guest.qemu.receive import QemuDest, QemuDestResult
 from xmig.netem import Wan
 from xmig.netem.sessions import connect_across, listen_across
-from xmig.orchestrator.destination import first_message
+from xmig.orchestrator.destination import first_message, settle
+from xmig.orchestrator.qemusettle import send_qemu_decision
 from xmig.orchestrator.run import migrate_qemu, receive_qemu
 from xmig.protocol import control
 from xmig.protocol.journal import Journal
@@ -83,7 +84,8 @@ async def test_a_destination_in_doubt_runs_the_guest_on_the_sources_journaled_go
                         again, src_journal, "q1", source.mem_path))
                     decision = await first_message(back)
                     assert isinstance(decision, control.Go)
-                    await resolve_qemu(held, decision, journal=dst_journal, session=back)
+                    await settle(back, decision, {"q1": (QemuDest(None, workdir=tmp_path / "dst",
+                                                           result=held), dst_journal)})
                     assert isinstance(await sending, control.Go)
                 assert held.status == "running"
                 assert [r.kind for r in dst_journal.records()] == ["READY", "RUNNING"]
@@ -112,7 +114,7 @@ async def in_doubt_here(guest_image: GuestImage, tmp_path: Path) -> QemuDestResu
     machine = DestMachine(3)
     machine.prepared()
     machine.final_applied()
-    return QemuDestResult(migration="q2", epoch=3, status="in-doubt", guest=guest,
+    return QemuDestResult(migration="q2", epoch=3, status=Arrival.IN_DOUBT, guest=guest,
                           image=image, machine=machine, token=TOKEN,
                           owner="address:127.0.0.1")  # who a plaintext session's peer is
 
@@ -132,7 +134,8 @@ async def test_the_sources_abort_discards_a_guest_in_doubt(guest_image: GuestIma
                 sending = asyncio.create_task(send_qemu_decision(
                     src, src_journal, "q2", guest.mem_path, timeout=30))
                 decision = await first_message(dst)
-                await resolve_qemu(held, decision, journal=dst_journal, session=dst)
+                await settle(dst, decision, {
+                    "q2": (QemuDest(None, workdir=tmp_path, result=held), dst_journal)})
                 sent = await sending
                 assert isinstance(sent, control.Abort) and decision == sent
         assert held.status == "discarded" and held.guest is None
@@ -157,7 +160,8 @@ async def test_a_decision_for_another_epoch_is_refused_and_changes_nothing(
                     src, src_journal, "q2", held.guest.mem_path, timeout=10))
                 decision = await first_message(dst)
                 with pytest.raises(GuestNotFound, match="not in doubt"):
-                    await resolve_qemu(held, decision, journal=dst_journal, session=dst)
+                    await settle(dst, decision, {
+                        "q2": (QemuDest(None, workdir=tmp_path, result=held), dst_journal)})
                 with pytest.raises(GuestNotFound, match="destination refused"):
                     await sending
         assert held.status == "in-doubt" and await held.guest.status() == "prelaunch"

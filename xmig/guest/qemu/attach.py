@@ -38,7 +38,7 @@ from xmig.errors import (
     QemuError,
 )
 from xmig.guest.qemu.machine import QemuConfig, QemuGuest
-from xmig.service.hostctl import connect_unix
+from xmig.private import connect_unix
 
 #: what :mod:`xmig.guest.qemu.migrate` and :mod:`~xmig.guest.qemu.mirror` ask of a QEMU
 NEEDED_CAPABILITIES = ("events", "return-path", "pause-before-switchover")

@@ -6,7 +6,7 @@ the session (:class:`~xmig.guest.qemu.stream.DestTunnel`), applies the disk mirr
 its RAM against the source's digests once QEMU completed, journals READY and says it, and
 runs the guest only on GO (RUNNING journaled first). Before READY any failure discards
 everything it made; READY and then cut off from the source is InDoubt: the paused QEMU is
-kept until the source's decision (:mod:`xmig.guest.qemu.settle`).
+kept until the source's decision (:mod:`xmig.orchestrator.qemusettle`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from xmig.errors import MigrationError, ProtocolError, XmigError
+from xmig.errors import GuestStateError, MigrationError, ProtocolError, XmigError
 from xmig.guest.backend import DestBackend, DestResult
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
@@ -97,15 +97,18 @@ class QemuDest(DestBackend):
     template, fed the stream from the session (DestTunnel), its disk mirror applied to a
     new image (DiskReceiver), its RAM checked against the source's digests."""
 
-    def __init__(self, template: QemuConfig, *, workdir: Path, reply_timeout_s: float,
-                 popen: PopenFn | None = None,
+    def __init__(self, template: QemuConfig | None, *, workdir: Path,
+                 reply_timeout_s: float = 60.0, popen: PopenFn | None = None,
                  launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
                  chunk: int = CHUNK, policy: HostPolicy = DEFAULT_POLICY,
-                 on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+                 result: QemuDestResult | None = None) -> None:
+        """``template`` None and ``result`` given: a guest already received, held in doubt
+        (to settle or discard it)."""
         self.template, self.workdir, self.timeout = template, workdir, reply_timeout_s
         self.popen, self.launch, self.chunk, self.policy = popen, launch, chunk, policy
         self.on_event = on_event
-        self.result: QemuDestResult = QemuDestResult()
+        self.result: QemuDestResult = result or QemuDestResult()
         self.tunnel: DestTunnel | None = None
         self._listening = contextlib.ExitStack()
         self._events: EventListener | None = None
@@ -119,6 +122,8 @@ class QemuDest(DestBackend):
         self._session = session
         # a second monitor, the host's own: it tells whether the guest later left by
         # migration (xmig.service.agentd), whoever holds the first
+        if self.template is None:
+            raise MigrationError("this QEMU destination holds a guest; it receives none")
         config = incoming_config(self.template, msg)
         config = replace(config, extra=(
             *config.extra, "-qmp", f"unix:{workdir / HOST_QMP},server=on,wait=off"))
@@ -191,18 +196,32 @@ class QemuDest(DestBackend):
         return {"stream_bytes": str(self.tunnel.received.bytes),
                 "ram_stale": ramcheck.encode_chunks(stale)}
 
-    async def before_go(self) -> None:
-        """The source's repair of what QEMU's stream left stale was sent before GO."""
+    async def before_go(self, session: TransportSession | None) -> None:
+        """The source's repair of what QEMU's stream left stale follows GO on ``session``
+        (a settling source sends it again; forced by an operator: none, see
+        :meth:`check_force`)."""
         guest = self.result.guest
         assert guest is not None
+        if session is None:
+            return
         more = True
         while more:
             async with asyncio.timeout(self.timeout):
-                fixups = await self._session.recv(Channel.DEVICE_STATE)
+                fixups = await session.recv(Channel.DEVICE_STATE)
             count, more = await asyncio.to_thread(ramcheck.apply_fixups, guest.mem_path,
                                                   fixups)
             self.result.ram_chunks_repaired += count
         self._step("ram repaired")
+
+    def check_force(self, force: str) -> None:
+        """GO forced without the source: only if READY found no stale RAM chunk (the repair
+        of any lives at the source and comes after GO)."""
+        result = self.result
+        if force == "go" and result.ram_stale:
+            raise GuestStateError(
+                f"migration {result.migration}: {result.ram_stale} RAM chunks were stale at "
+                "READY and their repair comes from the source with GO: it cannot run here "
+                "without the source (force abort, or let the source settle it)")
 
     def go_effects(self) -> Effects:
         guest = self.result.guest
@@ -210,13 +229,18 @@ class QemuDest(DestBackend):
         return Effects(resume_guest=guest.cont)
 
     async def after_resume(self) -> None:
+        """The tunnel, the disk receiver and the open image are done with (the QEMU has
+        its own fd)."""
         result = self.result
         if self.tunnel is not None:
             await self.tunnel.close()
         if result.receiver is not None:
-            await result.receiver.stop()
+            with contextlib.suppress(XmigError):
+                await result.receiver.stop()
+            result.receiver = None
         if result.backend is not None:
             result.backend.close()
+            result.backend = None
 
     async def hold(self) -> None:
         if self.tunnel is not None:  # QEMU loaded the whole stream: the tunnel is done
@@ -235,6 +259,7 @@ class QemuDest(DestBackend):
                 await result.receiver.stop()
         if result.backend is not None:
             result.backend.close()
+            result.backend = None
         if result.image is not None:
             result.image.unlink(missing_ok=True)
         for sock in (STREAM_NAME, HOST_QMP):  # QEMU's listening sockets
