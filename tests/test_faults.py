@@ -41,6 +41,7 @@ from xmig.errors import (
     MigrationAborted,
     MigrationError,
 )
+from xmig.events import Event
 from xmig.guest.backend import DestBackend
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -178,11 +179,12 @@ async def run_with_fault(tmp: Path, *, on: str, trigger: Trigger, fault: Fault,
                     dst_session = await lst.accept()
                     rig = Rig(wan, guest, session, dst_session)
 
-                    def watch(side: str) -> Callable[[dict[str, Any]], None]:
-                        def on_event(event: dict[str, Any]) -> None:
-                            if side == on and not rig.fired.is_set() and trigger(event):
+                    def watch(side: str) -> Callable[[Event], None]:
+                        def on_event(event: Event) -> None:
+                            data = event.to_json()  # the triggers read the JSON line
+                            if side == on and not rig.fired.is_set() and trigger(data):
                                 rig.fired.set()
-                                rig.fired_at.update(event)
+                                rig.fired_at.update(data)
                                 rig.fired_mono = time.monotonic()
                                 fault(rig)  # synchronously: nothing else runs meanwhile
                         return on_event

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from xmig.events import PhaseChanged, SimProgress
 from xmig.orchestrator.report import bulk_utilization
 
 
-def progress(t: float, sent: int, round_: int, bulk_done: bool | None) -> dict[str, Any]:
+def progress(t: float, sent: int, round_: int, bulk_done: bool | None) -> SimProgress:
     disk = None if bulk_done is None else {"bulk_done": bulk_done}
-    return {"event": "progress", "t": t, "round": round_, "disk": disk,
-            "session": {"wire_bytes_out": sent}}
+    return SimProgress(t=t, round=round_, pages_left=0, predicted_downtime_ms=0.0,
+                       decision="continue", throttle=0.0, dirty_rate_Bps=0.0,
+                       memory_rate_Bps=0.0, wire_ratio=1.0, disk=disk,
+                       session={"wire_bytes_out": sent})
 
 
 def test_utilization_counts_only_while_bulk_data_is_pending() -> None:
     link = 100_000_000  # 12.5 MB/s
     timeline = [
-        {"event": "phase", "t": 0.0},
+        PhaseChanged(t=0.0),
         progress(1.0, 10_000_000, 0, False),
         progress(2.0, 22_500_000, 1, False),  # memory round 0 done; the disk bulk is not
         progress(3.0, 30_000_000, 2, True),  # nothing bulk left: later rounds don't count

@@ -38,6 +38,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from xmig.events import Event
 from xmig.protocol import control
 from xmig.protocol.commit import Effects
 from xmig.protocol.switchover import DestMachine
@@ -63,9 +64,9 @@ class Arrival(enum.StrEnum):
 
 
 class Emit(Protocol):
-    """A progress event: its kind and fields (the engine adds the phase and the time)."""
+    """Report an event (the engine stamps its phase and time)."""
 
-    def __call__(self, kind: str, /, **fields: Any) -> None: ...
+    def __call__(self, event: Event, /) -> None: ...
 
 
 @dataclass
@@ -82,7 +83,7 @@ class SourceResult:
     resumed_at: float = 0.0  #: the destination's RESUMED (its monotonic clock)
     resumed_seen_at: float = 0.0  #: when RESUMED arrived here
     sdps_max_throttle: float = 0.0
-    timeline: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Event] = field(default_factory=list)  #: every event, stamped
 
 
 @dataclass(frozen=True)

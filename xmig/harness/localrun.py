@@ -104,7 +104,8 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
                 try:
                     result = await migrate(session, guest, disk, nbd, migration="m1",
                                            journal=Journal(src_dir / "journal"),
-                                           options=run.options, on_progress=on_event)
+                                           options=run.options,
+                                           on_progress=lambda e: on_event(e.to_json()))
                 except MigrationAborted as err:
                     with contextlib.suppress(BaseException):
                         await dst_task

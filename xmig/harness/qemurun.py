@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xmig.errors import QemuError
+from xmig.events import BlackoutStep, DestStep, Event, PhaseChanged
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
@@ -91,14 +92,15 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
                 connect_across(wan, lst.port, tls=client_context(pki), streams=run.streams,
                                config=scfg) as session):
         dst_session = await lst.accept()
-        dst_steps: list[dict[str, Any]] = []
+        dst_steps: list[Event] = []
         receiving = asyncio.create_task(receive_qemu(
             dst_session, template, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
             reply_timeout_s=run.options.reply_timeout_s, on_event=dst_steps.append))
         try:
             src = await migrate_qemu(session, source, migration="q1",
                                      journal=Journal(src_dir / "journal"), workdir=src_dir,
-                                     options=run.options, on_progress=on_event)
+                                     options=run.options,
+                                     on_progress=lambda e: on_event(e.to_json()))
         except BaseException:
             receiving.cancel()
             results = await asyncio.gather(receiving, return_exceptions=True)
@@ -145,22 +147,24 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         "stream_bytes": src.stream.get("sent", {}).get("bytes") if src.stream else None,
         # the destination's switchover steps, ms from the source's pause (one host clock)
         "source_steps_ms": _steps_after_pause(src.timeline),
-        "destination_steps_ms": {str(e["step"]): round((e["at"] - src.paused_at) * 1000, 1)
-                                 for e in dst_steps if e.get("event") == "step"},
-        "timeline": src.timeline,
+        "destination_steps_ms": {e.step: round((e.at - src.paused_at) * 1000, 1)
+                                 for e in dst_steps if isinstance(e, DestStep)},
+        "timeline": [e.to_json() for e in src.timeline],
     }
 
 
-def _steps_after_pause(timeline: list[dict[str, Any]]) -> dict[str, float]:
-    """The source's switchover steps (blackout steps and phase notes), ms from its pause."""
+def _steps_after_pause(timeline: list[Event]) -> dict[str, float]:
+    """The source's switchover steps (blackout steps and phase notes), ms from its pause
+    (QEMU's pre-switchover)."""
     out: dict[str, float] = {}
     paused: float | None = None
     for e in timeline:
-        name = e.get("step") or e.get("note")
-        if name == "source paused (pre-switchover)":
-            paused = float(e["t"])
-        if paused is not None and name:
-            out[str(name)] = round((float(e["t"]) - paused) * 1000, 1)
+        name = (e.step if isinstance(e, BlackoutStep) else
+                e.note if isinstance(e, PhaseChanged) else None)
+        if name == "guest paused":
+            paused = e.t
+        if paused is not None and name and e.t is not None:
+            out[name] = round((e.t - paused) * 1000, 1)
     return out
 
 

@@ -33,6 +33,7 @@ from xmig.errors import (
     StateError,
     XmigError,
 )
+from xmig.events import DestStep, Event, PhaseChanged
 from xmig.guest.backend import Arrival, DestBackend, DestResult
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, execute
@@ -40,7 +41,7 @@ from xmig.protocol.journal import Journal
 from xmig.protocol.switchover import DestMachine, DestPhase, Step
 from xmig.transport import Channel, TransportSession
 
-Events = Callable[[dict[str, Any]], None]
+Events = Callable[[Event], None]
 
 
 async def recv_word(session: TransportSession, timeout: float,
@@ -81,7 +82,7 @@ async def run_destination(
         return words[-1]
 
     def phase(**fields: Any) -> None:
-        on_event({"event": "phase", "phase": machine.phase.value, **fields})
+        on_event(PhaseChanged(phase=machine.phase.value, **fields))
 
     try:
         if not msg.token:
@@ -109,7 +110,7 @@ async def run_destination(
         decision = await decided
         if not isinstance(decision, control.Go):
             raise control.unexpected(decision, "go", peer="source")
-        on_event({"event": "step", "step": "go", "at": time.monotonic()})
+        on_event(DestStep(step="go", at=time.monotonic()))
         await backend.before_go(session)
         go = machine.go(decision.epoch)
     except BaseException as err:  # typed, a bug or a cancellation: the same cleanup
@@ -135,7 +136,7 @@ async def run_here(backend: DestBackend, go: Step, journal: Journal,
                 result.migration, result.epoch, result.resumed_at).encode())
     await backend.after_resume()
     result.status, result.error = Arrival.RUNNING, None
-    on_event({"event": "phase", "phase": go.phase.value})
+    on_event(PhaseChanged(phase=go.phase.value))
 
 
 async def _failed(session: TransportSession, backend: DestBackend, machine: DestMachine,
@@ -151,7 +152,7 @@ async def _failed(session: TransportSession, backend: DestBackend, machine: Dest
         machine.cut_off()
         result.status, result.machine = Arrival.IN_DOUBT, machine
         await backend.hold()
-        on_event({"event": "phase", "phase": "in-doubt", "error": result.error})
+        on_event(PhaseChanged(phase="in-doubt", error=result.error))
         if isinstance(err, asyncio.CancelledError):
             return
         raise InDoubt(f"READY for migration {result.migration} epoch {result.epoch} and cut "
@@ -253,7 +254,7 @@ async def resolve(backend: DestBackend, decision: control.Go | control.Abort, *,
         result.status, result.error = Arrival.DISCARDED, f"source aborted: {decision.reason}"
         journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
         await backend.discard()
-        on_event({"event": "phase", "phase": machine.phase.value})
+        on_event(PhaseChanged(phase=machine.phase.value))
         if session is not None:
             await tell_discarded(session, result.migration, result.epoch)
         return

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from xmig.errors import MigrationAborted
+from xmig.events import Event, SimProgress
 from xmig.guest.sim import LedgerCheck, read_ledger, verify_ledger
 from xmig.guest.sim.source import SimSourceResult
 from xmig.storage.raw import RawFileBackend
@@ -73,23 +74,22 @@ def downtime_estimate(*, last_progress: float, paused_at: float, peer_resumed_at
     return max(resumed - last_progress, 0.0), "estimate: RESUMED arrival - srtt/2"
 
 
-def bulk_utilization(timeline: list[dict[str, Any]], link_rate_bps: int
+def bulk_utilization(timeline: list[Event], link_rate_bps: int
                      ) -> tuple[float | None, float]:
     """Link utilization while bulk data was pending (DESIGN.md): bytes the source put on
     the wire ÷ (link rate × time), from the start to the last progress event at which the
     disk's bulk copy or memory's first full pass (round 0) was not done. Returns it (None
     without such an event) and that time in seconds."""
-    last: dict[str, Any] | None = None
+    last: SimProgress | None = None
     for e in timeline:
-        if e.get("event") != "progress" or not isinstance(e.get("session"), dict):
+        if not isinstance(e, SimProgress):
             continue
-        disk = e.get("disk")
-        if (disk is not None and not disk.get("bulk_done")) or e.get("round", 0) < 1:
+        if (e.disk is not None and not e.disk.get("bulk_done")) or e.round < 1:
             last = e
-    if last is None or not link_rate_bps or float(last["t"]) <= 0:
+    if last is None or not link_rate_bps or not last.t or last.t <= 0:
         return None, 0.0
-    sent = float(last["session"].get("wire_bytes_out", 0))
-    return round(sent * 8 / (link_rate_bps * float(last["t"])), 4), float(last["t"])
+    sent = float(last.session.get("wire_bytes_out", 0))
+    return round(sent * 8 / (link_rate_bps * last.t), 4), last.t
 
 
 def source_report(
@@ -137,7 +137,7 @@ def source_report(
         "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
                                "disk": src.disk_digest}, "destination": src.ready_digests},
         "options": dict(options),
-        "timeline": src.timeline,
+        "timeline": [e.to_json() for e in src.timeline],
     }
 
 

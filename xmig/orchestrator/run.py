@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
+from xmig.events import Event
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSource, QemuSourceResult
 from xmig.guest.qemu.receive import QemuDest, QemuDestResult
@@ -42,7 +42,7 @@ async def migrate(
     migration: str,
     journal: Journal,
     options: MigrationOptions,
-    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
+    on_progress: Callable[[Event], None] = lambda event: None,
 ) -> SimSourceResult:
     """Move ``guest`` (its RAM, and its disk served to it by ``nbd`` from ``disk``) to the
     destination agent at the other end of ``session`` (:func:`run_source`)."""
@@ -59,7 +59,7 @@ async def receive_migration(
     workdir: Path,
     journal: Journal,
     reply_timeout_s: float = 300.0,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    on_event: Callable[[Event], None] = lambda event: None,
     first: control.Negotiate | None = None,
     policy: HostPolicy = DEFAULT_POLICY,
 ) -> SimDestResult:
@@ -83,7 +83,7 @@ async def migrate_qemu(
     journal: Journal,
     workdir: Path,
     options: QemuMigrationOptions | None = None,
-    on_progress: Callable[[dict[str, Any]], None] = lambda event: None,
+    on_progress: Callable[[Event], None] = lambda event: None,
 ) -> QemuSourceResult:
     """Move the running QEMU ``source`` to the destination agent at the other end of
     ``session`` (:func:`~xmig.orchestrator.source.run_source`). Raises MigrationAborted
@@ -107,7 +107,7 @@ async def receive_qemu(
     popen: PopenFn | None = None,
     launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
     chunk: int = CHUNK,
-    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    on_event: Callable[[Event], None] = lambda event: None,
     first: control.Negotiate | None = None,
     policy: HostPolicy = DEFAULT_POLICY,
 ) -> QemuDestResult:

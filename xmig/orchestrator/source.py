@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 from xmig.errors import (
     DeadlineExceeded,
@@ -31,7 +30,8 @@ from xmig.errors import (
     TransportError,
     XmigError,
 )
-from xmig.guest.backend import Outcome, SourceBackend, SourceResult
+from xmig.events import BlackoutStep, Event, PhaseChanged
+from xmig.guest.backend import Emit, Outcome, SourceBackend, SourceResult
 from xmig.orchestrator.aborting import blackout_deadline, run_abort, tell_abort
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, execute
@@ -39,7 +39,7 @@ from xmig.protocol.journal import Journal
 from xmig.protocol.switchover import SourceMachine, SourcePhase
 from xmig.transport import Channel, TransportSession
 
-Progress = Callable[[dict[str, Any]], None]
+Progress = Callable[[Event], None]
 
 
 async def recv_control(session: TransportSession, timeout: float | None) -> control.Message:
@@ -71,11 +71,11 @@ async def run_source(
     token = control.new_token()
     journal.append("START", migration, epoch, token=token)
 
-    def emit(kind: str, /, **fields: Any) -> None:
-        event = {"event": kind, "phase": machine.phase.value,
-                 "t": round(time.monotonic() - result.started, 4), **fields}
-        result.timeline.append(event)
-        on_progress(event)
+    def emit(event: Event, /) -> None:
+        stamped = dataclasses.replace(event, phase=machine.phase.value,
+                                      t=round(time.monotonic() - result.started, 4))
+        result.timeline.append(stamped)
+        on_progress(stamped)
 
     peer: asyncio.Future[control.Message] | None = None
     try:
@@ -84,7 +84,7 @@ async def run_source(
         if not isinstance(reply, control.Prepared):
             raise control.unexpected(reply, "prepared", peer="destination")
         machine.negotiated()
-        emit("phase")
+        emit(PhaseChanged())
         await backend.start(session, emit)
         # the destination's next word is READY: anything before it ends the migration
         peer = asyncio.ensure_future(recv_control(session, None))
@@ -106,7 +106,7 @@ async def run_source(
         await execute(commit, Effects(journal=lambda kind: journal.append(
             kind, migration, epoch, **record.fields), send_go=send_go))
         result.committed_at = time.monotonic()
-        emit("phase", note="GO sent")
+        emit(PhaseChanged(note="GO sent"))
     except (XmigError, OSError, asyncio.CancelledError) as err:
         if peer is not None:
             peer.cancel()
@@ -120,12 +120,12 @@ async def run_source(
                 machine.fail(result.error)
             if isinstance(err, asyncio.CancelledError):
                 raise
-            emit("phase", note=f"in doubt: GO journaled, sending it failed: {result.error}")
+            emit(PhaseChanged(note=f"in doubt: GO journaled, sending it failed: {result.error}"))
             return result
 
         def aborted(error: str) -> None:
             result.status, result.error = Outcome.ABORTED, error
-            emit("phase", note=f"aborted: {error}")
+            emit(PhaseChanged(note=f"aborted: {error}"))
 
         await run_abort(_abort(machine, session, backend, journal, migration, epoch, token,
                                err), err, aborted)
@@ -159,19 +159,19 @@ async def _brownout(backend: SourceBackend, peer: asyncio.Future[control.Message
 
 async def _blackout(session: TransportSession, backend: SourceBackend,
                     machine: SourceMachine, peer: asyncio.Future[control.Message],
-                    emit: Callable[..., None], *, reply_timeout_s: float) -> control.Ready:
+                    emit: Emit, *, reply_timeout_s: float) -> control.Ready:
     """Pause, seal, FINAL, the last bytes out, READY."""
     result = backend.result
     await execute(machine.pause(), backend.pause_effects())
     result.paused_at = time.monotonic()
-    emit("phase", note="guest paused")
+    emit(PhaseChanged(note="guest paused"))
     sealed = await backend.seal()
     await session.send(Channel.CONTROL, control.Final(
         result.migration, result.epoch, disk_seq=sealed.disk_seq,
         device_state_bytes=sealed.device_state_bytes).encode())
     machine.final_sent()
     await backend.after_final()
-    emit("phase", note="final state sent")
+    emit(PhaseChanged(note="final state sent"))
     await backend.transferred(peer)
     try:
         async with asyncio.timeout(reply_timeout_s):
@@ -181,12 +181,12 @@ async def _blackout(session: TransportSession, backend: SourceBackend,
             f"no READY from the destination within {reply_timeout_s:g} s") from err
     if not isinstance(reply, control.Ready):
         raise control.unexpected(reply, "ready", peer="destination")
-    emit("blackout", step="ready received")
+    emit(BlackoutStep(step="ready received"))
     return reply
 
 
 async def _confirmed(session: TransportSession, backend: SourceBackend,
-                     machine: SourceMachine, emit: Callable[..., None],
+                     machine: SourceMachine, emit: Emit,
                      reply_timeout_s: float) -> None:
     """After GO: the destination confirms it runs the guest (DONE); until then the paused
     copy stays (IN_DOUBT when the confirmation does not come)."""
@@ -206,10 +206,10 @@ async def _confirmed(session: TransportSession, backend: SourceBackend,
     if why:  # GO journaled, unconfirmed: the caller settles it
         machine.cut_off()
         result.status, result.error = Outcome.IN_DOUBT, f"no RESUMED after GO: {why}"
-        emit("phase", note="in doubt: GO journaled, the destination has not confirmed")
+        emit(PhaseChanged(note="in doubt: GO journaled, the destination has not confirmed"))
         return
     result.status = Outcome.DONE
-    emit("phase", note="destination running")
+    emit(PhaseChanged(note="destination running"))
 
 
 async def _abort(machine: SourceMachine, session: TransportSession, backend: SourceBackend,

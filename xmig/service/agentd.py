@@ -253,7 +253,7 @@ class _Agent:
             raise GuestNotFound(f"no migration {req.migration} is in doubt at this agent")
         backend, journal, sdir = self.in_doubt[req.migration]
         await force(backend, req.force, journal=journal,
-                    on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+                    on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
         self.in_doubt.pop(req.migration, None)
         if backend.result.status == Arrival.RUNNING:
             tg.create_task(self._host(backend.result, sdir, journal))
@@ -320,7 +320,7 @@ class _Agent:
                    "migration": decision.migration})
         settled = await settle(session, decision, {
             k: (b, j) for k, (b, j, _) in self.in_doubt.items()},
-            on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+            on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
         self.in_doubt.pop(decision.migration, None)
         if settled.result.status != Arrival.RUNNING:  # ABORT: discarded
             self._ended(1)
@@ -404,7 +404,7 @@ class _Agent:
         try:
             return await receive_migration(
                 session, workdir=sdir, journal=journal, first=first, policy=self.policy,
-                on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+                on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
         except InDoubt as err:
             # READY, then cut off from the source before GO: the paused guest (a child of
             # this process) may be the only copy. Keep it until the source's decision
@@ -439,7 +439,7 @@ class _Agent:
             dest = await receive_qemu(
                 session, template, workdir=sdir, journal=journal, first=first,
                 policy=self.policy,
-                on_event=lambda e: self.emit({**e, "dir": str(sdir)}))
+                on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
         except InDoubt as err:
             # paused, READY, cut off before GO: kept (never run) until the source's decision
             assert isinstance(err.backend, DestBackend)

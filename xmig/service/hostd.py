@@ -493,7 +493,8 @@ class GuestHost:
                 before, t_before = self.guest.progress(), time.monotonic()
                 result = await migrate(session, self.guest, self.disk, self.nbd,
                                        migration=self.name, journal=self.journal,
-                                       options=options, on_progress=event)
+                                       options=options,
+                                       on_progress=lambda e: event(e.to_json()))
                 wire = session.stats()
                 total_s = time.monotonic() - t_before
         except XmigError:

@@ -105,7 +105,7 @@ async def migrate_attached(req: QemuMigrateRequest,
                 journal = Journal(workdir / "journal")
                 result = await migrate_qemu(session, source, migration=name, journal=journal,
                                             workdir=workdir, options=req.options,
-                                            on_progress=on_event)
+                                            on_progress=lambda e: on_event(e.to_json()))
                 wire = session.stats()
                 if result.status is Outcome.IN_DOUBT and not result.committed_at:
                     on_event({"event": "in-doubt", "error": result.error})
@@ -124,14 +124,14 @@ async def migrate_attached(req: QemuMigrateRequest,
             await source.cont()
             return {"status": "aborted", "name": name, "to": req.to, "backend": "qemu",
                     "error": ending.why, "settled": True,
-                    "timeline": [] if result is None else result.timeline}
+                    "timeline": [] if result is None else [e.to_json() for e in result.timeline]}
         arrived = True
         total_s = time.monotonic() - started
         if result is None or ending is Settled.FORCED_GO:
             return {"status": "done", "name": name, "to": req.to, "backend": "qemu",
                     "settled": True, "forced": ending is Settled.FORCED_GO,
                     "total_s": round(total_s, 3),
-                    "timeline": [] if result is None else result.timeline}
+                    "timeline": [] if result is None else [e.to_json() for e in result.timeline]}
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(
             last_progress=result.paused_at, paused_at=result.paused_at,
@@ -148,7 +148,7 @@ async def migrate_attached(req: QemuMigrateRequest,
             "disk_seq": result.disk_seq, "ram_chunks_repaired": result.ram_chunks_repaired,
             "sdps_max_throttle": result.sdps_max_throttle, "error": result.error,
             "source": "kept paused" if req.keep_source else "quit", "settled": settled,
-            "timeline": result.timeline,
+            "timeline": [e.to_json() for e in result.timeline],
         }
     finally:
         if arrived and not req.keep_source:

@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from xmig.errors import ConnectionClosed, MigrationAborted, XmigError
+from xmig.events import Event
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
@@ -136,9 +137,10 @@ async def migrate_with_fault(tmp: Path, source: QemuGuest, template: QemuConfig,
                                    config=SESSION) as session):
             rig = Rig(wan, session, await lst.accept(), dst_dir)
 
-            def on_progress(event: dict[str, Any]) -> None:
-                if not rig.fired and trigger(event):
-                    rig.fired.append(event)
+            def on_progress(event: Event) -> None:
+                data = event.to_json()
+                if not rig.fired and trigger(data):
+                    rig.fired.append(data)
                     fault(rig)
 
             rig.dst_task = asyncio.create_task(receive_qemu(

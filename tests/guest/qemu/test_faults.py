@@ -25,6 +25,7 @@ from xmig.errors import (
     QemuError,
     XmigError,
 )
+from xmig.events import Event, QemuProgress
 from xmig.guest.qemu import QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage
 from xmig.guest.qemu.migrate import QemuMigrationOptions
@@ -102,8 +103,8 @@ async def test_a_link_cut_while_the_disk_is_mirrored_is_absorbed(
         try:
             assert "at_bytes" in cut, "the link was never cut"
             assert m.src.status == "done" and m.dst.status == "running"
-            progress = [e for e in m.src.timeline if e["event"] == "progress"]
-            assert progress[-1]["session"]["connections_lost"] >= 1
+            progress = [e for e in m.src.timeline if isinstance(e, QemuProgress)]
+            assert progress[-1].session["connections_lost"] >= 1
             assert m.src.disk_seq > 0  # guest writes went through the mirror
             assert m.after.disk_seq >= m.before.disk_seq > 0
             assert m.dst.image is not None
@@ -128,9 +129,10 @@ async def test_the_destination_qemu_killed_in_pre_copy_aborts_and_the_source_run
         started.append(guest)
         return guest
 
-    def kill_in_pre_copy(event: dict[str, Any]) -> None:
-        sent = event.get("stream", {}).get("sent", {}).get("bytes", 0)
-        if event["event"] == "progress" and sent > 4_000_000 and not killed.is_set():
+    def kill_in_pre_copy(event: Event) -> None:
+        sent = (event.stream.get("sent", {}).get("bytes", 0)
+                if isinstance(event, QemuProgress) else 0)
+        if sent > 4_000_000 and not killed.is_set():
             started[0].kill()
             killed.set()
 
@@ -266,7 +268,8 @@ async def refused_by(tmp_path: Path, source: QemuGuest, template: QemuConfig,
     """Migrate ``source``, expecting both sides to fail: their errors."""
     async with wan_sessions(tmp_path) as s:
         dst_task = asyncio.create_task(receive_qemu(
-            s.dst, template, workdir=dst_workdir, on_event=on_dest_event,
+            s.dst, template, workdir=dst_workdir,
+            on_event=lambda e: on_dest_event(e.to_json()),
             journal=Journal(tmp_path / "dst-journal"), reply_timeout_s=RUN_S))
         src_task = asyncio.create_task(migrate_qemu(
             s.src, source, migration="q1", journal=Journal(tmp_path / "src" / "journal"),

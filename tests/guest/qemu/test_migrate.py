@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from xmig.errors import MigrationAborted, NotConverging, QemuError, XmigError
+from xmig.events import DowntimeBudget, QemuProgress
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import GuestImage, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
@@ -95,11 +96,11 @@ async def migrate_over_wan(tmp: Path, source: QemuGuest, template: QemuConfig,
         started = time.monotonic()
         dst_task = asyncio.create_task(receive_qemu(
             s.dst, template, workdir=tmp / "dst", journal=Journal(tmp / "dst" / "journal"),
-            reply_timeout_s=RUN_S, on_event=on_dest_event))
+            reply_timeout_s=RUN_S, on_event=lambda e: on_dest_event(e.to_json())))
         src_task = asyncio.create_task(migrate_qemu(
             s.src, source, migration="q1", journal=Journal(tmp / "src" / "journal"),
             workdir=tmp / "src", options=options,
-            on_progress=lambda e: on_source_event(s.wan, e)))
+            on_progress=lambda e: on_source_event(s.wan, e.to_json())))
         try:
             async with asyncio.timeout(RUN_S):
                 src_res, dst_res = await asyncio.gather(src_task, dst_task)
@@ -148,10 +149,10 @@ async def test_memory_migrates_and_the_counter_continues(
             assert isinstance(sent, dict) and sent["bytes"] > 8 << 20
             # the 300 ms budget is the whole pause: QEMU's last pass gets what the commit's
             # round trips (1.5 x 50 ms here) and checks leave of it
-            [split] = [e for e in m.src.timeline if e["event"] == "downtime-budget"]
-            assert split["budget_ms"] == 300 and split["fits"], split
-            assert split["reserve_ms"] >= 75, split
-            assert split["qemu_limit_ms"] == 300 - split["reserve_ms"], split
+            [split] = [e for e in m.src.timeline if isinstance(e, DowntimeBudget)]
+            assert split.budget_ms == 300 and split.fits, split
+            assert split.reserve_ms >= 75, split
+            assert split.qemu_limit_ms == 300 - split.reserve_ms, split
             downtime_ms = (m.dst.resumed_at - m.src.paused_at) * 1000
             print(f"\ntotal {m.total_s:.2f} s, paused->resumed {downtime_ms:.0f} ms, "
                   f"repaired {m.src.ram_chunks_repaired} chunks, "
@@ -218,7 +219,7 @@ async def test_memory_and_disk_migrate_and_the_records_check_out(
                   f"disk_seq {m.src.disk_seq}, stream {m.src.stream['sent']}, "
                   f"records {m.before.disk_seq}->{m.after.disk_seq}, "
                   f"up_ms {m.before.up_ms}->{m.after.up_ms}, timeline "
-                  f"{[(e['t'], e.get('note') or e.get('step')) for e in m.src.timeline]}, "
+                  f"{[(e.t, e.to_json()) for e in m.src.timeline]}, "
                   f"dest {[(n, round(t - m.src.started, 3)) for n, t in steps]}")
         finally:
             if m.dst.guest is not None:
@@ -302,11 +303,11 @@ async def test_a_link_cut_in_the_memory_stream_is_absorbed(
             assert m.src.status == "done" and m.dst.status == "running"
             assert m.after.counter >= m.before.counter
             assert 0 <= m.after.up_ms - m.before.up_ms <= 3 * REPORT_MS + 500
-            progress = [e for e in m.src.timeline if e["event"] == "progress"]
-            assert progress[-1]["session"]["connections_lost"] >= 1
+            progress = [e for e in m.src.timeline if isinstance(e, QemuProgress)]
+            assert progress[-1].session["connections_lost"] >= 1
             print(f"\ncut at {cut['at_bytes']} B: total {m.total_s:.2f} s, "
                   f"paused->resumed {(m.dst.resumed_at - m.src.paused_at) * 1000:.0f} ms, "
-                  f"session {progress[-1]['session']}")
+                  f"session {progress[-1].session}")
         finally:
             if m.dst.guest is not None:
                 await m.dst.guest.quit()

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.transport.stacks import make_stack, session_pair
 from xmig.errors import GuestNotFound, InDoubt
+from xmig.events import BlackoutStep, Event
 from xmig.guest.backend import Arrival
 from xmig.guest.qemu import QemuGuest
 from xmig.guest.qemu.image import GuestImage
@@ -50,8 +50,9 @@ async def test_a_destination_in_doubt_runs_the_guest_on_the_sources_journaled_go
         with Wan(LINK) as wan:
             pki = init_pki(tmp_path / "pki", server_names=(wan.dst_addr,))
 
-            def cut_before_go(event: dict[str, Any]) -> None:
-                if event.get("step") == "ram checked":  # GO is journaled next, then sent
+            def cut_before_go(event: Event) -> None:
+                if isinstance(event, BlackoutStep) and event.step == "ram checked":
+                    # GO is journaled next, then sent
                     wan.cut()
 
             async with (listen_across(wan, tls=server_context(pki), config=SHORT) as lst,

@@ -49,6 +49,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from xmig.errors import MigrationError, NotConverging, XmigError
+from xmig.events import BlackoutStep, DowntimeBudget, PhaseChanged, QemuProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.budget import split_budget
@@ -137,7 +138,7 @@ async def _send_ram_digests(session: TransportSession, source: QemuGuest,
     """Hash the paused source's RAM and send the digests to the destination (on the
     device-state channel, ahead of the memory stream's last bytes)."""
     digests = await asyncio.to_thread(ramcheck.ram_digests, source.mem_path)
-    emit("blackout", step="source ram hashed")
+    emit(BlackoutStep(step="source ram hashed"))
     for message in ramcheck.encode_digest_messages(digests):
         await session.send(Channel.DEVICE_STATE, message)
     return digests
@@ -176,7 +177,7 @@ class QemuSource(SourceBackend):
                                            epoch=result.epoch, bound=options.mirror_bound)
             await self.mirror.start(options.timeout_s)
             result.mirror_ready_at = time.monotonic()
-            emit("phase", note="disk mirror ready")
+            emit(PhaseChanged(note="disk mirror ready"))
         # no return path: xmig learns that the destination loaded the stream from READY,
         # and QEMU 7.2's return-path thread closes the stream's socket under the migration
         # thread when the stream breaks (SourceTunnel.sever); pause-before-switchover
@@ -187,8 +188,8 @@ class QemuSource(SourceBackend):
         split = split_budget(options.downtime_limit_ms, ram_bytes=source.config.ram_mb << 20,
                              srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
         await source.execute("migrate-set-parameters", {"downtime-limit": split.qemu_limit_ms})
-        emit("downtime-budget", budget_ms=split.budget_ms, qemu_limit_ms=split.qemu_limit_ms,
-             reserve_ms=split.reserve_ms, fits=split.fits)
+        emit(DowntimeBudget(budget_ms=split.budget_ms, qemu_limit_ms=split.qemu_limit_ms,
+                            reserve_ms=split.reserve_ms, fits=split.fits))
         tunnel = SourceTunnel(session, self.workdir / f"{result.migration}.mig",
                               chunk=options.chunk)
         self.tunnel = tunnel
@@ -203,8 +204,8 @@ class QemuSource(SourceBackend):
         self.migrating = True
 
         def report() -> None:
-            emit("progress", stream=tunnel.stats(), max_bandwidth=governor.current,
-                 session=session.stats())
+            emit(QemuProgress(stream=tunnel.stats(), max_bandwidth=governor.current,
+                              session=session.stats()))
 
         self._tasks.append(asyncio.create_task(governor.run(report)))
         if options.sdps:
@@ -241,12 +242,12 @@ class QemuSource(SourceBackend):
     async def seal(self) -> Sealed:
         if self.mirror is not None:
             self.result.disk_seq = await self.mirror.finish(self.options.reply_timeout_s)
-            self._emit("blackout", step="disk mirror sealed", disk_seq=self.result.disk_seq)
+            self._emit(BlackoutStep(step="disk mirror sealed", disk_seq=self.result.disk_seq))
         return Sealed(disk_seq=self.result.disk_seq)
 
     async def after_final(self) -> None:
         await self.source.execute("migrate-continue", {"state": "pre-switchover"})
-        self._emit("blackout", step="migrate-continue")
+        self._emit(BlackoutStep(step="migrate-continue"))
         # the vCPUs are stopped since pre-switchover: the source's RAM is final. Hashed
         # while the last pass crosses (not before migrate-continue: the hashing thread
         # would slow this loop's QMP); the digests go ahead of its last bytes
@@ -267,7 +268,7 @@ class QemuSource(SourceBackend):
                 raise control.unexpected(reply, "ready", peer="destination")
             await wait_migration(self._events, self.source, {"completed"}, timeout)
         self.result.completed_at = time.monotonic()
-        self._emit("blackout", step="source completed")
+        self._emit(BlackoutStep(step="source completed"))
 
     async def check_ready(self, ready: control.Ready) -> GoRecord:
         """The stream's length and the RAM's digests; the chunks QEMU's stream left stale
@@ -284,7 +285,7 @@ class QemuSource(SourceBackend):
         fixups = await asyncio.to_thread(ramcheck.encode_fixups, self.source.mem_path, stale)
         for message in fixups:
             await self._session.send(Channel.DEVICE_STATE, message)
-        self._emit("blackout", step="ram checked", repaired_chunks=len(stale))
+        self._emit(BlackoutStep(step="ram checked", repaired_chunks=len(stale)))
         return GoRecord({"ram_repair": [int(c) for c in stale]})
 
     async def after_go(self) -> None:

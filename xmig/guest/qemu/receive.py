@@ -22,6 +22,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from xmig.errors import GuestStateError, MigrationError, ProtocolError, XmigError
+from xmig.events import DestStep, Event
 from xmig.guest.backend import DestBackend, DestResult
 from xmig.guest.qemu import ramcheck
 from xmig.guest.qemu.machine import PopenFn, QemuConfig, QemuGuest
@@ -101,7 +102,7 @@ class QemuDest(DestBackend):
                  reply_timeout_s: float = 60.0, popen: PopenFn | None = None,
                  launch: Callable[[QemuConfig], Awaitable[QemuGuest]] | None = None,
                  chunk: int = CHUNK, policy: HostPolicy = DEFAULT_POLICY,
-                 on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+                 on_event: Callable[[Event], None] = lambda event: None,
                  result: QemuDestResult | None = None) -> None:
         """``template`` None and ``result`` given: a guest already received, held in doubt
         (to settle or discard it)."""
@@ -114,8 +115,8 @@ class QemuDest(DestBackend):
         self._events: EventListener | None = None
         self._stale: list[int] = []
 
-    def _step(self, step: str, **fields: Any) -> None:
-        self.on_event({"event": "step", "step": step, "at": time.monotonic(), **fields})
+    def _step(self, step: str, stale: int | None = None) -> None:
+        self.on_event(DestStep(step=step, at=time.monotonic(), stale=stale))
 
     async def prepare(self, session: TransportSession, negotiate: control.Negotiate) -> None:
         msg, result, workdir = negotiate, self.result, self.workdir

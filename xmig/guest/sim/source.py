@@ -23,6 +23,7 @@ import xxhash
 
 from xmig import guestctl
 from xmig.errors import MigrationError, XmigError
+from xmig.events import BlackoutStep, ProgressNote, SimProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
 from xmig.guest.sim import SimConfig, SimGuest
 from xmig.memory.engine import MemorySender, Progress, SenderConfig
@@ -124,12 +125,13 @@ class SimSource(SourceBackend):
                 fit = int(p.delivery_rate * options.max_downtime_s / 2)
                 sender.set_bound(max(MiB, min(options.mirror_bound, fit)))
             result.sdps_max_throttle = max(result.sdps_max_throttle, p.throttle)
-            emit("progress", round=p.round, pages_left=p.pages_left,
-                 predicted_downtime_ms=round(p.predicted_downtime * 1000, 1),
-                 decision=p.decision.value, throttle=round(p.throttle, 3),
-                 dirty_rate_Bps=p.dirty_rate, memory_rate_Bps=p.delivery_rate,
-                 wire_ratio=round(p.wire_ratio, 4),
-                 disk=asdict(sender.progress()), session=session.stats())
+            emit(SimProgress(
+                round=p.round, pages_left=p.pages_left,
+                predicted_downtime_ms=round(p.predicted_downtime * 1000, 1),
+                decision=p.decision.value, throttle=round(p.throttle, 3),
+                dirty_rate_Bps=p.dirty_rate, memory_rate_Bps=p.delivery_rate,
+                wire_ratio=round(p.wire_ratio, 4), disk=asdict(sender.progress()),
+                session=session.stats()))
 
         self.memory = MemorySender(
             session, self.guest.memory, sdps=controller,
@@ -145,7 +147,7 @@ class SimSource(SourceBackend):
                 break
             # the memory would fit, the disk copy is not done: draining it is not for
             # the blackout. Wait for it, then more rounds for what was dirtied meanwhile
-            self._emit("progress_note", note="memory fits; waiting for the disk bulk copy")
+            self._emit(ProgressNote(note="memory fits; waiting for the disk bulk copy"))
             await self.sender.wait_bulk()
         if self.options.verify:
             # the disk's digests current before the pause (memory's are kept current by
@@ -189,11 +191,11 @@ class SimSource(SourceBackend):
         # awaited before GO; on an abort before that its outcome must be retrieved
         self._flushing.add_done_callback(lambda f: f.cancelled() or f.exception())
         final = await self.memory.final_round(digest=verify)
-        emit("blackout", step="final pages queued", pages=final.final_pages)
+        emit(BlackoutStep(step="final pages queued", pages=final.final_pages))
         result.rounds = final.rounds
         result.memory_digest = final.digest.hex() if final.digest else ""
         disk_seq = await self.sender.seal()
-        emit("blackout", step="mirror sealed", disk_seq=disk_seq)
+        emit(BlackoutStep(step="mirror sealed", disk_seq=disk_seq))
         # the source's disk digest is read while the destination applies (compared only
         # when READY comes, before GO), not in front of FINAL
         if verify:
