@@ -156,7 +156,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def _run_qemu(args: argparse.Namespace, spec: Any) -> int:
     """The QEMU test guest (memdisk workload) migrated over the emulated link."""
     from xmig.guest.qemu.migrate import QemuMigrationOptions
-    from xmig.harness.qemurun import QemuRun, default_build_dir, run_qemu_local
+    from xmig.harness.localrun import run_local
+    from xmig.harness.qemurun import QemuRun, default_build_dir
 
     run = QemuRun(link=spec, build_dir=default_build_dir(),
                   ram_mb=min(args.ram, 512 * MiB) // MiB,
@@ -174,7 +175,7 @@ def _run_qemu(args: argparse.Namespace, spec: Any) -> int:
             console.print(f"[dim]{event.get('event')}: {event.get('phase', '')} "
                           f"{event.get('note', '')}[/]")
 
-    report = asyncio.run(run_qemu_local(run, on_event=show))
+    report = asyncio.run(run_local(run, on_event=show))
     _save(args, report)
     if args.json:
         print(json.dumps(report), flush=True)

@@ -1,5 +1,7 @@
-"""A whole migration on one machine: reference guest, two agents, an emulated WAN between
-them. What ``xmig demo`` runs, and what the end-to-end tests and ``bench/longhaul.py`` use.
+"""A whole migration on one machine: a guest, two agents, an emulated WAN between them. What
+``xmig demo`` runs, and what the end-to-end tests and the benchmarks use. One harness for
+every backend: :func:`run_local` takes a :class:`LocalRun` (the reference guest) or a
+:class:`~xmig.harness.qemurun.QemuRun` (a QEMU guest, :mod:`~xmig.harness.qemurun`).
 
 The source agent's sockets live in the emulator's source namespace and the destination
 agent's in its destination namespace, so every migration byte crosses the emulated link.
@@ -29,16 +31,15 @@ from xmig.guest.sim import (
 )
 from xmig.guest.sim.dest import SimDestResult
 from xmig.guest.sim.source import MigrationOptions, SimSourceResult
+from xmig.harness.qemurun import QemuRun, run_qemu_local
+from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
-from xmig.netem.sessions import connect_across, listen_across
 from xmig.orchestrator.report import ledger_check, source_report
 from xmig.orchestrator.run import migrate, receive_migration
 from xmig.protocol.journal import Journal
 from xmig.storage.nbd import NbdServer
 from xmig.storage.raw import RawFileBackend
-from xmig.transport import SessionConfig
 from xmig.transport.certs import init_pki
-from xmig.transport.tls import client_context, server_context
 
 MiB = 1 << 20
 
@@ -55,10 +56,13 @@ class LocalRun:
     streams: int = 2
 
 
-async def run_local(run: LocalRun, *, workdir: Path | None = None,
+async def run_local(run: LocalRun | QemuRun, *, workdir: Path | None = None,
                     on_event: Callable[[dict[str, Any]], None] = lambda e: None,
                     ) -> dict[str, Any]:
-    """Migrate a fresh reference guest across an emulated link; return the report."""
+    """Migrate a fresh guest (the reference guest, or QEMU's for a QemuRun) across an
+    emulated link; return the report. ``on_event`` gets each event's JSON line."""
+    if isinstance(run, QemuRun):
+        return await run_qemu_local(run, workdir=workdir, on_event=on_event)
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="xmig-")))
@@ -92,49 +96,45 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     report: dict[str, Any] = {}
     try:
         before = await _rate_over(guest, run.warmup_s)
-        scfg = SessionConfig(idle_timeout=5.0, resume_deadline=30.0)
-        async with listen_across(wan, tls=server_context(pki), config=scfg) as lst:
-            t0 = time.monotonic()
-            async with connect_across(wan, lst.port, tls=client_context(pki),
-                                      streams=run.streams, config=scfg) as session:
-                dst_session = await lst.accept()
-                dst_task = asyncio.create_task(receive_migration(
-                    dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal")))
-                src_progress_before = guest.progress()
-                try:
-                    result = await migrate(session, guest, disk, nbd, migration="m1",
-                                           journal=Journal(src_dir / "journal"),
-                                           options=run.options,
-                                           on_progress=lambda e: on_event(e.to_json()))
-                except MigrationAborted as err:
-                    with contextlib.suppress(BaseException):
-                        await dst_task
-                    cause = err.__cause__ or err
-                    seen = probe.stop()
-                    lost = await asyncio.to_thread(seen.missing, SimClient(addr))
-                    return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
-                            "source_running": guest.running and not guest.paused,
-                            "client_puts_acknowledged": len(seen.acknowledged),
-                            "client_puts_lost": len(lost)}
-                dest = await dst_task
-                total = time.monotonic() - t0
-                src_prog = guest.progress()
-                assert dest.guest is not None
-                dst_prog = await _first_progress(dest.guest)
-                wire = session.stats()
+        t0 = time.monotonic()
+        async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
+            dst_task = asyncio.create_task(receive_migration(
+                dst_session, workdir=dst_dir, journal=Journal(dst_dir / "journal")))
+            src_progress_before = guest.progress()
+            try:
+                result = await migrate(session, guest, disk, nbd, migration="m1",
+                                       journal=Journal(src_dir / "journal"),
+                                       options=run.options,
+                                       on_progress=lambda e: on_event(e.to_json()))
+            except MigrationAborted as err:
+                with contextlib.suppress(BaseException):
+                    await dst_task
+                cause = err.__cause__ or err
                 seen = probe.stop()
-                # every PUT the guest acknowledged, on either side, reads back from the
-                # destination (its table migrated with the memory)
-                lost_puts = await asyncio.to_thread(seen.missing, SimClient(addr))
-                await asyncio.to_thread(guest.quit, keep_files=False)
-                report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
-                                 before, total, wire, disk, guest.ledger_path)
-                report["client_downtime_ms"] = round(seen.max_gap_s * 1000, 1)
-                # where the client's longest gap began, from the pause (negative: before it)
-                report["client_gap_from_pause_ms"] = round(
-                    (seen.gap_start_mono - result.paused_at) * 1000, 1)
-                report["client_puts_acknowledged"] = len(seen.acknowledged)
-                report["client_puts_lost"] = len(lost_puts)
+                lost = await asyncio.to_thread(seen.missing, SimClient(addr))
+                return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
+                        "source_running": guest.running and not guest.paused,
+                        "client_puts_acknowledged": len(seen.acknowledged),
+                        "client_puts_lost": len(lost)}
+            dest = await dst_task
+            total = time.monotonic() - t0
+            src_prog = guest.progress()
+            assert dest.guest is not None
+            dst_prog = await _first_progress(dest.guest)
+            wire = session.stats()
+            seen = probe.stop()
+            # every PUT the guest acknowledged, on either side, reads back from the
+            # destination (its table migrated with the memory)
+            lost_puts = await asyncio.to_thread(seen.missing, SimClient(addr))
+            await asyncio.to_thread(guest.quit, keep_files=False)
+            report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
+                             before, total, wire, disk, guest.ledger_path)
+            report["client_downtime_ms"] = round(seen.max_gap_s * 1000, 1)
+            # where the client's longest gap began, from the pause (negative: before it)
+            report["client_gap_from_pause_ms"] = round(
+                (seen.gap_start_mono - result.paused_at) * 1000, 1)
+            report["client_puts_acknowledged"] = len(seen.acknowledged)
+            report["client_puts_lost"] = len(lost_puts)
     finally:
         if not probe.report.duration_s:
             probe.stop()

@@ -26,13 +26,11 @@ from xmig.events import BlackoutStep, DestStep, Event, PhaseChanged
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
+from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
-from xmig.netem.sessions import connect_across, listen_across
 from xmig.orchestrator.run import migrate_qemu, receive_qemu
 from xmig.protocol.journal import Journal
-from xmig.transport import SessionConfig
 from xmig.transport.certs import init_pki
-from xmig.transport.tls import client_context, server_context
 
 MiB = 1 << 20
 BOOT_S = 90.0  #: boot to the workload's first line (TCG; two guests may share 2 cores)
@@ -85,13 +83,9 @@ async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
 async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template: QemuConfig,
                    src_dir: Path, dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
                    ) -> dict[str, Any]:
-    scfg = SessionConfig(idle_timeout=5.0, resume_deadline=30.0)
     link_before = link_bytes(wan)
     started = time.monotonic()
-    async with (listen_across(wan, tls=server_context(pki), config=scfg) as lst,
-                connect_across(wan, lst.port, tls=client_context(pki), streams=run.streams,
-                               config=scfg) as session):
-        dst_session = await lst.accept()
+    async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
         dst_steps: list[Event] = []
         receiving = asyncio.create_task(receive_qemu(
             dst_session, template, workdir=dst_dir, journal=Journal(dst_dir / "journal"),
