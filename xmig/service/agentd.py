@@ -423,7 +423,7 @@ class _Agent:
     async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
                             sdir: Path, journal: Journal
                             ) -> QemuDestResult | None:
-        """A QEMU guest: received by :func:`~xmig.guest.qemu.receive.receive_qemu` into a
+        """A QEMU guest: received by :func:`~xmig.orchestrator.run.receive_qemu` into a
         QEMU this agent starts; the caller hosts it until it quits (its QMP for the operator
         is ``DIR/incoming-*/guest.qmp``) or the agent stops."""
         if self.qemu is None:

@@ -3,7 +3,7 @@
 It attaches to the QEMU by its QMP socket (:func:`~xmig.guest.qemu.attach.attach_qemu`:
 nothing is changed by that), connects to the destination agent (``xmig agent --qemu-kernel
 …``) over mutually authenticated TLS and migrates the guest with
-:func:`~xmig.guest.qemu.migrate.migrate_qemu`. Its journal and the mirror's shadow image go to
+:func:`~xmig.orchestrator.run.migrate_qemu`. Its journal and the mirror's shadow image go to
 ``workdir``. Once the destination runs the guest, the source QEMU (paused since
 pre-switchover, never run again) is told to quit, unless ``keep_source``. Nothing is created
 before attaching succeeded; then ``workdir`` is made private (0700, the journal 0600). Before GO any

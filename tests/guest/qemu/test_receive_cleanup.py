@@ -15,6 +15,7 @@ from tests.inject import after, instead
 from tests.transport.stacks import make_stack, session_pair
 from xmig.guest.qemu import receive as qemu_receive
 from xmig.guest.qemu.machine import QemuConfig
+from xmig.orchestrator.run import receive_qemu
 from xmig.protocol import control
 from xmig.protocol.journal import Journal
 from xmig.storage.engine import DiskReceiver
@@ -53,7 +54,7 @@ async def test_a_failure_at_each_step_before_qemu_runs_is_cleaned_up_and_refused
                             4 * MiB, 16 * MiB, TOKEN)
     with make_stack("plain", tmp_path) as stack:
         async with session_pair(stack) as (src, dst):
-            receiving = asyncio.create_task(qemu_receive.receive_qemu(
+            receiving = asyncio.create_task(receive_qemu(
                 dst, template, workdir=workdir, journal=Journal(workdir / "journal"),
                 launch=launch or never, reply_timeout_s=20))
             await src.send(Channel.CONTROL, msg.encode())
@@ -94,7 +95,7 @@ async def test_a_full_disk_deletes_what_arrived_before_it_journals_discarded(
 
     with make_stack("plain", tmp_path) as stack:
         async with session_pair(stack) as (src, dst):
-            receiving = asyncio.create_task(qemu_receive.receive_qemu(
+            receiving = asyncio.create_task(receive_qemu(
                 dst, template, workdir=workdir, journal=Journal(workdir / "journal"),
                 launch=never, reply_timeout_s=20))
             await src.send(Channel.CONTROL, msg.encode())

@@ -174,7 +174,7 @@ class _Tunnel:
         ``migration_release_from_dst_file`` -> ``qemu_fclose(rp)``); the migration thread
         then writes to a closed, soon reused descriptor (``Unable to write to socket: Bad
         file descriptor``). The source QEMU therefore runs without a return path
-        (:func:`~xmig.guest.qemu.migrate.migrate_qemu`); this order keeps QEMU out of
+        (:func:`~xmig.orchestrator.run.migrate_qemu`); this order keeps QEMU out of
         its teardown races either way."""
         for task in self._tasks:
             task.cancel()
