@@ -38,7 +38,7 @@ from xmig.guest.backend import Arrival, DestBackend, DestResult
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, execute
 from xmig.protocol.journal import Journal
-from xmig.protocol.switchover import DestMachine, DestPhase, Step
+from xmig.protocol.switchover import Action, DestMachine, DestPhase, Step
 from xmig.transport import Channel, TransportSession
 
 Events = Callable[[Event], None]
@@ -172,25 +172,37 @@ async def _failed(session: TransportSession, backend: DestBackend, machine: Dest
 async def _discard_and_tell(session: TransportSession, backend: DestBackend,
                             machine: DestMachine, journal: Journal,
                             err: BaseException) -> None:
+    """The machine's abort step, executed: DISCARDED journaled, then the source told (REFUSED
+    before PREPARED, ABORT after; not when it aborted itself) and everything discarded."""
     result = backend.result
     prepared = machine.phase is not DestPhase.NEGOTIATE
-    with contextlib.suppress(XmigError):
-        machine.abort(str(err))
-    # a full disk: what arrived is deleted first, to make room for the record (before READY
-    # nothing was promised, and a restart discards an unfinished directory)
-    journaled = journal.append_or_log("DISCARDED", result.migration, result.epoch,
-                                      reason=result.error)
-    if not isinstance(err, asyncio.CancelledError) and not (
-            prepared and isinstance(err, MigrationError)):
-        # the source hears it at once (its guest runs on), not at its timeout
-        word: control.Message = (
-            control.Abort(result.migration, result.epoch,
-                          f"destination: {result.error}"[:control.MAX_TEXT])
-            if prepared else control.Refused.of(result.migration, err))
-        with contextlib.suppress(XmigError, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await session.send(Channel.CONTROL, word.encode())
-    await backend.discard()
+    try:
+        step = machine.abort(str(err))
+    except XmigError:  # a machine that failed already: the same actions, in the same order
+        step = Step(DestPhase.DISCARDED, (Action.JOURNAL, Action.DISCARD), journal="DISCARDED")
+    journaled = True
+
+    def record(kind: str) -> None:
+        nonlocal journaled
+        # a full disk: what arrived is deleted first, to make room for the record (before
+        # READY nothing was promised, and a restart discards an unfinished directory)
+        journaled = journal.append_or_log(kind, result.migration, result.epoch,
+                                          reason=result.error)
+
+    async def tell_and_discard() -> None:
+        if not isinstance(err, asyncio.CancelledError) and not (
+                prepared and isinstance(err, MigrationError)):
+            # the source hears it at once (its guest runs on), not at its timeout
+            word: control.Message = (
+                control.Abort(result.migration, result.epoch,
+                              f"destination: {result.error}"[:control.MAX_TEXT])
+                if prepared else control.Refused.of(result.migration, err))
+            with contextlib.suppress(XmigError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await session.send(Channel.CONTROL, word.encode())
+        await backend.discard()
+
+    await execute(step, Effects(journal=record, discard=tell_and_discard))
     if not journaled:
         journal.append_or_log("DISCARDED", result.migration, result.epoch, reason=result.error)
 
@@ -250,10 +262,11 @@ async def resolve(backend: DestBackend, decision: control.Go | control.Abort, *,
                          state=result.status, event=decision.type)
     control.check_decision(decision, result.migration, result.epoch, result.token)
     if isinstance(decision, control.Abort):
-        machine.abort(decision.reason)
+        step = machine.abort(decision.reason)
         result.status, result.error = Arrival.DISCARDED, f"source aborted: {decision.reason}"
-        journal.append("DISCARDED", result.migration, result.epoch, reason=result.error)
-        await backend.discard()
+        await execute(step, Effects(journal=lambda kind: journal.append(
+            kind, result.migration, result.epoch, reason=result.error),
+            discard=backend.discard))
         on_event(PhaseChanged(phase=machine.phase.value))
         if session is not None:
             await tell_discarded(session, result.migration, result.epoch)
