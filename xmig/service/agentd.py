@@ -221,26 +221,9 @@ class _Agent:
 
     async def _on_ctl(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       tg: asyncio.TaskGroup) -> None:
-        reply: dict[str, Any]
-        try:
-            async with asyncio.timeout(10.0):
-                req = hostctl.parse_request(await reader.readuntil(b"\n"))
-            if isinstance(req, hostctl.ResolveRequest):
-                await self._force(req, tg)
-            elif not isinstance(req, hostctl.StatusRequest):
-                raise ConfigError(f"the agent's control socket takes status and resolve, "
-                                  f"not {req.op}")
-            reply = {"ok": True, "status": self._status()}
-        except XmigError as err:
-            reply = {"ok": False, "error": hostctl.error_dict(err)}
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as err:
-            reply = {"ok": False, "error": hostctl.error_dict(ConfigError(
-                f"no request line: {type(err).__name__}"))}
-        with contextlib.suppress(OSError, ConnectionError):
-            writer.write(hostctl.encode(reply))
-            await writer.drain()
-            writer.close()
-            await writer.wait_closed()
+        await hostctl.answer_status_or_resolve(
+            reader, writer, who="the agent's control socket", status=self._status,
+            force=lambda req: self._force(req, tg))
 
     async def _force(self, req: hostctl.ResolveRequest, tg: asyncio.TaskGroup) -> None:
         """An operator decides a migration in doubt here (its source's site is gone):

@@ -23,13 +23,15 @@ a bad one is a :class:`~xmig.errors.ConfigError` and changes nothing. Non-finite
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,34 @@ def error_dict(err: BaseException, *, after_go: bool = False) -> dict[str, Any]:
     if isinstance(err, errors.MigrationAborted) and cause is not None:
         message = f"the source guest runs on: {type(cause).__name__}: {cause}"
     return {"type": name, "message": message, "after_go": after_go}
+
+
+async def answer_status_or_resolve(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, who: str,
+        status: Callable[[], dict[str, Any]],
+        force: Callable[[ResolveRequest], Awaitable[None]]) -> None:
+    """One request on a control socket that takes ``status`` and ``resolve`` (an agent's,
+    a source QEMU's in doubt; ``who`` names it in the refusal of anything else): read the
+    line, act, answer one line (the status after it, or the typed error), close."""
+    reply: dict[str, Any]
+    try:
+        async with asyncio.timeout(10.0):
+            req = parse_request(await reader.readuntil(b"\n"))
+        if isinstance(req, ResolveRequest):
+            await force(req)
+        elif not isinstance(req, StatusRequest):
+            raise ConfigError(f"{who} takes status and resolve, not {req.op}")
+        reply = {"ok": True, "status": status()}
+    except XmigError as err:
+        reply = {"ok": False, "error": error_dict(err)}
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as err:
+        reply = {"ok": False, "error": error_dict(ConfigError(
+            f"no request line: {type(err).__name__}"))}
+    with contextlib.suppress(OSError, ConnectionError):
+        writer.write(encode(reply))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
 
 
 def error_from(data: Any) -> XmigError:

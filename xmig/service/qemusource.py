@@ -306,25 +306,8 @@ class _InDoubtControl:
 
     async def _on_client(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(10.0):
-                req = hostctl.parse_request(await reader.readuntil(b"\n"))
-            if isinstance(req, hostctl.ResolveRequest):
-                await self._force(req)
-            elif not isinstance(req, hostctl.StatusRequest):
-                raise ConfigError(f"a source QEMU in doubt takes status and resolve, not "
-                                  f"{req.op}")
-            reply: dict[str, Any] = {"ok": True, "status": self.status()}
-        except XmigError as err:
-            reply = {"ok": False, "error": hostctl.error_dict(err)}
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as err:
-            reply = {"ok": False, "error": hostctl.error_dict(ConfigError(
-                f"no request line: {type(err).__name__}"))}
-        with contextlib.suppress(OSError, ConnectionError):
-            writer.write(hostctl.encode(reply))
-            await writer.drain()
-            writer.close()
-            await writer.wait_closed()
+        await hostctl.answer_status_or_resolve(reader, writer, who="a source QEMU in doubt",
+                                               status=self.status, force=self._force)
 
 
 async def _deliver_abort(req: QemuMigrateRequest, name: str,
