@@ -51,7 +51,7 @@ import secrets
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -383,19 +383,23 @@ class _Agent:
             return None
 
     async def _negotiated(self, session: TransportSession, first: control.Negotiate,
-                          sdir: Path, journal: Journal) -> SimDestResult | None:
+                          sdir: Path, journal: Journal) -> DestResult | None:
+        return await self._arrival(sdir, journal, {}, receive_migration(
+            session, workdir=sdir, journal=journal, first=first, policy=self.policy,
+            on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)})))
+
+    async def _arrival(self, sdir: Path, journal: Journal, label: dict[str, str],
+                       receiving: Awaitable[DestResult]) -> DestResult | None:
+        """The guest that arrived, or None: held in doubt (READY, then cut off from the
+        source before GO: the paused guest may be the only copy; kept until the source's
+        decision comes on a new session, and never exited for) or discarded."""
         try:
-            return await receive_migration(
-                session, workdir=sdir, journal=journal, first=first, policy=self.policy,
-                on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
+            return await receiving
         except InDoubt as err:
-            # READY, then cut off from the source before GO: the paused guest (a child of
-            # this process) may be the only copy. Keep it until the source's decision
-            # comes (a new session opening with GO or ABORT); never exit for it
             assert isinstance(err.backend, DestBackend)
             self.in_doubt[err.migration] = (err.backend, journal, sdir)
             self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
-                       "error": f"{type(err).__name__}: {err}"})
+                       **label, "error": f"{type(err).__name__}: {err}"})
             return None
         except XmigError as err:
             self.emit({"event": "discarded", "dir": str(sdir),
@@ -404,8 +408,7 @@ class _Agent:
             return None
 
     async def _receive_qemu(self, session: TransportSession, first: control.Negotiate,
-                            sdir: Path, journal: Journal
-                            ) -> QemuDestResult | None:
+                            sdir: Path, journal: Journal) -> DestResult | None:
         """A QEMU guest: received by :func:`~xmig.orchestrator.run.receive_qemu` into a
         QEMU this agent starts; the caller hosts it until it quits (its QMP for the operator
         is ``DIR/incoming-*/guest.qmp``) or the agent stops."""
@@ -418,24 +421,9 @@ class _Agent:
             self._ended(1)
             return None
         template = replace(self.qemu, name="guest", mem_path=sdir / "guest.ram")
-        try:
-            dest = await receive_qemu(
-                session, template, workdir=sdir, journal=journal, first=first,
-                policy=self.policy,
-                on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)}))
-        except InDoubt as err:
-            # paused, READY, cut off before GO: kept (never run) until the source's decision
-            assert isinstance(err.backend, DestBackend)
-            self.in_doubt[err.migration] = (err.backend, journal, sdir)
-            self.emit({"event": "in-doubt", "dir": str(sdir), "migration": err.migration,
-                       "backend": "qemu", "error": f"{type(err).__name__}: {err}"})
-            return None
-        except XmigError as err:
-            self.emit({"event": "discarded", "dir": str(sdir),
-                       "error": f"{type(err).__name__}: {err}"})
-            self._ended(1)
-            return None
-        return dest
+        return await self._arrival(sdir, journal, {"backend": "qemu"}, receive_qemu(
+            session, template, workdir=sdir, journal=journal, first=first,
+            policy=self.policy, on_event=lambda e: self.emit({**e.to_json(), "dir": str(sdir)})))
 
     async def _host_qemu(self, dest: QemuDestResult, sdir: Path) -> None:
         guest = dest.guest
