@@ -56,6 +56,19 @@ def test_recover_abandons_in_doubt_discards_half_received_and_keeps_what_ran(
     assert recovery.recover(tmp_path) == []  # settled once, for good
 
 
+def test_recover_releases_each_directory_it_gives_up_before_deleting_it(
+        tmp_path: Path) -> None:
+    doubt = incoming(tmp_path, "a", "READY", migration="m1")
+    half = incoming(tmp_path, "b", "NEGOTIATED", migration="m2")
+    incoming(tmp_path, "c", "READY", "RUNNING", migration="m3")  # runs here: never released
+    bare = incoming(tmp_path, "d", migration="m4")
+    released: dict[Path, bool] = {}
+
+    recovery.recover(tmp_path, release=lambda d: released.update({d: (d / "disk.raw").exists()}))
+
+    assert released == {doubt: True, half: True, bare: True}
+
+
 def test_a_hosted_guests_onward_migrations_are_not_recovered_as_received(
         tmp_path: Path) -> None:
     # arrived (epoch 1), ran here, then this host was the source of epoch 2: cut before GO

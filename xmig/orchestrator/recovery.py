@@ -30,7 +30,7 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,14 +115,19 @@ def lock_workdir(workdir: Path) -> int:
     return fd
 
 
-def recover(workdir: Path) -> list[Received]:
+def recover(workdir: Path, *,
+            release: Callable[[Path], object] = lambda sdir: None) -> list[Received]:
     """At an agent's start, ``workdir`` locked (nothing of an earlier process is held):
     abandon every migration left in doubt, journaled first, and discard every one cut off
     mid-receive; delete what either received (the journal stays), and every incoming
-    directory without a journal. Returns the migrations abandoned or discarded now."""
+    directory without a journal. ``release(dir)`` runs before a directory's files are
+    deleted: it stops what an earlier process left running there (a backend's processes,
+    e.g. :func:`xmig.guest.qemu.leftover.reap`). Returns the migrations abandoned or
+    discarded now."""
     for sdir in sorted(workdir.glob("incoming-*")):
         if sdir.is_dir() and not sdir.is_symlink() and not (sdir / JOURNAL_NAME).exists():
             log.info("%s: no journal: deleted", sdir)
+            release(sdir)
             shutil.rmtree(sdir, ignore_errors=True)
     settled: list[Received] = []
     for held in scan(workdir):
@@ -142,6 +147,7 @@ def recover(workdir: Path) -> list[Received]:
                                     DestPhase.DISCARDED, held.token, held.owner))
         else:
             continue
+        release(held.dir)
         _delete_all_but_journal(held.dir)
     return settled
 

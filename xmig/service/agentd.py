@@ -67,6 +67,7 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.backend import Arrival, DestBackend, DestResult
+from xmig.guest.qemu import leftover
 from xmig.guest.qemu.machine import QemuConfig
 from xmig.guest.qemu.receive import HOST_QMP, QemuDestResult
 from xmig.guest.sim.dest import SimDestResult
@@ -125,8 +126,9 @@ async def serve_agent(*, host: str, port: int, pki_dir: Path, workdir: Path, onc
 
 def _recover(workdir: Path, emit: Emit) -> None:
     """Settle what an earlier run of an agent left in ``workdir`` (:func:`recovery.recover`)
-    and remove the control sockets of the guests that died with it."""
-    for held in recovery.recover(workdir):
+    and remove the control sockets of the guests that died with it. A QEMU that held an
+    abandoned or discarded migration and outlived the agent is killed first."""
+    for held in recovery.recover(workdir, release=leftover.reap):
         if held.phase is DestPhase.ABANDONED:
             emit({"event": "abandoned", "migration": held.migration, "epoch": held.epoch,
                   "dir": str(held.dir), "note": "READY journaled by an earlier run, whose "

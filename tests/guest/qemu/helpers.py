@@ -28,10 +28,9 @@ async def loopback_sessions() -> AsyncIterator[tuple[TransportSession, Transport
         yield src, await lst.accept()
 
 
-def kill_qemus_under(path: Path) -> list[int]:
-    """Kill (SIGKILL) every QEMU whose command line names a file under ``path``: the
-    children of an agent that a test killed as a power loss would (they outlive it here)."""
-    killed = []
+def qemus_under(path: Path) -> list[int]:
+    """The QEMU processes whose command line names a file under ``path``."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -41,7 +40,16 @@ def kill_qemus_under(path: Path) -> list[int]:
             continue
         if argv and argv[0].endswith(b"qemu-system-x86_64") and any(
                 str(path).encode() in arg for arg in argv):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
+            found.append(int(proc.name))
+    return found
+
+
+def kill_qemus_under(path: Path) -> list[int]:
+    """Kill (SIGKILL) every QEMU whose command line names a file under ``path``: the
+    children of an agent that a test killed as a power loss would (they outlive it here)."""
+    killed = []
+    for pid in qemus_under(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed

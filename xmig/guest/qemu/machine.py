@@ -82,6 +82,8 @@ class QemuGuest:
         self.workdir = Path(workdir).resolve()
         self.serial_log = self.workdir / f"{config.name}.serial.log"
         self.qemu_log = self.workdir / f"{config.name}.qemu.log"
+        #: QEMU writes its pid here (a host killed -9 leaves it running: ``leftover.reap``)
+        self.pidfile = self.workdir / f"{config.name}.pid"
         self.mem_path = (
             Path(config.mem_path).resolve()
             if config.mem_path
@@ -167,7 +169,8 @@ class QemuGuest:
                 f"cache={c.disk_cache},aio=threads"
             )
             argv += ["-drive", drive, "-device", "virtio-blk-pci,drive=d0"]
-        argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off", *c.extra]
+        argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+                 "-pidfile", str(self.pidfile), *c.extra]
         return argv
 
     async def start(self, *, popen: PopenFn | None = None, timeout: float = 15.0) -> None:
