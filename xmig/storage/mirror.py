@@ -15,6 +15,14 @@ faster than the link is slowed to the link's rate, and the backlog the guest bel
 but the destination does not yet have is at most the bound. :meth:`set_bound` changes it at
 run time (shrinking it as switchover nears; bound 0 is a synchronous mirror).
 
+Pacing: :meth:`set_pace` makes acknowledgements leave at a rate (bytes/s) the convergence
+controller sets, with the bound kept as the hard cap. A write is admitted when the queue fits
+it *and* the pacer has credit for it (a virtual clock that advances by ``length / rate`` per
+admitted write; idle time earns at most ``burst_s`` of credit), so a guest that writes faster
+than the pace is slowed write by write, evenly, instead of running free until the bound is
+full and then stopping. Timers are data: :meth:`get_timer` says when the first held write's
+credit is due, :meth:`handle_timer` releases what is due by then.
+
 Order: writes are sent in submit order, with wire sequence numbers given at :meth:`take`.
 Coalescing, within writes not yet taken (correctness first):
 - a write that starts inside or right at the end of the newest queued write, is merged into
@@ -123,6 +131,9 @@ class MirrorQueue:
         self._tail: int | None = None
         self._inflight: deque[MirrorWrite] = deque()
         self._held: deque[_Held] = deque()
+        self.pace_Bps: float | None = None  #: acknowledgement rate; None: the bound alone
+        self.burst_s = 0.0  #: credit an idle pacer may save, in seconds of ``pace_Bps``
+        self._pace_at = 0.0  #: the pacer's clock: no admission before it
 
     # -- the source's write path ----------------------------------------------------------
 
@@ -148,8 +159,9 @@ class MirrorQueue:
         ticket.length = cut - offset
         st.writes_mirrored += 1
         st.bytes_mirrored += ticket.length
-        if not self._held and self._fits(ticket.length):
+        if not self._held and self._fits(ticket.length) and self._paced(now):
             self._admit(offset, data)
+            self._charge(ticket.length, now)
             ticket.acked_at = now
         else:
             self._held.append(_Held(ticket, data))
@@ -162,6 +174,30 @@ class MirrorQueue:
         if bound < 0:
             raise ValueError("the mirror bound cannot be negative")
         self.bound = bound
+        return self._release(now)
+
+    def set_pace(self, rate_Bps: float | None, now: float, *, burst_s: float = 0.05
+                 ) -> list[Ticket]:
+        """Acknowledge mirrored writes at ``rate_Bps`` at most (None: as fast as the bound
+        lets them); returns the tickets a faster pace releases now."""
+        if rate_Bps is not None and rate_Bps <= 0:
+            raise ValueError("the mirror's pace must be positive (None: unpaced)")
+        if burst_s < 0:
+            raise ValueError("the pacer's burst cannot be negative")
+        self.pace_Bps, self.burst_s = rate_Bps, burst_s
+        return self._release(now)
+
+    def get_timer(self) -> float | None:
+        """When the first held write is due by the pace (None: none waits on the pace; one
+        that waits on the bound is released by :meth:`on_applied`)."""
+        if self.pace_Bps is None or not self._held:
+            return None
+        if not self._fits(self._held[0].ticket.length):
+            return None
+        return self._pace_at
+
+    def handle_timer(self, now: float) -> list[Ticket]:
+        """Release the held writes due by ``now``."""
         return self._release(now)
 
     # -- the sender's side ----------------------------------------------------------------
@@ -244,13 +280,22 @@ class MirrorQueue:
 
     def _release(self, now: float) -> list[Ticket]:
         released = []
-        while self._held and self._fits(self._held[0].ticket.length):
+        while (self._held and self._fits(self._held[0].ticket.length)
+               and self._paced(now)):
             held = self._held.popleft()
             self.held_bytes -= held.ticket.length
             self._admit(held.ticket.offset, held.data)
+            self._charge(held.ticket.length, now)
             self._ack_late(held.ticket, now)
             released.append(held.ticket)
         return released
+
+    def _paced(self, now: float) -> bool:
+        return self.pace_Bps is None or self._pace_at <= now
+
+    def _charge(self, length: int, now: float) -> None:
+        if self.pace_Bps is not None:
+            self._pace_at = max(self._pace_at, now - self.burst_s) + length / self.pace_Bps
 
     def _ack_late(self, ticket: Ticket, now: float) -> None:
         ticket.acked_at = now
