@@ -1,6 +1,6 @@
 """The folder layout is the architecture: the lower layers never import the upper ones.
 
-    cli -> harness, service -> orchestrator -> guest (backends), memory, storage
+    cli -> harness, service -> orchestrator -> guest (backends), memory, storage, convergence
                                             -> protocol, transport, netem
 
 A backend never imports the engine that drives it (issue 9, section 1), nor a daemon.
@@ -17,7 +17,7 @@ import xmig
 
 ROOT = Path(xmig.__file__).parent
 UPPER = ("xmig.orchestrator", "xmig.service", "xmig.harness", "xmig.cli")
-LOWER = ("guest", "memory", "storage", "protocol", "transport", "netem")
+LOWER = ("guest", "memory", "storage", "convergence", "protocol", "transport", "netem")
 
 
 #: ``import a.b, c as d`` and ``from a.b import c, d as e`` (parenthesized lists joined)
