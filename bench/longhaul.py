@@ -161,7 +161,7 @@ async def run_point(point: Point, args: argparse.Namespace, seed: int, workdir: 
     events: list[dict[str, Any]] = []  # what it was doing if it fails or hangs
     try:
         async with asyncio.timeout(args.point_timeout):
-            report = await run_local(run, workdir=workdir, on_event=events.append)
+            report = (await run_local(run, workdir=workdir, on_event=events.append)).to_json()
     except TimeoutError:
         report = {"status": "error", "error": f"no result within {time.monotonic() - t0:.0f} s"
                   " (--point-timeout)", "last_events": _brief(events[-4:])}

@@ -178,7 +178,7 @@ async def run_xmig(run: QemuRun, workdir: Path) -> dict[str, Any]:
     own is kept as ``session_wire_bytes``)."""
     events: list[dict[str, Any]] = []
     try:
-        report = await run_qemu_local(run, workdir=workdir, on_event=events.append)
+        report = (await run_qemu_local(run, workdir=workdir, on_event=events.append)).to_json()
     except (XmigError, OSError) as err:
         return {"status": "error", "converged": False, "verified": False,
                 "error": f"{type(err).__name__}: {err}", "last_events": _brief(events[-4:])}

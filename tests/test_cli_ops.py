@@ -214,7 +214,7 @@ def test_downtime_from_one_clock_or_estimated() -> None:
     cause = NotConverging("slow")
     err = MigrationAborted("aborted")
     err.__cause__ = cause
-    assert aborted_report(err, source_running=True, timeline=[])["error"] == \
+    assert aborted_report(err, backend="sim", source_running=True, timeline=[]).error == \
         "NotConverging: slow"
 
 

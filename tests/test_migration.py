@@ -38,7 +38,7 @@ async def test_workload_migrates_verified_with_no_lost_write(
     run = LocalRun(guest=guest(workload, rate, **extra),
                    link=LinkSpec.symmetric(rate_bps=1_000_000_000, rtt_s=0.02),
                    disk_bytes=64 * MiB, warmup_s=0.5)
-    report = await run_local(run, workdir=tmp_path)
+    report = (await run_local(run, workdir=tmp_path)).to_json()
     assert report["status"] == "done"
     assert report["verified"] is True  # memory, device state and disk digests equal (I5, I2)
     assert report["lost_acknowledged_writes"] == 0
@@ -63,7 +63,7 @@ def outrunner(sdps: str, timeout_s: float) -> LocalRun:
 
 
 async def test_guest_outrunning_the_link_converges_with_sdps(tmp_path: Path) -> None:
-    report = await run_local(outrunner("on", 60.0), workdir=tmp_path)
+    report = (await run_local(outrunner("on", 60.0), workdir=tmp_path)).to_json()
     assert report["status"] == "done"
     assert report["verified"] is True
     assert report["sdps_max_throttle"] > 0.3  # it had to slow the guest
@@ -73,7 +73,7 @@ async def test_guest_outrunning_the_link_converges_with_sdps(tmp_path: Path) -> 
 async def test_guest_outrunning_the_link_without_sdps_aborts_and_keeps_running(
     tmp_path: Path,
 ) -> None:
-    report = await run_local(outrunner("off", 6.0), workdir=tmp_path)
+    report = (await run_local(outrunner("off", 6.0), workdir=tmp_path)).to_json()
     assert report["status"] == "aborted"
     assert "NotConverging" in report["error"]
     assert report["source_running"] is True

@@ -81,7 +81,7 @@ def test_plot_real_tiny_migration(tmp_path: Path) -> None:
                       disk_url="nbd+unix:///?socket=/set-by-run_local")
     run = LocalRun(guest, LinkSpec.symmetric(rate_bps=10**9, rtt_s=0.01),
                    MigrationOptions(), disk_bytes=64 * MiB, warmup_s=0.5)
-    report = asyncio.run(run_local(run, workdir=tmp_path / "run"))
+    report = asyncio.run(run_local(run, workdir=tmp_path / "run")).to_json()
     assert report["status"] == "done"
     assert any(e["event"] == "progress" for e in report["timeline"])
     out = tmp_path / "timeline.png"

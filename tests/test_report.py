@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from xmig.errors import MigrationAborted, PeerUnreachable
 from xmig.events import PhaseChanged, SimProgress
-from xmig.orchestrator.report import bulk_utilization
+from xmig.orchestrator.report import REPORT_KEYS, Report, aborted_report, bulk_utilization
 
 
 def progress(t: float, sent: int, round_: int, bulk_done: bool | None) -> SimProgress:
@@ -37,3 +38,25 @@ def test_memory_round_zero_is_bulk_without_a_disk() -> None:
 
 def test_no_pending_event_gives_none() -> None:
     assert bulk_utilization([progress(1.0, 5, 3, True)], 10**9) == (None, 0.0)
+
+
+def test_one_report_type_prints_issue_3s_keys_first_then_details_then_the_timeline() -> None:
+    report = Report(status="done", backend="qemu", total_s=2.5, details={"disk_seq": 7},
+                    timeline=[{"event": "phase", "phase": "brownout"}])
+    report.set_downtime(0.1234, "destination clock")
+    report.set_wire({"wire_bytes_out": 300, "wire_bytes_in": 100}, guest_bytes=200)
+    out = report.to_json()
+    assert list(out)[:len(REPORT_KEYS)] == list(REPORT_KEYS)
+    assert list(out)[len(REPORT_KEYS):] == ["backend", "downtime_basis", "error", "disk_seq",
+                                            "timeline"]
+    assert (out["downtime_ms"], out["wire_bytes"], out["wire_ratio"]) == (123.4, 400, 2.0)
+    assert out["rounds"] is None and out["verified"] is None  # not measured: null, not absent
+
+
+def test_an_aborted_report_names_the_cause_of_the_abort() -> None:
+    err = MigrationAborted("aborted before GO")
+    err.__cause__ = PeerUnreachable("agent gone")
+    report = aborted_report(err, backend="sim", source_running=True, timeline=[], to="x:1")
+    assert report.status == "aborted" and report.error == "PeerUnreachable: agent gone"
+    out = report.to_json()
+    assert out["source_running"] is True and out["to"] == "x:1" and out["backend"] == "sim"

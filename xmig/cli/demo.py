@@ -128,7 +128,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     console = Console()
     if args.json:
-        report = asyncio.run(run_local(run, on_event=lambda e: print(json.dumps(e), flush=True)))
+        report = asyncio.run(run_local(
+            run, on_event=lambda e: print(json.dumps(e), flush=True))).to_json()
         _save(args, report)
         print(json.dumps(report), flush=True)
         return 0 if report.get("verified") is not False and report["status"] == "done" else 1
@@ -141,7 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
             if live is not None:
                 live.update(view.render())
 
-        report = asyncio.run(run_local(run, on_event=show))
+        report = asyncio.run(run_local(run, on_event=show)).to_json()
     _save(args, report)
     report.pop("timeline", None)
     if report.get("status") == "done":
@@ -175,7 +176,7 @@ def _run_qemu(args: argparse.Namespace, spec: Any) -> int:
             console.print(f"[dim]{event.get('event')}: {event.get('phase', '')} "
                           f"{event.get('note', '')}[/]")
 
-    report = asyncio.run(run_local(run, on_event=show))
+    report = asyncio.run(run_local(run, on_event=show)).to_json()
     _save(args, report)
     if args.json:
         print(json.dumps(report), flush=True)

@@ -23,7 +23,7 @@ import asyncio
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
@@ -32,6 +32,9 @@ from xmig.cli.view import ProgressView, summary
 from xmig.errors import ConfigError, XmigError
 from xmig.service import hostctl
 from xmig.units import argtype, parse_bit_rate, parse_byte_rate, parse_duration, parse_size
+
+if TYPE_CHECKING:
+    from xmig.orchestrator.report import Report
 
 EXIT_BAD_INPUT, EXIT_NOT_MIGRATED, EXIT_IN_DOUBT = 2, 3, 4
 
@@ -390,21 +393,22 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
     return _qemu_report(args, console, report)
 
 
-def _qemu_report(args: argparse.Namespace, console: Console, report: dict[str, Any]) -> int:
+def _qemu_report(args: argparse.Namespace, console: Console, report: Report) -> int:
+    data = report.to_json()
     if args.report:
-        args.report.write_text(json.dumps(report, indent=1) + "\n")
+        args.report.write_text(json.dumps(data, indent=1) + "\n")
     if args.json:
-        print(hostctl.encode({k: v for k, v in report.items() if k != "timeline"})
+        print(hostctl.encode({k: v for k, v in data.items() if k != "timeline"})
               .decode().rstrip(), flush=True)
-    elif console.is_terminal and report["status"] == "done":
-        console.print(summary(report))
-    if report["status"] == "aborted":  # the destination abandoned the epoch
+    elif console.is_terminal and report.status == "done":
+        console.print(summary(data))
+    if report.status == "aborted":  # the destination abandoned the epoch
         Console(stderr=True, soft_wrap=True).print(Text(
-            f"xmig: {report['error']}", style="bold red"))
+            f"xmig: {report.error}", style="bold red"))
         return EXIT_NOT_MIGRATED
-    if report["status"] != "done":
+    if report.status != "done":
         Console(stderr=True, soft_wrap=True).print(Text(
-            f"xmig: InDoubt: {report['status']}: {report['error']} (the source QEMU stays "
+            f"xmig: InDoubt: {report.status}: {report.error} (the source QEMU stays "
             "paused)", style="bold red"))
         return EXIT_IN_DOUBT
     return 0

@@ -34,7 +34,7 @@ from xmig.guest.sim.source import MigrationOptions, SimSourceResult
 from xmig.harness.qemurun import QemuRun, run_qemu_local
 from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
-from xmig.orchestrator.report import ledger_check, source_report
+from xmig.orchestrator.report import Report, aborted_report, ledger_check, source_report
 from xmig.orchestrator.run import migrate, receive_migration
 from xmig.protocol.journal import Journal
 from xmig.storage.nbd import NbdServer
@@ -58,7 +58,7 @@ class LocalRun:
 
 async def run_local(run: LocalRun | QemuRun, *, workdir: Path | None = None,
                     on_event: Callable[[dict[str, Any]], None] = lambda e: None,
-                    ) -> dict[str, Any]:
+                    ) -> Report:
     """Migrate a fresh guest (the reference guest, or QEMU's for a QemuRun) across an
     emulated link; return the report. ``on_event`` gets each event's JSON line."""
     if isinstance(run, QemuRun):
@@ -79,7 +79,7 @@ async def run_local(run: LocalRun | QemuRun, *, workdir: Path | None = None,
 
 async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_dir: Path,
                    dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
-                   ) -> dict[str, Any]:
+                   ) -> Report:
     nbd = NbdServer(disk)
     sock = src_dir / "disk.nbd"
     await nbd.start_unix(sock)
@@ -93,7 +93,6 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     assert addr is not None
     # a client PUTting keys throughout, in a process of its own: this one is busy migrating
     probe = DowntimeProbe(addr, put_keys=True, own_process=True).start()
-    report: dict[str, Any] = {}
     try:
         before = await _rate_over(guest, run.warmup_s)
         t0 = time.monotonic()
@@ -109,13 +108,12 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
             except MigrationAborted as err:
                 with contextlib.suppress(BaseException):
                     await dst_task
-                cause = err.__cause__ or err
                 seen = probe.stop()
                 lost = await asyncio.to_thread(seen.missing, SimClient(addr))
-                return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
-                        "source_running": guest.running and not guest.paused,
-                        "client_puts_acknowledged": len(seen.acknowledged),
-                        "client_puts_lost": len(lost)}
+                return aborted_report(err, backend="sim", timeline=[],
+                                      source_running=guest.running and not guest.paused,
+                                      client_puts_acknowledged=len(seen.acknowledged),
+                                      client_puts_lost=len(lost))
             dest = await dst_task
             total = time.monotonic() - t0
             src_prog = guest.progress()
@@ -129,12 +127,12 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
             await asyncio.to_thread(guest.quit, keep_files=False)
             report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
                              before, total, wire, disk, guest.ledger_path)
-            report["client_downtime_ms"] = round(seen.max_gap_s * 1000, 1)
-            # where the client's longest gap began, from the pause (negative: before it)
-            report["client_gap_from_pause_ms"] = round(
-                (seen.gap_start_mono - result.paused_at) * 1000, 1)
-            report["client_puts_acknowledged"] = len(seen.acknowledged)
-            report["client_puts_lost"] = len(lost_puts)
+            report.client_downtime_ms = round(seen.max_gap_s * 1000, 1)
+            report.details.update(
+                # where the client's longest gap began, from the pause (negative: before it)
+                client_gap_from_pause_ms=round((seen.gap_start_mono - result.paused_at) * 1000, 1),
+                client_puts_acknowledged=len(seen.acknowledged),
+                client_puts_lost=len(lost_puts))
     finally:
         if not probe.report.duration_s:
             probe.stop()
@@ -169,7 +167,7 @@ async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:
 
 def _report(run: LocalRun, src: SimSourceResult, dest: SimDestResult, before_prog: Any,
             src_prog: Any, dst_prog: Any, rate_before: float, total: float,
-            wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> dict[str, Any]:
+            wire: dict[str, Any], disk: RawFileBackend, ledger: Path) -> Report:
     # every write acknowledged to the source guest is on the source disk at pause, whose
     # digest equals the destination's at READY (verify): together, I2
     rate_during = (src_prog.counter - before_prog.counter) / max(src.paused_at - src.started,
@@ -180,9 +178,9 @@ def _report(run: LocalRun, src: SimSourceResult, dest: SimDestResult, before_pro
         guest_bytes=run.guest.ram_bytes + run.disk_bytes, link_rate_bps=run.link.rate_bps,
         ledger=ledger_check(ledger, disk), verify=run.options.verify,
         options=dict(run.options.__dict__))
-    report["link"] = run.link.to_dict()
+    report.details["link"] = run.link.to_dict()
     # the downtime's ends, from the pause the source agent asked for (ms; negative: before)
-    report["downtime_parts_ms"] = {
+    report.details["downtime_parts_ms"] = {
         "last_progress": round((src_prog.last_progress_mono - src.paused_at) * 1000, 1),
         "guest_paused": round((src_prog.paused_at_mono - src.paused_at) * 1000, 1),
         "destination_resumed": round((dst_prog.resumed_at_mono - src.paused_at) * 1000, 1),

@@ -28,6 +28,7 @@ from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
 from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
+from xmig.orchestrator.report import Report, qemu_source_report
 from xmig.orchestrator.run import migrate_qemu, receive_qemu
 from xmig.protocol.journal import Journal
 from xmig.transport.certs import init_pki
@@ -54,7 +55,7 @@ class QemuRun:
 
 async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
                          on_event: Callable[[dict[str, Any]], None] = lambda e: None
-                         ) -> dict[str, Any]:
+                         ) -> Report:
     """Boot the test guest, migrate it across an emulated link; return the report."""
     image = await asyncio.to_thread(build_test_guest, run.build_dir)
     with contextlib.ExitStack() as stack:
@@ -82,7 +83,7 @@ async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
 
 async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template: QemuConfig,
                    src_dir: Path, dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
-                   ) -> dict[str, Any]:
+                   ) -> Report:
     link_before = link_bytes(wan)
     started = time.monotonic()
     async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
@@ -117,24 +118,16 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
     finally:
         await dst.guest.quit()
     continues = after.counter >= before.counter
-    wire_bytes = int(wire["wire_bytes_out"]) + int(wire["wire_bytes_in"])
-    guest_bytes = run.ram_mb * MiB + run.disk_bytes
-    return {
-        "status": src.status,
-        "downtime_ms": round((dst.resumed_at - src.paused_at) * 1000, 1),
+    report = qemu_source_report(src, total_s=total, wire=wire,
+                                guest_bytes=run.ram_mb * MiB + run.disk_bytes)
+    report.verified = continues and (records is None or (records.ok and records.checked > 0))
+    report.details.update({
         "guest_gap_ms": after.up_ms - before.up_ms,
-        "qemu_downtime_ms": src.qemu_info.get("downtime"),
-        "total_s": round(total, 3),
-        "wire_bytes": wire_bytes,
-        "guest_bytes": guest_bytes,
-        "wire_ratio": round(wire_bytes / guest_bytes, 4),
         "link_bytes": on_link,
-        "verified": continues and (records is None or (records.ok and records.checked > 0)),
         "counter": {"source_last": before.counter, "destination_first": after.counter},
         "source_last": {"counter": before.counter, "up_ms": before.up_ms,
                         "disk_seq": before.disk_seq},
         "disk_records_checked": records.checked if records is not None else None,
-        "ram_chunks_repaired": src.ram_chunks_repaired,
         "link": run.link.to_dict(),
         "qemu_ram": src.qemu_info.get("ram", {}),
         "disk": src.disk,
@@ -143,8 +136,8 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
         "source_steps_ms": _steps_after_pause(src.timeline),
         "destination_steps_ms": {e.step: round((e.at - src.paused_at) * 1000, 1)
                                  for e in dst_steps if isinstance(e, DestStep)},
-        "timeline": [e.to_json() for e in src.timeline],
-    }
+    })
+    return report
 
 
 def _steps_after_pause(timeline: list[Event]) -> dict[str, float]:

@@ -1,8 +1,12 @@
-"""The final report of one migration (issue 3's keys), from what the source side measured.
+"""The final report of one migration (issue 3's keys), from what the source side measured:
+one type, :class:`Report`, for every backend and every producer (the local harness, the
+source host, the QEMU source process); ``Report.to_json()`` is what ``--json`` and
+``--report`` print.
 
 :func:`source_report` builds it from a :class:`~xmig.guest.sim.source.SimSourceResult` and a few
-measures the caller takes around the migration; the helpers compute those measures.
-Definitions as in DESIGN.md "Measures". Keys:
+measures the caller takes around the migration; :func:`aborted_report` for one that ended
+before GO; the helpers compute the measures, the downtime by one definition
+(:func:`downtime_estimate`). Definitions as in DESIGN.md "Measures". Keys:
 
 ``status, downtime_ms, client_downtime_ms, total_s, workload_penalty, wire_bytes,
 guest_bytes, wire_ratio, link_utilization, sdps_max_throttle, rounds, verified,
@@ -20,11 +24,13 @@ verification was off.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xmig.errors import MigrationAborted
 from xmig.events import Event, SimProgress
+from xmig.guest.qemu.migrate import QemuSourceResult
 from xmig.guest.sim import LedgerCheck, read_ledger, verify_ledger
 from xmig.guest.sim.source import SimSourceResult
 from xmig.storage.raw import RawFileBackend
@@ -34,6 +40,53 @@ REPORT_KEYS = (
     "wire_bytes", "guest_bytes", "wire_ratio", "link_utilization", "sdps_max_throttle",
     "rounds", "verified", "acknowledged_writes", "lost_acknowledged_writes",
 )
+
+
+@dataclass
+class Report:
+    """One migration's report: issue 3's keys (:data:`REPORT_KEYS`; None when not measured),
+    the backend, the error, what its producer adds (``details``: digests, options, the
+    backend's own figures), then the timeline (JSON events)."""
+
+    status: str  #: done, in-doubt or aborted
+    backend: str  #: sim or qemu
+    downtime_ms: float | None = None
+    downtime_basis: str | None = None  #: how downtime_ms was obtained (downtime_estimate)
+    client_downtime_ms: float | None = None
+    total_s: float | None = None
+    workload_penalty: float | None = None
+    wire_bytes: int | None = None
+    guest_bytes: int | None = None
+    wire_ratio: float | None = None
+    link_utilization: float | None = None
+    sdps_max_throttle: float | None = None
+    rounds: int | None = None
+    verified: bool | None = None
+    acknowledged_writes: int | None = None
+    lost_acknowledged_writes: int | None = None
+    error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {key: getattr(self, key) for key in REPORT_KEYS}
+        out["backend"] = self.backend
+        if self.downtime_basis is not None:
+            out["downtime_basis"] = self.downtime_basis
+        out["error"] = self.error
+        out.update(self.details)
+        out["timeline"] = self.timeline
+        return out
+
+    def set_downtime(self, downtime_s: float | None, basis: str | None = None) -> None:
+        self.downtime_ms = None if downtime_s is None else round(downtime_s * 1000, 1)
+        self.downtime_basis = basis
+
+    def set_wire(self, wire: Mapping[str, Any], guest_bytes: int) -> None:
+        """Bytes on the wire both ways (a session's ``stats()``) over the guest's size."""
+        self.wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
+        self.guest_bytes = guest_bytes
+        self.wire_ratio = round(self.wire_bytes / guest_bytes, 4) if guest_bytes else None
 
 
 def ledger_check(ledger: Path, disk: RawFileBackend) -> LedgerCheck:
@@ -106,45 +159,60 @@ def source_report(
     ledger: LedgerCheck,
     verify: bool,
     options: Mapping[str, Any],
-) -> dict[str, Any]:
+) -> Report:
     """The report of a migration that reached GO (``src.status`` done or in-doubt).
 
     ``rate_before`` / ``rate_during``: guest progress units per second before the migration
     and from its start to the pause; ``wire``: the session's ``stats()``."""
-    wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
     utilization, bulk_s = (bulk_utilization(src.timeline, link_rate_bps)
                            if link_rate_bps else (None, 0.0))
-    penalty = (round(1 - rate_during / rate_before, 4)
-               if rate_before and rate_during is not None else None)
-    return {
-        "status": src.status,
-        "downtime_ms": None if downtime_s is None else round(downtime_s * 1000, 1),
-        "client_downtime_ms": (None if client_downtime_s is None
-                               else round(client_downtime_s * 1000, 1)),
-        "total_s": round(total_s, 3),
-        "workload_penalty": penalty,
-        "wire_bytes": wire_bytes,
-        "guest_bytes": guest_bytes,
-        "wire_ratio": round(wire_bytes / guest_bytes, 4) if guest_bytes else None,
-        "link_utilization": utilization,
-        "sdps_max_throttle": round(src.sdps_max_throttle, 3),
-        "rounds": src.rounds,
-        "verified": digests_equal(src, verify),
-        "acknowledged_writes": ledger.acknowledged,
-        "lost_acknowledged_writes": len(ledger.lost),
-        "bulk_pending_s": round(bulk_s, 3),
-        "error": src.error,
-        "digests": {"source": {"memory": src.memory_digest, "device": src.device_digest,
-                               "disk": src.disk_digest}, "destination": src.ready_digests},
-        "options": dict(options),
-        "timeline": [e.to_json() for e in src.timeline],
-    }
+    report = Report(
+        status=src.status, backend="sim",
+        client_downtime_ms=(None if client_downtime_s is None
+                            else round(client_downtime_s * 1000, 1)),
+        total_s=round(total_s, 3),
+        workload_penalty=(round(1 - rate_during / rate_before, 4)
+                          if rate_before and rate_during is not None else None),
+        link_utilization=utilization, sdps_max_throttle=round(src.sdps_max_throttle, 3),
+        rounds=src.rounds, verified=digests_equal(src, verify),
+        acknowledged_writes=ledger.acknowledged, lost_acknowledged_writes=len(ledger.lost),
+        error=src.error, timeline=[e.to_json() for e in src.timeline],
+        details={"bulk_pending_s": round(bulk_s, 3),
+                 "digests": {"source": {"memory": src.memory_digest,
+                                        "device": src.device_digest, "disk": src.disk_digest},
+                             "destination": src.ready_digests},
+                 "options": dict(options)})
+    report.set_downtime(downtime_s)
+    report.set_wire(wire, guest_bytes)
+    return report
 
 
-def aborted_report(error: BaseException, *, source_running: bool,
-                   timeline: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def qemu_source_report(src: QemuSourceResult, *, total_s: float, wire: Mapping[str, Any],
+                       guest_bytes: int) -> Report:
+    """The report of a QEMU migration that reached GO, from the source's result and its
+    session's ``stats()``. The downtime is :func:`downtime_estimate`'s from QEMU's
+    pre-switchover (its vCPUs stopped) to the destination's resume; QEMU's own figure (its
+    last pass only) is beside it as ``qemu_downtime_ms``."""
+    srtt = wire.get("srtt_s")
+    downtime, basis = downtime_estimate(
+        last_progress=src.paused_at, paused_at=src.paused_at, peer_resumed_at=src.resumed_at,
+        resumed_seen_at=src.resumed_seen_at,
+        srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
+    report = Report(status=src.status, backend="qemu", total_s=round(total_s, 3),
+                    sdps_max_throttle=round(src.sdps_max_throttle, 3), error=src.error,
+                    timeline=[e.to_json() for e in src.timeline],
+                    details={"qemu_downtime_ms": src.qemu_info.get("downtime"),
+                             "disk_seq": src.disk_seq,
+                             "ram_chunks_repaired": src.ram_chunks_repaired})
+    report.set_downtime(downtime, basis)
+    report.set_wire(wire, guest_bytes)
+    return report
+
+
+def aborted_report(error: BaseException, *, backend: str, source_running: bool,
+                   timeline: list[dict[str, Any]], **details: Any) -> Report:
     """The report of a migration that ended before GO (the source guest runs) or failed
     after it; ``error`` is the typed error (a MigrationAborted is reported by its cause)."""
     cause = (error.__cause__ or error) if isinstance(error, MigrationAborted) else error
-    return {"status": "aborted", "error": f"{type(cause).__name__}: {cause}",
-            "source_running": source_running, "timeline": timeline, **extra}
+    return Report(status="aborted", backend=backend, error=f"{type(cause).__name__}: {cause}",
+                  timeline=timeline, details={"source_running": source_running, **details})

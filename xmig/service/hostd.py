@@ -350,9 +350,10 @@ class GuestHost:
             if not isinstance(err, XmigError | OSError):
                 self.emit({"event": "internal-error", "name": self.name,
                            "error": f"{type(err).__name__}: {err}"})
-            report = aborted_report(err, source_running=self.guest.running,
-                                    timeline=timeline, to=req.to)
-            report["status"] = status
+            aborted = aborted_report(err, backend="sim", source_running=self.guest.running,
+                                     timeline=timeline, to=req.to)
+            aborted.status = status
+            report = aborted.to_json()
             reply = {"ok": False, "error": hostctl.error_dict(err, after_go=after_go),
                      "report": report}
             ended = status if after_go else "running"
@@ -532,9 +533,10 @@ class GuestHost:
             link_rate_bps=req.link_rate_bps or req.bandwidth_bps, ledger=check,
             verify=req.verify, options={**options.__dict__, "streams": req.streams,
                                         "bandwidth_bps": req.bandwidth_bps})
-        report.update(downtime_basis=basis, name=self.name, to=req.to)
-        report["timeline"] = timeline
-        return report
+        report.downtime_basis = basis
+        report.details.update(name=self.name, to=req.to)
+        report.timeline = timeline
+        return report.to_json()
 
     async def _ensure_running(self) -> None:
         """After a failure before GO: no mirror hook, no throttle, the guest not paused (what

@@ -41,7 +41,7 @@ from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
 from xmig.orchestrator.qemusettle import send_qemu_decision
-from xmig.orchestrator.report import downtime_estimate
+from xmig.orchestrator.report import Report, qemu_source_report
 from xmig.orchestrator.run import migrate_qemu
 from xmig.orchestrator.settling import AgentAddress, keep_telling
 from xmig.orchestrator.source import journaled_decision, send_decision
@@ -76,7 +76,7 @@ class QemuMigrateRequest:
 
 async def migrate_attached(req: QemuMigrateRequest,
                            on_event: Callable[[dict[str, Any]], None] = lambda e: None
-                           ) -> dict[str, Any]:
+                           ) -> Report:
     """Migrate the QEMU at ``req.qmp`` to the agent at ``req.to``; the report. Typed errors:
     attaching (GuestNotFound, QemuError, QemuCapabilityError, DiskFormatError, ...), the
     PKI (ConfigError), the agent (PeerUnreachable, its refusal), the migration
@@ -119,37 +119,26 @@ async def migrate_attached(req: QemuMigrateRequest,
             # GO is journaled: the destination has the guest (or will, once it hears GO)
         settled = result is None or not result.resumed_at
         ending = await _settle(req, source, on_event) if settled else Settled.RESUMED
+        timeline = [] if result is None else [e.to_json() for e in result.timeline]
+        where = {"name": name, "to": req.to}
         if ending in (Settled.ABANDONED, Settled.FORCED_ABORT):
             # this copy is the only one: it runs on
             await source.cont()
-            return {"status": "aborted", "name": name, "to": req.to, "backend": "qemu",
-                    "error": ending.why, "settled": True,
-                    "timeline": [] if result is None else [e.to_json() for e in result.timeline]}
+            return Report(status="aborted", backend="qemu", error=ending.why,
+                          timeline=timeline, details={**where, "settled": True})
         arrived = True
         total_s = time.monotonic() - started
         if result is None or ending is Settled.FORCED_GO:
-            return {"status": "done", "name": name, "to": req.to, "backend": "qemu",
-                    "settled": True, "forced": ending is Settled.FORCED_GO,
-                    "total_s": round(total_s, 3),
-                    "timeline": [] if result is None else [e.to_json() for e in result.timeline]}
-        srtt = wire.get("srtt_s")
-        downtime, basis = downtime_estimate(
-            last_progress=result.paused_at, paused_at=result.paused_at,
-            peer_resumed_at=result.resumed_at, resumed_seen_at=result.resumed_seen_at,
-            srtt_s=float(srtt) if isinstance(srtt, int | float) else None)
-        wire_bytes = int(wire.get("wire_bytes_out", 0)) + int(wire.get("wire_bytes_in", 0))
-        guest_bytes = (source.config.ram_mb << 20) + (source.disk_bytes or 0)
-        return {
-            "status": "done", "name": name, "to": req.to, "backend": "qemu",  # it runs there
-            "downtime_ms": round(downtime * 1000, 1) if downtime is not None else None,
-            "downtime_basis": basis, "qemu_downtime_ms": result.qemu_info.get("downtime"),
-            "total_s": round(total_s, 3), "wire_bytes": wire_bytes,
-            "guest_bytes": guest_bytes, "wire_ratio": round(wire_bytes / guest_bytes, 4),
-            "disk_seq": result.disk_seq, "ram_chunks_repaired": result.ram_chunks_repaired,
-            "sdps_max_throttle": result.sdps_max_throttle, "error": result.error,
-            "source": "kept paused" if req.keep_source else "quit", "settled": settled,
-            "timeline": [e.to_json() for e in result.timeline],
-        }
+            return Report(status="done", backend="qemu", total_s=round(total_s, 3),
+                          timeline=timeline, details={
+                              **where, "settled": True, "forced": ending is Settled.FORCED_GO})
+        report = qemu_source_report(
+            result, total_s=total_s, wire=wire,
+            guest_bytes=(source.config.ram_mb << 20) + (source.disk_bytes or 0))
+        report.status = "done"  # it runs there
+        report.details.update(where, source="kept paused" if req.keep_source else "quit",
+                              settled=settled)
+        return report
     finally:
         if arrived and not req.keep_source:
             await source.quit()  # the destination runs it: this copy never runs again

@@ -9,8 +9,9 @@ WAN. A fault fires at the first source event of a phase:
             record, the destination agent killed (its task and its QEMU, as a power loss)
 
 A killed destination is not restarted here: ``tests/guest/qemu/test_restart.py`` kills and
-restarts a real agent process and its QEMU. Which cells: the destination killed only before READY (after it, the source is
-in doubt and waits for a restarted agent: ``test_restart.py``, ``test_settle.py``);
+restarts a real agent process and its QEMU. Which cells: the destination killed only before
+READY (after it, the source is in doubt and waits for a restarted agent: ``test_restart.py``,
+``test_settle.py``);
 the link cut before GO (GO crosses a dead link: both sides in doubt) is
 ``test_settle.py``'s first test. Negotiate is left out: no QEMU runs on the destination yet,
 the reference guest's cells cover that step of the engine.
