@@ -5,6 +5,7 @@ strongest allowed slowdown is told so with the reason, once its rates are known.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ class FluidGuest:
     rtt: float = 0.02
     now: float = 0.0
     controls: list[Control] = field(default_factory=list)
-    max_queue: float = 0.0
+    queues: list[float] = field(default_factory=list)  #: after each step
 
     def step(self, ctl: ConvergenceController) -> Control:
         last = self.controls[-1] if self.controls else None
@@ -48,7 +49,7 @@ class FluidGuest:
             moved = min(getattr(self, name), budget)
             setattr(self, name, getattr(self, name) - moved)
             budget -= moved
-        self.max_queue = max(self.max_queue, self.queue)
+        self.queues.append(self.queue)
         self.now += DT
         control = ctl.update(Sample(
             now=self.now, delivery_rate=self.rate, rtt=self.rtt,
@@ -76,6 +77,19 @@ def test_a_guest_that_does_not_outrun_the_link_is_never_slowed() -> None:
     assert all(c.throttle == 0 and c.disk_pace_Bps is None for c in guest.controls)
 
 
+def test_a_guest_that_converges_on_its_own_is_slowed_only_once_engaged() -> None:
+    # 80 % of the link: it converges, slowly; the planner engages when rounds stall
+    guest = FluidGuest(mem_Bps=1.6 * MB, disk_Bps=0, rate=2 * MB, hot=64 * MB)
+    ctl = controller()
+    for _ in range(8):
+        assert guest.step(ctl).throttle == 0
+    ctl.engage("rounds stopped shrinking")
+    throttle = guest.step(ctl).throttle
+    assert throttle == pytest.approx(1 - 0.7 * 2 / 1.6, abs=0.01)
+    assert ctl.engaged == "rounds stopped shrinking"
+    assert ctl.release().throttle == 0 and not ctl.engaged
+
+
 def test_a_disk_writer_at_five_times_the_link_is_paced_evenly_and_converges() -> None:
     # the user: 16 Mbit/s link, the disk written at ~5x it, memory at 1x
     rate = 2 * MB
@@ -92,8 +106,12 @@ def test_a_disk_writer_at_five_times_the_link_is_paced_evenly_and_converges() ->
         assert c.disk_pace_Bps == pytest.approx(max(f * c.disk_base_Bps, 64 * 1024),
                                                 rel=1e-6)
         assert f * (c.memory_base_Bps + c.disk_base_Bps) <= 0.7 * rate * 1.001
-    # the queue never grows beyond a few intervals of the link: paced, not bounded-then-stuck
-    assert guest.max_queue < 2 * rate
+    # before its rates are known (settle_s) the writer runs free; from the first paced
+    # interval on the queue only drains: paced, never bounded-then-stuck
+    first = next(k for k, c in enumerate(guest.controls) if c.disk_pace_Bps is not None)
+    assert guest.now > 2.0 and first * DT >= 2.0 - DT
+    after = guest.queues[first + 1:]
+    assert all(b <= a + 1 for a, b in itertools.pairwise(after))
 
 
 def test_pacing_does_not_hide_the_writers_demand() -> None:

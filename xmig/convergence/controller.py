@@ -15,9 +15,13 @@ What is left shrinks only while the guest adds less than ``R``. The guest adds
 (mirrored writes, sent raw). The controller holds their sum at ``α × R`` (``α < 1``: the rest
 of the link drains what is left; ``α × bulk_share`` while the disk's bulk copy still runs, so
 the copy moves on) by slowing *both* by one factor ``f = min(1, target ÷ (mem + disk))``:
-throttle ``1 − f`` for the vCPUs, pace ``f × disk`` for the acknowledgements. A guest that
-does not outrun the link (``f = 1``) is not slowed at all. Whichever of the two outruns the
-link, the guest is slowed evenly and just enough, never stopped.
+throttle ``1 − f`` for the vCPUs, pace ``f × disk`` for the acknowledgements. Whichever of the
+two outruns the link, the guest is slowed evenly and just enough, never stopped.
+
+It slows nothing until it is *engaged*: by itself as soon as the guest alone adds at least
+``R`` (nothing could ever drain; judged once the rates are known, after ``settle_s``), or by
+:meth:`ConvergenceController.engage` when the pre-copy's rounds stopped shrinking (the
+planner's ENGAGE_SDPS). A guest that converges on its own is never slowed.
 
 The base (unslowed) rates are estimated from what was measured under the last control: the
 dirty rate ÷ ``(1 − throttle)``; the disk-write rate as measured while the pacer held no write
@@ -77,7 +81,8 @@ class Sample:
 
     now: float
     delivery_rate: float  #: wire bytes/s the link delivers (0: not known yet)
-    rtt: float = 0.0  #: smoothed
+    rtt: float = 0.0  #: smoothed (queueing included)
+    base_rtt: float = 0.0  #: the least seen: the path's own (0: not known, use rtt)
     memory_left_bytes: int = 0  #: dirty and not yet sent (raw)
     dirty_rate: float = 0.0  #: measured under the throttle in effect
     wire_ratio: float = 1.0  #: wire bytes per raw page byte
@@ -113,6 +118,11 @@ class ConvergenceController:
         self.max_throttle_seen = 0.0
         self.memory_base: float | None = None  #: raw dirty bytes/s, unthrottled
         self.disk_base: float | None = None  #: bytes/s, unpaced
+        self.engaged = ""  #: why the guest is being slowed ("": it is not)
+
+    def engage(self, reason: str) -> None:
+        """Slow the guest from the next update on, as much as needed (idempotent)."""
+        self.engaged = self.engaged or reason
 
     def predict(self, s: Sample) -> float:
         """Seconds the guest would be paused if it were paused now (inf with no rate)."""
@@ -130,7 +140,12 @@ class ConvergenceController:
         predicted = self.predict(s)
         mem = (self.memory_base or 0.0) * max(s.wire_ratio, 1e-3)
         disk = self.disk_base or 0.0
-        if s.delivery_rate > 0:
+        known = s.now - self.start >= cfg.settle_s  # the first rates overstate or understate
+        if known and s.delivery_rate > 0 and mem + disk >= s.delivery_rate:
+            self.engage(f"the guest adds {(mem + disk) / 1e6:.2f} MB/s (memory "
+                        f"{mem / 1e6:.2f}, disk {disk / 1e6:.2f}), at least the link's "
+                        f"{s.delivery_rate / 1e6:.2f} MB/s")
+        if s.delivery_rate > 0 and self.engaged:
             target = cfg.alpha * s.delivery_rate * (cfg.bulk_share if s.bulk_left_bytes else 1)
             f = 1.0 if mem + disk <= target else target / (mem + disk)
             self._actuate(f, disk)
@@ -139,8 +154,8 @@ class ConvergenceController:
                        memory_base_Bps=mem, disk_base_Bps=disk)
 
     def release(self) -> Control:
-        """Full speed (switchover, abort)."""
-        self.throttle, self.pace = 0.0, None
+        """Full speed (switchover, abort); disengaged."""
+        self.throttle, self.pace, self.engaged = 0.0, None, ""
         return Control(0.0, None, 0.0, Verdict.CONTINUE, "released")
 
     # -- internals --------------------------------------------------------------------
@@ -172,7 +187,9 @@ class ConvergenceController:
         budget_ms = cfg.budget_s * 1e3
         if s.bulk_left_bytes == 0 and predicted <= cfg.budget_s:
             return Verdict.SWITCHOVER, f"predicted {predicted * 1e3:.0f} ms fits the budget"
-        floor = cfg.commit_rtts * s.rtt + (
+        # queueing inflates the smoothed RTT while pre-copy fills the link; the commit's
+        # messages cross an emptied link: its floor is set by the least RTT seen
+        floor = cfg.commit_rtts * (s.base_rtt or s.rtt) + (
             s.device_state_bytes / s.delivery_rate if s.delivery_rate > 0 else 0.0)
         if s.delivery_rate > 0 and floor > cfg.budget_s:
             return Verdict.NOT_CONVERGING, (

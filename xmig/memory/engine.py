@@ -291,6 +291,8 @@ class MemorySender:
                 if verdict.decision is Decision.ENGAGE_SDPS:
                     self._engaged = True
                     self._next_sdps = 0.0
+                    if self.controller is not None:
+                        self.controller.engage(verdict.reason)
                 if len(self._pending):
                     await self._send(self._pending)
                     self._pending = np.empty(0, np.int64)
@@ -366,10 +368,11 @@ class MemorySender:
             raise NotConverging(
                 f"pre-copy ran past its timeout of {self.planner.config.timeout:.0f} s in "
                 f"round {self.planner.round}")
-        if self._engaged and self.controller is not None and now >= self._next_sdps:
+        ctl = self.controller
+        if ctl is not None and (self._engaged or ctl.always_updated) and now >= self._next_sdps:
             self._next_sdps = now + self.config.sdps_interval
             rate, _, _ = self._link()
-            throttle = self.controller.update(
+            throttle = ctl.update(
                 now=now, delivery_rate=rate, dirty_rate=self.memory.dirty_rate(),
                 wire_ratio=self.wire_ratio())
             self.memory.set_throttle(throttle)

@@ -85,6 +85,7 @@ class DiskProgress:
     ack_delay_total_s: float
     ack_delay_max_s: float
     applied_seq: int
+    mirror_pace_Bps: float | None = None  #: the acknowledgement pace (None: unpaced)
 
     @property
     def pending_bytes(self) -> int:
@@ -201,6 +202,7 @@ class DiskSender:
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._work = asyncio.Event()
         self._changed = asyncio.Event()
+        self._pacer = asyncio.Event()  #: the pacer's timer may have changed
         self._tasks = _Tasks(self._fail)
         self._canceller: asyncio.Task[None] | None = None
         self._started = False
@@ -226,6 +228,7 @@ class DiskSender:
             return None
         fut = asyncio.get_running_loop().create_future()
         self._waiting[ticket.id] = fut
+        self._pacer.set()
         return fut
 
     # -- control ----------------------------------------------------------------------------
@@ -248,12 +251,21 @@ class DiskSender:
         self._tasks.spawn(self._bulk_loop())
         self._tasks.spawn(self._mirror_loop())
         self._tasks.spawn(self._ack_loop())
+        self._tasks.spawn(self._pace_loop())
         if self._digests is not None:
             self._tasks.spawn(self._digests.run())
 
     def set_bound(self, nbytes: int) -> None:
         """Change the mirror's bound (shrink it as switchover nears)."""
         self._release(self.mirror.set_bound(nbytes, time.monotonic()))
+
+    def set_pace(self, rate_Bps: float | None) -> None:
+        """Acknowledge mirrored guest writes at ``rate_Bps`` at most (None: as the bound
+        lets them): :meth:`~xmig.storage.mirror.MirrorQueue.set_pace`."""
+        if rate_Bps == self.mirror.pace_Bps:
+            return
+        self._release(self.mirror.set_pace(rate_Bps, time.monotonic()))
+        self._pacer.set()
 
     async def wait_bulk(self) -> None:
         """Until the bulk copy is complete and applied at the destination."""
@@ -271,6 +283,7 @@ class DiskSender:
         wait on the bound) and hand every queued write to the session; return the seq of
         the last one. The session delivers them in order, so the destination need only
         apply up to that seq (:meth:`DiskReceiver.wait_applied`) — no round trip here."""
+        self.set_pace(None)
         self.set_bound(1 << 62)
         self._work.set()
         await self._wait(lambda: self.bulk_applied >= self.backend.size
@@ -316,7 +329,7 @@ class DiskSender:
             mirror_bytes=ms.bytes_mirrored, mirror_bytes_sent=self.mirror_bytes_sent,
             mirror_bytes_saved=ms.bytes_saved, acks_delayed=ms.writes_delayed,
             ack_delay_total_s=ms.delay_total_s, ack_delay_max_s=ms.delay_max_s,
-            applied_seq=m.applied_seq)
+            applied_seq=m.applied_seq, mirror_pace_Bps=m.pace_Bps)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -339,6 +352,7 @@ class DiskSender:
         (a paused guest's last writes are often held)."""
         if tickets and self.mirror.has_work:
             self._work.set()
+        self._pacer.set()  # the head of the held writes may have changed
         for t in tickets:
             fut = self._waiting.pop(t.id, None)
             if fut is not None and not fut.done():
@@ -384,6 +398,19 @@ class DiskSender:
             await self.session.send(Channel.DISK_MIRROR, payload)
             self.sent_seq = writes[-1].seq
             self._changed.set()
+
+    async def _pace_loop(self) -> None:
+        """The pacer's timer: release the held writes as their credit comes due."""
+        while True:
+            self._pacer.clear()
+            due = self.mirror.get_timer()
+            delay = None if due is None else due - time.monotonic()
+            if delay is not None and delay <= 0:
+                self._release(self.mirror.handle_timer(time.monotonic()))
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._pacer.wait()
 
     async def _ack_loop(self) -> None:
         while True:

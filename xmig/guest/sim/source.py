@@ -17,18 +17,21 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import xxhash
 
 from xmig import guestctl
+from xmig.convergence import ControllerConfig
+from xmig.convergence.joint import DiskFigures, JointThrottle, LinkFigures
 from xmig.errors import MigrationError, XmigError
 from xmig.events import BlackoutStep, ProgressNote, SimProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
 from xmig.guest.sim import SimConfig, SimGuest
 from xmig.memory.engine import MemorySender, Progress, SenderConfig
 from xmig.memory.precopy import PlannerConfig
-from xmig.memory.sdps import AutoConverge
+from xmig.memory.sdps import AutoConverge, ThrottleController
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, nothing
 from xmig.storage.engine import DiskSender
@@ -48,7 +51,9 @@ class MigrationOptions:
     max_downtime_s: float = 0.3
     timeout_s: float = 300.0  #: pre-copy that has not converged by then is abandoned
     sdps: str = "on"  #: "on" (xmig's SDPS), "off", or "autoconverge" (QEMU's, for comparison)
-    mirror_bound: int = 32 * MiB  #: bytes of guest writes queued before acks are delayed
+    mirror_bound: int = 32 * MiB
+    """The hard cap on guest writes queued for the destination; within it, with SDPS on,
+    the convergence controller paces their acknowledgements (:mod:`xmig.convergence`)."""
     reply_timeout_s: float = 60.0  #: for each answer of the destination
     blackout_timeout_s: float = 10.0
     """From the guest's pause to GO journaled, as a whole: past it the migration aborts
@@ -113,17 +118,12 @@ class SimSource(SourceBackend):
         self.sender = sender
         self.nbd.hook = sender  # from now on every guest write is mirrored
         await sender.start()
-        controller: AutoConverge | bool = (
-            AutoConverge() if options.sdps == "autoconverge" else options.sdps == "on")
+        controller = self._controller(session, sender)
         planner = PlannerConfig(downtime_budget=options.max_downtime_s,
                                 timeout=options.timeout_s, sdps=options.sdps != "off")
 
         def memory_progress(p: Progress) -> None:
             result.memory_progress = p
-            if p.round >= 1 and p.delivery_rate > 0:
-                # shrink the mirror's bound as switchover nears: draining it must fit
-                fit = int(p.delivery_rate * options.max_downtime_s / 2)
-                sender.set_bound(max(MiB, min(options.mirror_bound, fit)))
             result.sdps_max_throttle = max(result.sdps_max_throttle, p.throttle)
             emit(SimProgress(
                 round=p.round, pages_left=p.pages_left,
@@ -138,6 +138,33 @@ class SimSource(SourceBackend):
             config=SenderConfig(planner=planner), on_progress=memory_progress,
             mirror_queue=lambda: sender.progress().pending_bytes, verify=options.verify)
         self._session, self._emit = session, emit
+
+    def _controller(self, session: TransportSession, sender: DiskSender
+                    ) -> ThrottleController | bool:
+        """SDPS: on, the convergence controller (the vCPU throttle and the mirror's
+        acknowledgement pace, from memory and disk together); autoconverge, QEMU's
+        algorithm (memory only); off, none (the mirror's bound is the only cap)."""
+        options = self.options
+        if options.sdps != "on":
+            return AutoConverge() if options.sdps == "autoconverge" else False
+        delayed = [0]
+
+        def disk() -> DiskFigures:
+            p = sender.progress()
+            held = p.acks_delayed > delayed[0] or p.mirror_held_bytes > 0
+            delayed[0] = p.acks_delayed
+            return DiskFigures(mirrored_bytes=p.mirror_bytes, queue_bytes=p.pending_bytes,
+                               held=held, bulk_left_bytes=p.size - p.bulk_applied)
+
+        def link() -> LinkFigures:
+            st = session.stats()
+            return LinkFigures(float(st.get("delivery_rate_Bps") or 0.0),
+                               float(st.get("srtt_s") or st.get("min_rtt_s") or 0.0),
+                               float(st.get("min_rtt_s") or 0.0))
+
+        config = ControllerConfig(budget_s=options.max_downtime_s, timeout_s=options.timeout_s)
+        return JointThrottle(config, start=time.monotonic(), disk=disk, link=link,
+                             set_pace=sender.set_pace)
 
     async def converge(self) -> None:
         assert self.memory is not None and self.sender is not None

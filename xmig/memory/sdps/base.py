@@ -18,6 +18,9 @@ class ThrottleController(ABC):
     ``MAX_THROTTLE``: a backend that can slow its vCPUs further says so)."""
 
     name = "base"
+    #: updated every interval from the start, not only once the planner engages SDPS (a
+    #: controller that decides by itself when to slow the guest, e.g. the convergence one)
+    always_updated = False
 
     def __init__(self, *, max_throttle: float = MAX_THROTTLE) -> None:
         if not 0 < max_throttle < 1:
@@ -25,6 +28,7 @@ class ThrottleController(ABC):
         self.max_throttle = max_throttle
         self.throttle = 0.0
         self.max_seen = 0.0
+        self.engaged_because = ""
 
     def _set(self, value: float) -> float:
         self.throttle = min(max(value, 0.0), self.max_throttle)
@@ -43,6 +47,11 @@ class ThrottleController(ABC):
         """A pre-copy round ended: ``dirty_bytes`` were dirtied while ``sent_bytes`` (raw)
         were sent. Rate-based controllers ignore it."""
         return self.throttle
+
+    def engage(self, reason: str) -> None:
+        """The planner engages SDPS (``reason``: why); from now on :meth:`update` is
+        called every interval. Controllers that decide by themselves note it."""
+        self.engaged_because = reason
 
     def release(self) -> float:
         """Full speed again (switchover, abort)."""

@@ -1,0 +1,89 @@
+"""The convergence controller as the page engine's throttle controller.
+
+:class:`JointThrottle` is a :class:`~xmig.memory.sdps.base.ThrottleController` the page
+engine (:class:`~xmig.memory.engine.MemorySender`) updates every interval from the start of
+the pre-copy. Each update it reads the disk mirror's figures and the whole session's link
+(the engine hands it memory's share only), asks the
+:class:`~xmig.convergence.controller.ConvergenceController`, hands the disk pace to the
+mirror and returns the vCPU throttle. A NOT_CONVERGING verdict ends the pre-copy at once
+(:class:`~xmig.errors.NotConverging`, with the controller's reason), not at ``--timeout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xmig.convergence.controller import (
+    Control,
+    ControllerConfig,
+    ConvergenceController,
+    Sample,
+    Verdict,
+)
+from xmig.errors import NotConverging
+from xmig.memory.sdps.base import ThrottleController
+
+
+@dataclass(frozen=True)
+class DiskFigures:
+    """The disk mirror, as the controller needs it."""
+
+    mirrored_bytes: int  #: guest-write bytes mirrored so far (a running total)
+    queue_bytes: int  #: queued and held: what a drain must move
+    held: bool  #: a write waited for its acknowledgement since the last figures
+    bulk_left_bytes: int
+
+
+@dataclass(frozen=True)
+class LinkFigures:
+    delivery_rate: float  #: wire bytes/s the whole session delivers
+    rtt: float  #: smoothed
+    base_rtt: float = 0.0  #: the least seen
+
+
+class JointThrottle(ThrottleController):
+    """Both of the guest's rates from one controller (issue 10)."""
+
+    name = "convergence"
+    always_updated = True
+
+    def __init__(self, config: ControllerConfig, *, start: float,
+                 disk: Callable[[], DiskFigures], link: Callable[[], LinkFigures],
+                 set_pace: Callable[[float | None], None]) -> None:
+        super().__init__(max_throttle=config.max_throttle)
+        self.controller = ConvergenceController(config, start=start)
+        self._disk, self._link, self._set_pace = disk, link, set_pace
+        self._last: tuple[float, int] | None = None  #: (now, mirrored bytes)
+        self.last: Control | None = None
+        self.max_pace_slowdown = 0.0  #: the strongest disk slowdown, 1 − pace ÷ disk rate
+
+    def update(self, *, now: float, delivery_rate: float, dirty_rate: float,
+               memory_share: float = 1.0, wire_ratio: float = 1.0) -> float:
+        disk, link = self._disk(), self._link()
+        rate = 0.0
+        if self._last is not None and now > self._last[0]:
+            rate = (disk.mirrored_bytes - self._last[1]) / (now - self._last[0])
+        self._last = (now, disk.mirrored_bytes)
+        control = self.controller.update(Sample(
+            now=now, delivery_rate=max(link.delivery_rate, delivery_rate), rtt=link.rtt,
+            base_rtt=link.base_rtt, dirty_rate=dirty_rate,
+            wire_ratio=wire_ratio, disk_write_rate=rate, mirror_queue_bytes=disk.queue_bytes,
+            mirror_held=disk.held, bulk_left_bytes=disk.bulk_left_bytes))
+        self.last = control
+        self._set_pace(control.disk_pace_Bps)
+        if control.disk_pace_Bps is not None and control.disk_base_Bps > 0:
+            self.max_pace_slowdown = max(self.max_pace_slowdown,
+                                         1 - control.disk_pace_Bps / control.disk_base_Bps)
+        if control.verdict is Verdict.NOT_CONVERGING:
+            raise NotConverging(control.reason)
+        return self._set(control.throttle)
+
+    def engage(self, reason: str) -> None:
+        super().engage(reason)
+        self.controller.engage(reason)
+
+    def release(self) -> float:
+        self.controller.release()
+        self._set_pace(None)
+        return super().release()
