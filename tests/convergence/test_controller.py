@@ -19,9 +19,9 @@ DT = 0.25
 
 @dataclass
 class FluidGuest:
-    """A guest dirtying memory (within a hot set) and writing its disk at base rates, its
-    writes mirrored; a link of ``rate`` bytes/s drains the mirror queue, then memory, then
-    the disk's bulk copy."""
+    """A guest dirtying memory (within a hot set) and writing its disk at base rates (both
+    slowed by the vCPU throttle, the writes also by the pace), its writes mirrored; a link
+    of ``rate`` bytes/s drains the mirror queue, then memory, then the disk's bulk copy."""
 
     mem_Bps: float
     disk_Bps: float
@@ -40,8 +40,9 @@ class FluidGuest:
         throttle = last.throttle if last else 0.0
         pace = last.disk_pace_Bps if last else None
         mem = self.mem_Bps * (1 - throttle)
-        disk = min(self.disk_Bps, pace) if pace is not None else self.disk_Bps
-        held = pace is not None and self.disk_Bps > pace
+        disk = self.disk_Bps * (1 - throttle)  # the vCPUs issue the writes too
+        held = pace is not None and disk > pace
+        disk = min(disk, pace) if pace is not None else disk
         self.queue += disk * DT
         self.memory_left = max(self.memory_left, min(self.hot, self.memory_left + mem * DT))
         budget = self.rate * DT
@@ -54,7 +55,8 @@ class FluidGuest:
         control = ctl.update(Sample(
             now=self.now, delivery_rate=self.rate, rtt=self.rtt,
             memory_left_bytes=int(self.memory_left), dirty_rate=mem,
-            disk_write_rate=disk, mirror_queue_bytes=int(self.queue), mirror_held=held,
+            disk_write_rate=disk, mirror_queue_bytes=int(self.queue),
+            mirror_held_bytes=int(disk * DT) if held else 0,
             bulk_left_bytes=int(self.bulk)))
         self.controls.append(control)
         return control
@@ -103,13 +105,12 @@ def test_a_disk_writer_at_five_times_the_link_is_paced_evenly_and_converges() ->
     for c in steady:
         # one factor for both: the guest's total is held at alpha × the link's share
         f = 1 - c.throttle
-        assert c.disk_pace_Bps == pytest.approx(max(f * c.disk_base_Bps, 64 * 1024),
-                                                rel=1e-6)
+        assert c.disk_pace_Bps >= min(1.5 * f * c.disk_base_Bps, c.disk_base_Bps) * 0.999
         assert f * (c.memory_base_Bps + c.disk_base_Bps) <= 0.7 * rate * 1.001
-    # before its rates are known (settle_s) the writer runs free; from the first paced
-    # interval on the queue only drains: paced, never bounded-then-stuck
+    # it acts once the rates are known (settle_s: the writer runs free that long); from the
+    # first paced interval on the queue only drains: paced, never bounded-then-stuck
     first = next(k for k, c in enumerate(guest.controls) if c.disk_pace_Bps is not None)
-    assert guest.now > 2.0 and first * DT >= 2.0 - DT
+    assert (first + 1) * DT <= 1.0 + DT and max(guest.queues) <= 4 * rate
     after = guest.queues[first + 1:]
     assert all(b <= a + 1 for a, b in itertools.pairwise(after))
 
@@ -120,9 +121,9 @@ def test_pacing_does_not_hide_the_writers_demand() -> None:
     for _ in range(40):
         guest.step(ctl)
     # the pace bound what was measured; the estimate stays the writer's own rate
-    assert ctl.disk_base == pytest.approx(10 * MB, rel=0.01)
+    assert ctl.disk_base is not None and ctl.disk_base >= 0.9 * 10 * MB
     assert guest.controls[-1].disk_pace_Bps is not None
-    assert guest.controls[-1].disk_pace_Bps < 1 * MB
+    assert guest.controls[-1].disk_pace_Bps < 1.5 * MB  # its share, with the headroom
 
 
 def test_a_memory_writer_that_outruns_the_link_is_throttled_just_enough() -> None:
@@ -136,8 +137,9 @@ def test_a_memory_writer_that_outruns_the_link_is_throttled_just_enough() -> Non
 
 
 def test_a_guest_that_cannot_converge_at_any_allowed_throttle_is_told_so_once_known() -> None:
-    # the disk alone, paced to its slowest (5 % of 100 MB/s), outruns a 2 MB/s link
-    guest = FluidGuest(mem_Bps=1 * MB, disk_Bps=100 * MB, rate=2 * MB, bulk=0)
+    # at throttle 0.99 the guest still adds 2.5 MB/s: more than a 2 MB/s link
+    guest = FluidGuest(mem_Bps=150 * MB, disk_Bps=100 * MB, rate=2 * MB, bulk=0,
+                       hot=256 * MB)
     ctl = controller(settle_s=2.0)
     end = guest.run(ctl, 60)
     assert end.verdict is Verdict.NOT_CONVERGING
@@ -172,6 +174,6 @@ def test_no_rate_yet_predicts_an_infinite_blackout_and_does_not_slow_the_guest()
 
 def test_a_bad_configuration_is_refused() -> None:
     for bad in ({"alpha": 1.0}, {"budget_s": 0}, {"max_throttle": 1.0}, {"gain": 0},
-                {"min_disk_fraction": 0}):
+                {"bulk_share": 0}):
         with pytest.raises(ValueError):
             ControllerConfig(**bad)

@@ -69,6 +69,20 @@ def test_unpacing_releases_every_held_write_at_once() -> None:
     assert queue.get_timer() is None
 
 
+def test_the_delay_quantiles_count_every_mirrored_write() -> None:
+    queue = MirrorQueue(BIG, 1, cursor=BIG)
+    assert queue.stats.delay_quantile(0.99) == 0.0  # none yet
+    queue.set_pace(100 * K, 0.0, burst_s=0.0)
+    tickets = [queue.submit(i * K, b"x" * K, 0.0) for i in range(100)]
+    run_timers(queue, 10.0)
+    delays = sorted((t.acked_at or 0.0) - t.submitted_at for t in tickets)
+    p99, p50 = queue.stats.delay_quantile(0.99), queue.stats.delay_quantile(0.5)
+    # the upper edge of the bucket holding the true quantile: within 25 % above it
+    assert delays[98] <= p99 <= delays[98] * 1.25 + 1e-9
+    assert delays[49] <= p50 <= delays[49] * 1.25 + 1e-9
+    assert queue.stats.delay_quantile(0.0) == 0.0  # the first was acknowledged at once
+
+
 def test_a_bad_pace_is_refused() -> None:
     queue = MirrorQueue(BIG, 1, cursor=BIG)
     with pytest.raises(ValueError):

@@ -16,33 +16,52 @@ What is left shrinks only while the guest adds less than ``R``. The guest adds
 of the link drains what is left; ``α × bulk_share`` while the disk's bulk copy still runs, so
 the copy moves on) by slowing *both* by one factor ``f = min(1, target ÷ (mem + disk))``:
 throttle ``1 − f`` for the vCPUs, pace ``f × disk`` for the acknowledgements. Whichever of the
-two outruns the link, the guest is slowed evenly and just enough, never stopped.
+two outruns the link, the guest is slowed evenly and just enough, never stopped. One floor:
+the pace never leaves the writes waiting now (the mirror's held bytes) more than
+``ack_delay_s`` to wait (a guest's I/O timeouts are seconds; Little's law makes its
+queue depth ÷ the pace its latency); when that floor binds, memory takes the rest of the
+slowdown.
 
 It slows nothing until it is *engaged*: by itself as soon as the guest alone adds at least
-``R`` (nothing could ever drain; judged once the rates are known, after ``settle_s``), or by
+``R`` (nothing could ever drain) or the mirror queue holds more than ``queue_engage_s`` of
+the link — both judged once the rates are known, after ``settle_s`` — or by
 :meth:`ConvergenceController.engage` when the pre-copy's rounds stopped shrinking (the
 planner's ENGAGE_SDPS). A guest that converges on its own is never slowed.
 
-The base (unslowed) rates are estimated from what was measured under the last control: the
-dirty rate ÷ ``(1 − throttle)``; the disk-write rate as measured while the pacer held no write
-(when it held some, the pace bound it and the estimate is kept). Both are smoothed.
+The base (unslowed) rates are estimated from what was measured under the last controls: the
+dirty rate and the disk-write rate (the vCPUs issue the writes too) ÷ the time-averaged
+``1 − throttle`` over the guest meter's window (dividing by the newest throttle alone, the
+lagging measure over a rising throttle ran away to the strongest). The pace is set
+``PACE_HEADROOM`` above the disk's share, so it binds only on writes the throttle does not
+slow; what it then measures raises the next estimate by as much, until it no longer binds.
+Both are smoothed. ``R`` is the most the link delivered over the last ``rate_window_s``: a
+slowed guest leaves the link idle, and the delivery rate measured then says what the guest
+sent, not what the link can carry.
 
 Verdicts:
 
 - SWITCHOVER when the bulk copy is done and the prediction fits the budget;
 - NOT_CONVERGING, with the reason and the figures, only when even the strongest allowed
   slowdown cannot fit the budget: the commit's round trips and the device state alone
-  exceed it, or the guest at ``max_throttle`` and ``min_disk_fraction`` of its disk rate
-  still adds at least ``R`` (after ``settle_s``, once the rates are known); or, the
-  backstop, past ``timeout_s``;
+  exceed it, or the guest at ``max_throttle`` (which slows its writes as its dirtying: the
+  vCPUs issue both) still adds at least ``R`` (after ``settle_s``, once the rates are
+  known); or, the backstop, past ``timeout_s``;
 - CONTINUE otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass
+
+#: below this share of full speed the base rates are updated with proportionally less weight
+TRUSTED_SPEED = 0.1
+#: the pace is this much above the disk's share of the target: it binds only on writes that
+#: the vCPU throttle does not slow, and then the next estimate rises by as much
+PACE_HEADROOM = 1.5
 
 
 class Verdict(enum.StrEnum):
@@ -58,10 +77,13 @@ class ControllerConfig:
     bulk_share: float = 0.5  #: × alpha while the disk's bulk copy runs
     commit_rtts: float = 1.5  #: WAN round trips between pause and resume
     max_throttle: float = 0.99  #: the strongest vCPU throttle allowed
-    min_disk_fraction: float = 0.05  #: the slowest pace, as a share of the disk's rate
     min_pace_Bps: float = 64 * 1024  #: and never slower than this
     gain: float = 0.5  #: weight of a new sample in the smoothed base rates
-    settle_s: float = 2.0  #: rates are trusted after this long (for NOT_CONVERGING)
+    window_s: float = 0.5  #: the guest's dirty-rate meter averages over about this long
+    rate_window_s: float = 10.0  #: R is the most delivered over this long
+    queue_engage_s: float = 0.25  #: a mirror queue of this much link engages the controller
+    ack_delay_s: float = 0.05  #: the writes waiting now leave within this (a pace floor)
+    settle_s: float = 1.0  #: rates are trusted (and acted on) after this long
     timeout_s: float = 600.0  #: the backstop
 
     def __post_init__(self) -> None:
@@ -69,8 +91,8 @@ class ControllerConfig:
             raise ValueError("the downtime budget and the timeout must be positive")
         if not 0 < self.alpha < 1 or not 0 < self.bulk_share <= 1:
             raise ValueError("alpha must be within (0, 1) and bulk_share within (0, 1]")
-        if not 0 < self.max_throttle < 1 or not 0 < self.min_disk_fraction <= 1:
-            raise ValueError("max_throttle within (0, 1), min_disk_fraction within (0, 1]")
+        if not 0 < self.max_throttle < 1:
+            raise ValueError("max_throttle must be within (0, 1)")
         if not 0 < self.gain <= 1:
             raise ValueError("gain must be within (0, 1]")
 
@@ -87,9 +109,9 @@ class Sample:
     dirty_rate: float = 0.0  #: measured under the throttle in effect
     wire_ratio: float = 1.0  #: wire bytes per raw page byte
     memory_backlog_bytes: int = 0  #: sent, not yet delivered
-    disk_write_rate: float = 0.0  #: mirrored guest writes submitted, bytes/s
+    disk_write_rate: float | None = 0.0  #: mirrored guest writes, bytes/s (None: unknown)
     mirror_queue_bytes: int = 0  #: queued and held: what a drain must move
-    mirror_held: bool = False  #: the pacer held writes in this interval (the pace bound)
+    mirror_held_bytes: int = 0  #: writes waiting for their acknowledgement now
     bulk_left_bytes: int = 0  #: the disk's bulk copy, not yet delivered
     device_state_bytes: int = 0
 
@@ -119,6 +141,8 @@ class ConvergenceController:
         self.memory_base: float | None = None  #: raw dirty bytes/s, unthrottled
         self.disk_base: float | None = None  #: bytes/s, unpaced
         self.engaged = ""  #: why the guest is being slowed ("": it is not)
+        self._throttles: deque[tuple[float, float]] = deque([(start, 0.0)])  #: (since, th)
+        self._rates: deque[tuple[float, float]] = deque()  #: (at, delivery rate)
 
     def engage(self, reason: str) -> None:
         """Slow the guest from the next update on, as much as needed (idempotent)."""
@@ -136,19 +160,15 @@ class ConvergenceController:
 
     def update(self, s: Sample) -> Control:
         cfg = self.config
+        s = dataclasses.replace(s, delivery_rate=self._capacity(s.now, s.delivery_rate))
         self._estimate(s)
         predicted = self.predict(s)
         mem = (self.memory_base or 0.0) * max(s.wire_ratio, 1e-3)
         disk = self.disk_base or 0.0
-        known = s.now - self.start >= cfg.settle_s  # the first rates overstate or understate
-        if known and s.delivery_rate > 0 and mem + disk >= s.delivery_rate:
-            self.engage(f"the guest adds {(mem + disk) / 1e6:.2f} MB/s (memory "
-                        f"{mem / 1e6:.2f}, disk {disk / 1e6:.2f}), at least the link's "
-                        f"{s.delivery_rate / 1e6:.2f} MB/s")
+        if s.now - self.start >= cfg.settle_s:  # the first rates overstate or understate
+            self._engage_if_needed(s, mem, disk)
         if s.delivery_rate > 0 and self.engaged:
-            target = cfg.alpha * s.delivery_rate * (cfg.bulk_share if s.bulk_left_bytes else 1)
-            f = 1.0 if mem + disk <= target else target / (mem + disk)
-            self._actuate(f, disk)
+            self._actuate(s, mem, disk)
         verdict, reason = self._verdict(s, predicted, mem, disk)
         return Control(self.throttle, self.pace, predicted, verdict, reason,
                        memory_base_Bps=mem, disk_base_Bps=disk)
@@ -156,30 +176,83 @@ class ConvergenceController:
     def release(self) -> Control:
         """Full speed (switchover, abort); disengaged."""
         self.throttle, self.pace, self.engaged = 0.0, None, ""
+        self._throttles.append((self._throttles[-1][0], 0.0))
         return Control(0.0, None, 0.0, Verdict.CONTINUE, "released")
 
     # -- internals --------------------------------------------------------------------
 
+    def _capacity(self, now: float, rate: float) -> float:
+        """The most the link delivered within the last ``rate_window_s``."""
+        rates = self._rates
+        if rate > 0:
+            while rates and rates[-1][1] <= rate:
+                rates.pop()  # a monotone deque: the front is the window's max
+            rates.append((now, rate))
+        while rates and rates[0][0] < now - self.config.rate_window_s:
+            rates.popleft()
+        return rates[0][1] if rates else 0.0
+
+    def _speed(self, now: float) -> float:
+        """The time-averaged ``1 − throttle`` over the last ``window_s``."""
+        start, hist = now - self.config.window_s, self._throttles
+        while len(hist) > 1 and hist[1][0] <= start:
+            hist.popleft()
+        total = 0.0
+        for k, (since, th) in enumerate(hist):
+            until = hist[k + 1][0] if k + 1 < len(hist) else now
+            total += max(until - max(since, start), 0.0) * (1.0 - th)
+        span = now - max(hist[0][0], start)
+        return total / span if span > 0 else 1.0 - hist[-1][1]
+
     def _estimate(self, s: Sample) -> None:
-        gain = self.config.gain
-        speed = max(1.0 - self.throttle, 1.0 - self.config.max_throttle)
+        speed = max(self._speed(s.now), 1.0 - self.config.max_throttle)
+        # under a strong throttle a measure is a small rate divided by a small speed: noise
+        # and lag, amplified; trust it less
+        gain = self.config.gain * min(1.0, speed / TRUSTED_SPEED)
         mem = s.dirty_rate / speed
         self.memory_base = mem if self.memory_base is None else (
             self.memory_base + gain * (mem - self.memory_base))
-        if s.mirror_held and self.disk_base is not None:
-            return  # the pace bound what was measured: the guest wants more; keep it
-        disk = s.disk_write_rate
+        if s.disk_write_rate is None:
+            return
+        # the vCPUs issue the guest's writes too: the throttle slows them as it slows
+        # memory. A pace that bound the measure (PACE_HEADROOM above the share) makes the
+        # next estimate that much higher: it probes until the pace no longer binds
+        disk = s.disk_write_rate / speed
         self.disk_base = disk if self.disk_base is None else (
             self.disk_base + gain * (disk - self.disk_base))
 
-    def _actuate(self, f: float, disk: float) -> None:
+    def _engage_if_needed(self, s: Sample, mem: float, disk: float) -> None:
+        rate, cfg = s.delivery_rate, self.config
+        if rate > 0 and mem + disk >= rate:
+            self.engage(f"the guest adds {(mem + disk) / 1e6:.2f} MB/s (memory "
+                        f"{mem / 1e6:.2f}, disk {disk / 1e6:.2f}), at least the link's "
+                        f"{rate / 1e6:.2f} MB/s")
+        if rate > 0 and s.mirror_queue_bytes > rate * cfg.queue_engage_s:
+            self.engage(f"the mirror queue holds {s.mirror_queue_bytes / 1e6:.2f} MB, over "
+                        f"{cfg.queue_engage_s:g} s of the link's {rate / 1e6:.2f} MB/s")
+
+    def _actuate(self, s: Sample, mem: float, disk: float) -> None:
+        """Both rates slowed by one factor to the target; the pace never so slow that the
+        writes waiting now wait longer than ``ack_delay_s`` (a floor of at most half the
+        target): then memory takes the rest of the slowdown."""
         cfg = self.config
-        self.throttle = min(max(1.0 - f, 0.0), cfg.max_throttle)
-        self.max_throttle_seen = max(self.max_throttle_seen, self.throttle)
-        if f >= 1.0 or disk <= 0:
-            self.pace = None
+        target = cfg.alpha * s.delivery_rate * (cfg.bulk_share if s.bulk_left_bytes else 1)
+        if mem + disk <= target:
+            self.pace, throttle = None, 0.0
         else:
-            self.pace = max(f * disk, cfg.min_disk_fraction * disk, cfg.min_pace_Bps)
+            f = target / (mem + disk)
+            pace = f * disk * PACE_HEADROOM
+            if disk > 0:
+                floor = max(cfg.min_pace_Bps,
+                            min(s.mirror_held_bytes / cfg.ack_delay_s, target / 2))
+                pace = min(max(pace, floor), disk)
+            self.pace = pace if disk > 0 and pace < disk else None
+            left = max(target - min(pace, f * disk), 0.0)  # for memory
+            throttle = 1.0 - left / mem if mem > left else 0.0
+        self.throttle = min(max(throttle, 0.0), cfg.max_throttle)
+        if self.throttle != self._throttles[-1][1]:
+            self._throttles.append((s.now, self.throttle))
+        self.max_throttle_seen = max(self.max_throttle_seen, self.throttle)
 
     def _verdict(self, s: Sample, predicted: float, mem: float, disk: float
                  ) -> tuple[Verdict, str]:
@@ -196,11 +269,10 @@ class ConvergenceController:
                 f"the commit's {cfg.commit_rtts:g} round trips and the device state alone "
                 f"take {floor * 1e3:.0f} ms, over the {budget_ms:.0f} ms budget")
         elapsed = s.now - self.start
-        slowest = mem * (1 - cfg.max_throttle) + max(cfg.min_disk_fraction * disk,
-                                                     min(disk, cfg.min_pace_Bps))
+        slowest = (mem + disk) * (1 - cfg.max_throttle)  # the vCPUs issue both
         if elapsed >= cfg.settle_s and s.delivery_rate > 0 and slowest >= s.delivery_rate:
             return Verdict.NOT_CONVERGING, (
-                f"even at throttle {cfg.max_throttle:g} and the slowest disk pace the guest "
+                f"even at throttle {cfg.max_throttle:g} the guest "
                 f"adds {slowest / 1e6:.2f} MB/s, at least the link's "
                 f"{s.delivery_rate / 1e6:.2f} MB/s: more bandwidth would make it converge")
         if elapsed >= cfg.timeout_s:

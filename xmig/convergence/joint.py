@@ -31,7 +31,7 @@ class DiskFigures:
 
     mirrored_bytes: int  #: guest-write bytes mirrored so far (a running total)
     queue_bytes: int  #: queued and held: what a drain must move
-    held: bool  #: a write waited for its acknowledgement since the last figures
+    held_bytes: int  #: writes waiting for their acknowledgement now
     bulk_left_bytes: int
 
 
@@ -61,7 +61,7 @@ class JointThrottle(ThrottleController):
     def update(self, *, now: float, delivery_rate: float, dirty_rate: float,
                memory_share: float = 1.0, wire_ratio: float = 1.0) -> float:
         disk, link = self._disk(), self._link()
-        rate = 0.0
+        rate: float | None = None  # not known before two figures
         if self._last is not None and now > self._last[0]:
             rate = (disk.mirrored_bytes - self._last[1]) / (now - self._last[0])
         self._last = (now, disk.mirrored_bytes)
@@ -69,7 +69,8 @@ class JointThrottle(ThrottleController):
             now=now, delivery_rate=max(link.delivery_rate, delivery_rate), rtt=link.rtt,
             base_rtt=link.base_rtt, dirty_rate=dirty_rate,
             wire_ratio=wire_ratio, disk_write_rate=rate, mirror_queue_bytes=disk.queue_bytes,
-            mirror_held=disk.held, bulk_left_bytes=disk.bulk_left_bytes))
+            mirror_held_bytes=disk.held_bytes,
+            bulk_left_bytes=disk.bulk_left_bytes))
         self.last = control
         self._set_pace(control.disk_pace_Bps)
         if control.disk_pace_Bps is not None and control.disk_base_Bps > 0:

@@ -128,9 +128,12 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
             report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
                              before, total, wire, disk, guest.ledger_path)
             report.client_downtime_ms = round(seen.max_gap_s * 1000, 1)
+            outside = seen.max_gap_outside(result.paused_at, dst_prog.resumed_at_mono)
             report.details.update(
                 # where the client's longest gap began, from the pause (negative: before it)
                 client_gap_from_pause_ms=round((seen.gap_start_mono - result.paused_at) * 1000, 1),
+                # the longest the migration kept the client waiting outside the blackout
+                client_max_gap_outside_blackout_ms=round(outside * 1000, 1),
                 client_puts_acknowledged=len(seen.acknowledged),
                 client_puts_lost=len(lost_puts))
     finally:

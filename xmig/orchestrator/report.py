@@ -178,6 +178,9 @@ def source_report(
         acknowledged_writes=ledger.acknowledged, lost_acknowledged_writes=len(ledger.lost),
         error=src.error, timeline=[e.to_json() for e in src.timeline],
         details={"bulk_pending_s": round(bulk_s, 3),
+                 # what mirroring added to the guest's disk-write acknowledgements
+                 "max_ack_delay_ms": round(src.max_ack_delay_s * 1000, 1),
+                 "p99_ack_delay_ms": round(src.p99_ack_delay_s * 1000, 1),
                  "digests": {"source": {"memory": src.memory_digest,
                                         "device": src.device_digest, "disk": src.disk_digest},
                              "destination": src.ready_digests},

@@ -86,6 +86,7 @@ class DiskProgress:
     ack_delay_max_s: float
     applied_seq: int
     mirror_pace_Bps: float | None = None  #: the acknowledgement pace (None: unpaced)
+    ack_delay_p99_s: float = 0.0  #: of every mirrored write (0: acknowledged at once)
 
     @property
     def pending_bytes(self) -> int:
@@ -329,7 +330,8 @@ class DiskSender:
             mirror_bytes=ms.bytes_mirrored, mirror_bytes_sent=self.mirror_bytes_sent,
             mirror_bytes_saved=ms.bytes_saved, acks_delayed=ms.writes_delayed,
             ack_delay_total_s=ms.delay_total_s, ack_delay_max_s=ms.delay_max_s,
-            applied_seq=m.applied_seq, mirror_pace_Bps=m.pace_Bps)
+            applied_seq=m.applied_seq, mirror_pace_Bps=m.pace_Bps,
+            ack_delay_p99_s=ms.delay_quantile(0.99))
 
     # -- internals --------------------------------------------------------------------------
 

@@ -34,12 +34,15 @@ Coalescing, within writes not yet taken (correctness first):
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
 from xmig.errors import StorageError
 
 Data = bytes | bytearray | memoryview
+#: acknowledgement-delay buckets' upper edges, seconds: 0 (at once), then 0.1 ms × 1.25^k
+DELAY_BUCKETS_S = (0.0, *(1e-4 * 1.25 ** k for k in range(64)))
 MERGE_LIMIT = 1 << 20  #: largest write coalescing builds
 
 
@@ -87,6 +90,24 @@ class MirrorStats:
     delay_max_s: float = 0.0
     max_queued_bytes: int = 0  #: highest queued_bytes observed (admitted, unapplied)
     max_held_bytes: int = 0
+    #: every mirrored write's acknowledgement delay, counted in buckets (DELAY_BUCKETS_S)
+    delay_counts: list[int] = field(default_factory=lambda: [0] * (len(DELAY_BUCKETS_S) + 1))
+
+    def delay_quantile(self, q: float) -> float:
+        """The ``q`` quantile (0 … 1) of the mirrored writes' acknowledgement delays, in
+        seconds: the upper edge of its bucket (0.0: acknowledged at once; 0.0 for none)."""
+        total = sum(self.delay_counts)
+        if not total:
+            return 0.0
+        rank, seen = q * total, 0
+        for k, count in enumerate(self.delay_counts):
+            seen += count
+            if seen >= rank and count:
+                return 0.0 if k == 0 else DELAY_BUCKETS_S[min(k, len(DELAY_BUCKETS_S) - 1)]
+        return DELAY_BUCKETS_S[-1]
+
+    def count_delay(self, delay_s: float) -> None:
+        self.delay_counts[bisect.bisect_left(DELAY_BUCKETS_S, delay_s)] += 1
 
 
 @dataclass(slots=True)
@@ -163,6 +184,7 @@ class MirrorQueue:
             self._admit(offset, data)
             self._charge(ticket.length, now)
             ticket.acked_at = now
+            st.count_delay(0.0)
         else:
             self._held.append(_Held(ticket, data))
             self.held_bytes += ticket.length
@@ -304,6 +326,7 @@ class MirrorQueue:
         st.writes_delayed += 1
         st.delay_total_s += delay
         st.delay_max_s = max(st.delay_max_s, delay)
+        st.count_delay(delay)
 
     def _map(self, key: int, entry: _Entry) -> None:
         """Index ``entry`` by its range; an older entry of that same range is wholly

@@ -114,6 +114,10 @@ class SimClient:
         self.close()
 
 
+GAP_RECORDED_S = 0.01  #: gaps this long or longer are listed (ProbeReport.gaps)
+MAX_GAPS = 10_000
+
+
 @dataclass
 class ProbeReport:
     """What a :class:`DowntimeProbe` saw."""
@@ -126,9 +130,24 @@ class ProbeReport:
     gap_start_mono: float = 0.0
     gap_end_mono: float = 0.0
     duration_s: float = 0.0
+    gaps: list[tuple[float, float]] = field(default_factory=list)
+    """Every gap of at least ``GAP_RECORDED_S`` (monotonic start, end), the first
+    ``MAX_GAPS`` of them."""
     acknowledged: dict[bytes, int] = field(default_factory=dict)
     """PUT mode: every key the guest acknowledged, with the newest request number (its value)
     acknowledged for it."""
+
+    def max_gap_outside(self, start: float, end: float) -> float:
+        """The longest gap that does not overlap ``[start, end]`` (e.g. the blackout): what
+        the migration cost the client outside it; 0.0 for none of ``GAP_RECORDED_S``."""
+        return max((b - a for a, b in self.gaps if b < start or a > end), default=0.0)
+
+    def _gap(self, last_answer: float, now: float) -> None:
+        if now - last_answer > self.max_gap_s:
+            self.max_gap_s = now - last_answer
+            self.gap_start_mono, self.gap_end_mono = last_answer, now
+        if now - last_answer >= GAP_RECORDED_S and len(self.gaps) < MAX_GAPS:
+            self.gaps.append((last_answer, now))
 
     def missing(self, client: SimClient, *, deadline_s: float = 5.0) -> list[bytes]:
         """Acknowledged keys for which the guest (now) returns no value, or one older than
@@ -229,9 +248,7 @@ class DowntimeProbe:
                 while (reply := _receive(sock)) is not None:
                     now = time.monotonic()
                     report.answered += 1
-                    if now - last_answer > report.max_gap_s:
-                        report.max_gap_s = now - last_answer
-                        report.gap_start_mono, report.gap_end_mono = last_answer, now
+                    report._gap(last_answer, now)
                     last_answer = now
                     put = self._pending.pop(reply.rid, None)
                     if put is not None and reply.status == OK:
@@ -241,9 +258,7 @@ class DowntimeProbe:
             sock.close()
             end = time.monotonic()
             report.duration_s = end - start
-            if end - last_answer > report.max_gap_s:
-                report.max_gap_s = end - last_answer
-                report.gap_start_mono, report.gap_end_mono = last_answer, end
+            report._gap(last_answer, end)
 
     def __enter__(self) -> DowntimeProbe:
         return self.start()

@@ -76,6 +76,8 @@ class SimSourceResult(SourceResult):
     disk_digest: str = ""
     ready_digests: dict[str, str] = field(default_factory=dict)
     memory_progress: Progress | None = None
+    max_ack_delay_s: float = 0.0  #: the guest's mirrored disk writes, at the seal
+    p99_ack_delay_s: float = 0.0
 
 
 def sim_spec(config: SimConfig) -> control.SimSpec:
@@ -147,14 +149,11 @@ class SimSource(SourceBackend):
         options = self.options
         if options.sdps != "on":
             return AutoConverge() if options.sdps == "autoconverge" else False
-        delayed = [0]
-
         def disk() -> DiskFigures:
             p = sender.progress()
-            held = p.acks_delayed > delayed[0] or p.mirror_held_bytes > 0
-            delayed[0] = p.acks_delayed
             return DiskFigures(mirrored_bytes=p.mirror_bytes, queue_bytes=p.pending_bytes,
-                               held=held, bulk_left_bytes=p.size - p.bulk_applied)
+                               held_bytes=p.mirror_held_bytes,
+                               bulk_left_bytes=p.size - p.bulk_applied)
 
         def link() -> LinkFigures:
             st = session.stats()
@@ -222,6 +221,8 @@ class SimSource(SourceBackend):
         result.rounds = final.rounds
         result.memory_digest = final.digest.hex() if final.digest else ""
         disk_seq = await self.sender.seal()
+        disk = self.sender.progress()
+        result.max_ack_delay_s, result.p99_ack_delay_s = disk.ack_delay_max_s, disk.ack_delay_p99_s
         emit(BlackoutStep(step="mirror sealed", disk_seq=disk_seq))
         # the source's disk digest is read while the destination applies (compared only
         # when READY comes, before GO), not in front of FINAL
