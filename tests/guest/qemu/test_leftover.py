@@ -14,9 +14,12 @@ from xmig.guest.qemu import leftover
 
 
 def _orphan(pidfile: Path) -> subprocess.Popen[bytes]:
-    """A process that waits for ever and names ``pidfile`` on its command line."""
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()",
-                             str(pidfile)], stdin=subprocess.PIPE)
+    """A process that waits for ever and names ``pidfile`` on its command line, running
+    (it said so: before its exec its command line is still this test's), its pid written
+    there as QEMU writes its own."""
+    proc = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()",
+                             str(pidfile)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"\n"
     pidfile.write_text(f"{proc.pid}\n")
     return proc
 
