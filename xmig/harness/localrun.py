@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from xmig.convergence import ControllerConfig
+from xmig.convergence.forecast import Forecast, GuestRates, forecast
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -94,7 +97,8 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     # a client PUTting keys throughout, in a process of its own: this one is busy migrating
     probe = DowntimeProbe(addr, put_keys=True, own_process=True).start()
     try:
-        before = await _rate_over(guest, run.warmup_s)
+        before = await _rates_over(guest, run.warmup_s)
+        planned = _forecast(run, before, disk)
         t0 = time.monotonic()
         async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
             dst_task = asyncio.create_task(receive_migration(
@@ -110,10 +114,12 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
                     await dst_task
                 seen = probe.stop()
                 lost = await asyncio.to_thread(seen.missing, SimClient(addr))
-                return aborted_report(err, backend="sim", timeline=[],
-                                      source_running=guest.running and not guest.paused,
-                                      client_puts_acknowledged=len(seen.acknowledged),
-                                      client_puts_lost=len(lost))
+                aborted = aborted_report(err, backend="sim", timeline=[],
+                                         source_running=guest.running and not guest.paused,
+                                         client_puts_acknowledged=len(seen.acknowledged),
+                                         client_puts_lost=len(lost))
+                aborted.forecast = planned
+                return aborted
             dest = await dst_task
             total = time.monotonic() - t0
             src_prog = guest.progress()
@@ -126,7 +132,8 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
             lost_puts = await asyncio.to_thread(seen.missing, SimClient(addr))
             await asyncio.to_thread(guest.quit, keep_files=False)
             report = _report(run, result, dest, src_progress_before, src_prog, dst_prog,
-                             before, total, wire, disk, guest.ledger_path)
+                             before.progress_rate, total, wire, disk, guest.ledger_path)
+            report.forecast = planned
             report.client_downtime_ms = round(seen.max_gap_s * 1000, 1)
             outside = seen.max_gap_outside(result.paused_at, dst_prog.resumed_at_mono)
             report.details.update(
@@ -151,12 +158,37 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     return report
 
 
-async def _rate_over(guest: SimGuest, seconds: float) -> float:
-    """Progress units per second over ``seconds`` (the workload's rate before migration)."""
-    a = guest.progress()
+@dataclass(frozen=True)
+class _Before:
+    """The guest's rates over the warm-up, before the migration."""
+
+    progress_rate: float  #: progress units per second
+    dirty_Bps: float
+    disk_write_Bps: float
+
+
+async def _rates_over(guest: SimGuest, seconds: float) -> _Before:
+    a, t0 = guest.progress(), time.monotonic()
     await asyncio.sleep(seconds)  # a measurement window
-    b = guest.progress()
-    return (b.counter - a.counter) / max(seconds, 1e-9)
+    b, dt = guest.progress(), max(time.monotonic() - t0, 1e-9)
+    return _Before((b.counter - a.counter) / dt, b.dirty_rate_Bps,
+                   (b.disk_write_bytes - a.disk_write_bytes) / dt)
+
+
+def _forecast(run: LocalRun, before: _Before, disk: RawFileBackend) -> Forecast | None:
+    """What the convergence controller's model says of this run, from the warm-up's rates
+    and the emulated link's rate and RTT (None on an unshaped link: no rate to plan with)."""
+    g = run.guest
+    if run.link.rate_bps is None:
+        return None
+    allocated = os.stat(disk.path).st_blocks * 512
+    hot = g.hotset_bytes if g.workload in ("hotset", "oltp") else None
+    config = ControllerConfig(budget_s=run.options.max_downtime_s,
+                              timeout_s=run.options.timeout_s)
+    rates = GuestRates(ram_bytes=g.ram_bytes, disk_bytes=min(allocated, run.disk_bytes),
+                       dirty_Bps=before.dirty_Bps, disk_write_Bps=before.disk_write_Bps,
+                       hot_bytes=hot)
+    return forecast(config, rates, rate_Bps=run.link.rate_bps / 8, rtt_s=run.link.rtt_s)
 
 
 async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:

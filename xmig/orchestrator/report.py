@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmig.convergence.forecast import Forecast
 from xmig.errors import MigrationAborted
 from xmig.events import Event, SimProgress
 from xmig.guest.qemu.migrate import QemuSourceResult
@@ -44,9 +45,10 @@ REPORT_KEYS = (
 
 @dataclass
 class Report:
-    """One migration's report: issue 3's keys (:data:`REPORT_KEYS`; None when not measured),
-    the backend, the error, what its producer adds (``details``: digests, options, the
-    backend's own figures), then the timeline (JSON events)."""
+    """One migration's report: the forecast made before it started (when there was one),
+    issue 3's keys (:data:`REPORT_KEYS`; None when not measured), the backend, the error,
+    what its producer adds (``details``: digests, options, the backend's own figures), then
+    the timeline (JSON events)."""
 
     status: str  #: done, in-doubt or aborted
     backend: str  #: sim or qemu
@@ -67,9 +69,12 @@ class Report:
     error: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    forecast: Forecast | None = None  #: what the model predicted before the start
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {key: getattr(self, key) for key in REPORT_KEYS}
+        out: dict[str, Any] = {} if self.forecast is None else {
+            "forecast": self.forecast.to_json()}
+        out.update({key: getattr(self, key) for key in REPORT_KEYS})
         out["backend"] = self.backend
         if self.downtime_basis is not None:
             out["downtime_basis"] = self.downtime_basis

@@ -1,0 +1,105 @@
+"""A forecast before a migration starts: the controller's model, run ahead. Sans-IO.
+
+From the guest's measured rates (memory dirtied, disk written, unslowed) and the link's
+(rate, RTT), :func:`forecast` predicts the total time, the downtime, the throttle needed and
+the workload penalty, or says the migration will not converge and what would make it (more
+bandwidth, a larger budget). It follows :mod:`xmig.convergence.controller`'s rules:
+
+1. *Bulk*: the disk's bulk copy and memory's first full pass (``one_time`` bytes) cross
+   while the guest keeps writing. Its mirrored writes (on average half its writes: those
+   below the moving cursor) share the link; a guest that adds at least the link's rate is
+   slowed to ``α × bulk_share`` of it.
+2. *Rounds*: what memory dirtied meanwhile (at most its hot set) is sent again and again;
+   each round is the last one times ``q``, the guest's rate over the link's (``α`` once
+   slowed, the controller engaging when the rounds would not shrink below 0.9). It stops
+   when what is left fits the budget after the commit's round trips.
+3. *Blackout*: what is left, plus the commit's round trips.
+
+The penalty is the time-weighted throttle. It is a model: the benchmarks report it beside
+what happened (``bench/outrun.py``: forecast vs actual).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from xmig.convergence.controller import ControllerConfig
+
+#: rounds slower to shrink than this engage the controller (the planner's stalled rounds)
+STALL_RATIO = 0.9
+MAX_ROUNDS = 1000
+
+
+@dataclass(frozen=True)
+class GuestRates:
+    """What a guest does, measured before the migration (bytes, bytes/s)."""
+
+    ram_bytes: int
+    disk_bytes: int  #: what the bulk copy moves (allocated)
+    dirty_Bps: float  #: distinct memory bytes dirtied per second
+    disk_write_Bps: float  #: bytes written to its disk per second
+    hot_bytes: int | None = None  #: memory it keeps rewriting (None: all of it)
+    wire_ratio: float = 1.0  #: wire bytes per memory byte
+
+
+@dataclass(frozen=True)
+class Forecast:
+    converges: bool
+    total_s: float | None
+    downtime_ms: float | None
+    throttle: float  #: the strongest the controller will need (0: none)
+    penalty: float  #: the guest's progress lost over the migration, a fraction
+    reason: str = ""  #: why not, and what would make it converge
+    bandwidth_needed_Bps: float | None = None  #: the least link rate that converges
+    budget_needed_ms: float | None = None  #: the least budget that can be kept
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in asdict(self).items()}
+
+
+def forecast(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
+             rtt_s: float, device_state_bytes: int = 0) -> Forecast:
+    """What migrating ``guest`` over a link of ``rate_Bps`` and ``rtt_s`` will take."""
+    cfg, R = config, rate_Bps
+    mem = guest.dirty_Bps * guest.wire_ratio
+    g = mem + guest.disk_write_Bps
+    floor = cfg.commit_rtts * rtt_s + device_state_bytes / R if R > 0 else math.inf
+    slowest = g * (1 - cfg.max_throttle)
+    if R <= 0 or slowest >= R:
+        need = slowest / cfg.alpha
+        return Forecast(False, None, None, cfg.max_throttle, cfg.max_throttle,
+                        f"even at throttle {cfg.max_throttle:g} the guest adds "
+                        f"{slowest / 1e6:.2f} MB/s: a link of {need * 8 / 1e6:.0f} Mbit/s "
+                        "or more would converge", bandwidth_needed_Bps=need)
+    if floor >= cfg.budget_s:
+        return Forecast(False, None, None, 0.0, 0.0,
+                        f"the commit alone takes {floor * 1e3:.0f} ms: a budget of "
+                        f"{floor * 1e3 * 1.5:.0f} ms or more could be kept",
+                        budget_needed_ms=floor * 1e3 * 1.5)
+    engaged = g >= R
+    # 1. bulk: the slowed guest's mirrored writes (half, on average) share the link
+    f1 = min(1.0, cfg.alpha * cfg.bulk_share * R / g) if engaged else 1.0
+    one_time = guest.disk_bytes + guest.ram_bytes * guest.wire_ratio
+    t1 = one_time / max(R - guest.disk_write_Bps * f1 / 2, R * 0.05)
+    # 2. rounds: what memory dirtied meanwhile, shrinking by q a round
+    hot = guest.hot_bytes if guest.hot_bytes is not None else guest.ram_bytes
+    left = min(hot * guest.wire_ratio, mem * f1 * t1)
+    q = g / R
+    f2 = 1.0
+    if q >= STALL_RATIO or engaged:
+        f2 = min(1.0, cfg.alpha * R / g)
+        q = g * f2 / R
+    fits = (cfg.budget_s - floor) * R
+    t2, rounds = 0.0, 0
+    while left > fits and rounds < MAX_ROUNDS:
+        t2 += left / R
+        left *= q
+        rounds += 1
+    downtime = floor + left / R
+    total = t1 + t2 + downtime
+    penalty = ((1 - f1) * t1 + (1 - f2) * t2 + downtime) / total
+    return Forecast(True, round(total, 3), round(downtime * 1e3, 1),
+                    round(max(1 - f1, 1 - f2), 4), round(penalty, 4))
