@@ -11,6 +11,7 @@ mirror and returns the vCPU throttle. A NOT_CONVERGING verdict ends the pre-copy
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from xmig.convergence.controller import (
 )
 from xmig.errors import NotConverging
 from xmig.memory.sdps.base import ThrottleController
+from xmig.storage.engine import DiskSender
+from xmig.transport import TransportSession
 
 
 @dataclass(frozen=True)
@@ -88,3 +91,27 @@ class JointThrottle(ThrottleController):
         self.controller.release()
         self._set_pace(None)
         return super().release()
+
+
+def for_session(config: ControllerConfig, session: TransportSession,
+                sender: DiskSender | None) -> JointThrottle:
+    """The controller of a migration on ``session`` whose disk (if any) ``sender`` mirrors:
+    the whole session's delivery rate and RTTs, the mirror's figures and pace."""
+
+    def disk() -> DiskFigures:
+        if sender is None:
+            return DiskFigures(mirrored_bytes=0, queue_bytes=0, held_bytes=0,
+                               bulk_left_bytes=0)
+        p = sender.progress()
+        return DiskFigures(mirrored_bytes=p.mirror_bytes, queue_bytes=p.pending_bytes,
+                           held_bytes=p.mirror_held_bytes,
+                           bulk_left_bytes=p.size - p.bulk_applied)
+
+    def link() -> LinkFigures:
+        st = session.stats()
+        return LinkFigures(float(st.get("delivery_rate_Bps") or 0.0),
+                           float(st.get("srtt_s") or st.get("min_rtt_s") or 0.0),
+                           float(st.get("min_rtt_s") or 0.0))
+
+    return JointThrottle(config, start=time.monotonic(), disk=disk, link=link,
+                         set_pace=sender.set_pace if sender else lambda rate: None)

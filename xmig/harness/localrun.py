@@ -136,7 +136,12 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
             report.forecast = planned
             report.client_downtime_ms = round(seen.max_gap_s * 1000, 1)
             outside = seen.max_gap_outside(result.paused_at, dst_prog.resumed_at_mono)
+            precopy_s = max(result.paused_at - t0, 1e-9)
             report.details.update(
+                # the guest's own disk writes over the pre-copy (the convergence controller
+                # slows them when they outrun the link)
+                guest_disk_write_Bps=round((src_prog.disk_write_bytes
+                                            - src_progress_before.disk_write_bytes) / precopy_s),
                 # where the client's longest gap began, from the pause (negative: before it)
                 client_gap_from_pause_ms=round((seen.gap_start_mono - result.paused_at) * 1000, 1),
                 # the longest the migration kept the client waiting outside the blackout

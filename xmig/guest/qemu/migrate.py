@@ -48,6 +48,8 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from xmig.convergence import ControllerConfig
+from xmig.convergence.joint import JointThrottle, for_session
 from xmig.errors import MigrationError, NotConverging, XmigError
 from xmig.events import BlackoutStep, DowntimeBudget, PhaseChanged, QemuProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
@@ -62,7 +64,8 @@ from xmig.guest.qemu.qmpmig import (
     wait_migration,
 )
 from xmig.guest.qemu.stream import CHUNK, BandwidthGovernor, SourceTunnel
-from xmig.guest.qemu.throttle import QemuSdps
+from xmig.guest.qemu.throttle import MAX_THROTTLE as QEMU_MAX_THROTTLE
+from xmig.guest.qemu.throttle import QEMU_ALPHA, QemuSdps
 from xmig.protocol import control
 from xmig.protocol.commit import Effects, nothing
 from xmig.storage.engine import DEFAULT_BOUND
@@ -163,6 +166,7 @@ class QemuSource(SourceBackend):
         self._events: EventListener | None = None
         self._tasks: list[asyncio.Future[Any]] = []  #: governor, throttle, RAM hashing
         self._hashing: asyncio.Future[ramcheck.Digests] | None = None
+        self._sdps_task: asyncio.Task[None] | None = None
 
     def negotiate(self, migration: str, epoch: int, token: str) -> control.Negotiate:
         return control.Negotiate(migration, epoch, guest_description(self.source), self.size,
@@ -209,21 +213,43 @@ class QemuSource(SourceBackend):
 
         self._tasks.append(asyncio.create_task(governor.run(report)))
         if options.sdps:
-            self.sdps = QemuSdps(source, session, cfs_period_us=options.sdps_period_us)
+            self.sdps = QemuSdps(source, session, cfs_period_us=options.sdps_period_us,
+                                 controller=self._controller(session))
             await self.sdps.start()
-            self._tasks.append(asyncio.create_task(self.sdps.run()))
+            self._sdps_task = asyncio.create_task(self.sdps.run())
+            self._tasks.append(self._sdps_task)
+
+    def _controller(self, session: TransportSession) -> JointThrottle:
+        """The convergence controller (:mod:`xmig.convergence`): the vCPUs' CPU quota and
+        the pace of the mirror's acknowledgements (QEMU's write-blocking mirror waits for
+        them), from memory and disk together."""
+        options = self.options
+        config = ControllerConfig(budget_s=options.downtime_limit_ms / 1000,
+                                  timeout_s=options.timeout_s, alpha=QEMU_ALPHA,
+                                  max_throttle=QEMU_MAX_THROTTLE, window_s=1.0)
+        return for_session(config, session, self.mirror.sender if self.mirror else None)
 
     async def converge(self) -> None:
         """Until QEMU stopped the vCPUs (pause-before-switchover): its pre-copy reached its
-        downtime limit."""
+        downtime limit. NotConverging past ``timeout_s``, or at once when the convergence
+        controller (SDPS on) finds that no allowed throttle can fit the budget."""
         assert self._events is not None
+        switchover = asyncio.ensure_future(
+            wait_migration(self._events, self.source, {"pre-switchover"}, 1e9))
+        watched = [switchover] + ([self._sdps_task] if self._sdps_task else [])
         try:
             async with asyncio.timeout(self.options.timeout_s):
-                await wait_migration(self._events, self.source, {"pre-switchover"}, 1e9)
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if switchover not in done:  # the controller's verdict
+                assert self._sdps_task is not None
+                self._sdps_task.result()
+            await switchover
         except TimeoutError:
             raise NotConverging(f"QEMU's pre-copy did not reach its downtime limit within "
                                 f"{self.options.timeout_s:g} s ("
                                 f"{await _precopy_figures(self.source, self.sdps)})") from None
+        finally:
+            switchover.cancel()
 
     def _release_throttle(self) -> None:
         for task in self._tasks[:2]:  # the governor and the throttle, not the hashing

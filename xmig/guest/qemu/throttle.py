@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xmig.errors import QemuError, XmigError
+from xmig.errors import NotConverging, QemuError, XmigError
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.memory.sdps import ProportionalThrottle, ThrottleController
 from xmig.transport import TransportSession
@@ -179,10 +179,15 @@ class QemuSdps:
         return throttle
 
     async def run(self) -> None:
-        """Until cancelled."""
+        """Until cancelled, or until the controller says the guest cannot converge (its
+        NotConverging ends the pre-copy: :meth:`QemuSource.converge` watches this task)."""
         while True:
-            with contextlib.suppress(XmigError):  # a missed sample is not fatal
+            try:
                 await self.step()
+            except NotConverging:
+                raise
+            except XmigError:
+                pass  # a missed sample is not fatal
             await asyncio.sleep(self.period_s)  # a control period, not a wait for a condition
 
     def release(self) -> None:

@@ -17,14 +17,13 @@ import asyncio
 import contextlib
 import dataclasses
 import math
-import time
 from dataclasses import asdict, dataclass, field
 
 import xxhash
 
 from xmig import guestctl
 from xmig.convergence import ControllerConfig
-from xmig.convergence.joint import DiskFigures, JointThrottle, LinkFigures
+from xmig.convergence.joint import for_session
 from xmig.errors import MigrationError, XmigError
 from xmig.events import BlackoutStep, ProgressNote, SimProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
@@ -149,21 +148,8 @@ class SimSource(SourceBackend):
         options = self.options
         if options.sdps != "on":
             return AutoConverge() if options.sdps == "autoconverge" else False
-        def disk() -> DiskFigures:
-            p = sender.progress()
-            return DiskFigures(mirrored_bytes=p.mirror_bytes, queue_bytes=p.pending_bytes,
-                               held_bytes=p.mirror_held_bytes,
-                               bulk_left_bytes=p.size - p.bulk_applied)
-
-        def link() -> LinkFigures:
-            st = session.stats()
-            return LinkFigures(float(st.get("delivery_rate_Bps") or 0.0),
-                               float(st.get("srtt_s") or st.get("min_rtt_s") or 0.0),
-                               float(st.get("min_rtt_s") or 0.0))
-
         config = ControllerConfig(budget_s=options.max_downtime_s, timeout_s=options.timeout_s)
-        return JointThrottle(config, start=time.monotonic(), disk=disk, link=link,
-                             set_pace=sender.set_pace)
+        return for_session(config, session, sender)
 
     async def converge(self) -> None:
         assert self.memory is not None and self.sender is not None
