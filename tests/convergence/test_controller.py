@@ -110,7 +110,7 @@ def test_a_disk_writer_at_five_times_the_link_is_paced_evenly_and_converges() ->
     # it acts once the rates are known (settle_s: the writer runs free that long); from the
     # first paced interval on the queue only drains: paced, never bounded-then-stuck
     first = next(k for k, c in enumerate(guest.controls) if c.disk_pace_Bps is not None)
-    assert (first + 1) * DT <= 1.0 + DT and max(guest.queues) <= 4 * rate
+    assert (first + 1) * DT <= 1.0 + 2 * DT and max(guest.queues) <= 5 * rate
     after = guest.queues[first + 1:]
     assert all(b <= a + 1 for a, b in itertools.pairwise(after))
 
@@ -137,8 +137,8 @@ def test_a_memory_writer_that_outruns_the_link_is_throttled_just_enough() -> Non
 
 
 def test_a_guest_that_cannot_converge_at_any_allowed_throttle_is_told_so_once_known() -> None:
-    # at throttle 0.99 the guest still adds 2.5 MB/s: more than a 2 MB/s link
-    guest = FluidGuest(mem_Bps=150 * MB, disk_Bps=100 * MB, rate=2 * MB, bulk=0,
+    # at throttle 0.99 the guest still adds 3 MB/s: more than a 2 MB/s link
+    guest = FluidGuest(mem_Bps=250 * MB, disk_Bps=50 * MB, rate=2 * MB, bulk=0,
                        hot=256 * MB)
     ctl = controller(settle_s=2.0)
     end = guest.run(ctl, 60)

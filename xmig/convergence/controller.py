@@ -13,9 +13,10 @@ The model, with ``R`` the link's delivery rate (wire bytes/s, every channel)::
 What is left shrinks only while the guest adds less than ``R``. The guest adds
 ``mem = base dirty rate × wire ratio`` (memory) and ``disk = base disk-write rate``
 (mirrored writes, sent raw). The controller holds their sum at ``α × R`` (``α < 1``: the rest
-of the link drains what is left; ``α × bulk_share`` while the disk's bulk copy still runs, so
-the copy moves on) by slowing *both* by one factor ``f = min(1, target ÷ (mem + disk))``:
-throttle ``1 − f`` for the vCPUs, pace ``f × disk`` for the acknowledgements. Whichever of the
+of the link drains what is left; ``α × bulk_share`` while the disk's bulk copy still runs or
+the mirror queue holds more than ``queue_engage_s`` of link, so that they drain) by slowing
+*both* by one factor ``f = min(1, target ÷ (mem + disk))``: throttle ``1 − f`` for the
+vCPUs, pace ``1.5 × f × disk`` for the acknowledgements. Whichever of the
 two outruns the link, the guest is slowed evenly and just enough, never stopped. One floor:
 the pace never leaves the writes waiting now (the mirror's held bytes) more than
 ``ack_delay_s`` to wait (a guest's I/O timeouts are seconds; Little's law makes its
@@ -24,7 +25,7 @@ slowdown.
 
 It slows nothing until it is *engaged*: by itself as soon as the guest alone adds at least
 ``R`` (nothing could ever drain) or the mirror queue holds more than ``queue_engage_s`` of
-the link — both judged once the rates are known, after ``settle_s`` — or by
+the link — both judged once the rates are known, after ``settle_s`` of a busy link — or by
 :meth:`ConvergenceController.engage` when the pre-copy's rounds stopped shrinking (the
 planner's ENGAGE_SDPS). A guest that converges on its own is never slowed.
 
@@ -44,8 +45,8 @@ Verdicts:
 - NOT_CONVERGING, with the reason and the figures, only when even the strongest allowed
   slowdown cannot fit the budget: the commit's round trips and the device state alone
   exceed it, or the guest at ``max_throttle`` (which slows its writes as its dirtying: the
-  vCPUs issue both) still adds at least ``R`` (after ``settle_s``, once the rates are
-  known); or, the backstop, past ``timeout_s``;
+  vCPUs issue both) still adds at least ``R``, the rates known, for ``infeasible_s`` on
+  end; or, the backstop, past ``timeout_s``;
 - CONTINUE otherwise.
 """
 
@@ -83,7 +84,8 @@ class ControllerConfig:
     rate_window_s: float = 10.0  #: R is the most delivered over this long
     queue_engage_s: float = 0.25  #: a mirror queue of this much link engages the controller
     ack_delay_s: float = 0.05  #: the writes waiting now leave within this (a pace floor)
-    settle_s: float = 1.0  #: rates are trusted (and acted on) after this long
+    settle_s: float = 1.0  #: rates are trusted (and acted on) after this long of a busy link
+    infeasible_s: float = 3.0  #: NOT_CONVERGING once the guest has outrun R this long
     timeout_s: float = 600.0  #: the backstop
 
     def __post_init__(self) -> None:
@@ -102,7 +104,9 @@ class Sample:
     """What the engine measured over the last interval (bytes, bytes/s, seconds)."""
 
     now: float
-    delivery_rate: float  #: wire bytes/s the link delivers (0: not known yet)
+    delivery_rate: float
+    """Wire bytes/s the link delivers, measured while the sender kept a backlog (0: not
+    measured now: an idle or starting link's rate says what was sent, not what it carries)"""
     rtt: float = 0.0  #: smoothed (queueing included)
     base_rtt: float = 0.0  #: the least seen: the path's own (0: not known, use rtt)
     memory_left_bytes: int = 0  #: dirty and not yet sent (raw)
@@ -143,6 +147,9 @@ class ConvergenceController:
         self.engaged = ""  #: why the guest is being slowed ("": it is not)
         self._throttles: deque[tuple[float, float]] = deque([(start, 0.0)])  #: (since, th)
         self._rates: deque[tuple[float, float]] = deque()  #: (at, delivery rate)
+        self._busy_s = 0.0  #: time the link was measured busy
+        self._last_now: float | None = None
+        self._infeasible_since: float | None = None
 
     def engage(self, reason: str) -> None:
         """Slow the guest from the next update on, as much as needed (idempotent)."""
@@ -159,19 +166,26 @@ class ConvergenceController:
         return wire / s.delivery_rate + self.config.commit_rtts * s.rtt
 
     def update(self, s: Sample) -> Control:
-        cfg = self.config
+        if s.delivery_rate > 0 and self._last_now is not None:
+            self._busy_s += s.now - self._last_now
+        self._last_now = s.now
         s = dataclasses.replace(s, delivery_rate=self._capacity(s.now, s.delivery_rate))
         self._estimate(s)
         predicted = self.predict(s)
         mem = (self.memory_base or 0.0) * max(s.wire_ratio, 1e-3)
         disk = self.disk_base or 0.0
-        if s.now - self.start >= cfg.settle_s:  # the first rates overstate or understate
+        if self.known:  # the first rates overstate or understate
             self._engage_if_needed(s, mem, disk)
         if s.delivery_rate > 0 and self.engaged:
             self._actuate(s, mem, disk)
         verdict, reason = self._verdict(s, predicted, mem, disk)
         return Control(self.throttle, self.pace, predicted, verdict, reason,
                        memory_base_Bps=mem, disk_base_Bps=disk)
+
+    @property
+    def known(self) -> bool:
+        """The rates have been measured on a busy link for ``settle_s``."""
+        return self._busy_s >= self.config.settle_s
 
     def release(self) -> Control:
         """Full speed (switchover, abort); disengaged."""
@@ -236,7 +250,11 @@ class ConvergenceController:
         writes waiting now wait longer than ``ack_delay_s`` (a floor of at most half the
         target): then memory takes the rest of the slowdown."""
         cfg = self.config
-        target = cfg.alpha * s.delivery_rate * (cfg.bulk_share if s.bulk_left_bytes else 1)
+        # one-time work waits (the bulk copy, or a mirror queue of more than
+        # queue_engage_s of link): the guest gets the smaller share, so that it drains
+        backlog = s.mirror_queue_bytes > s.delivery_rate * cfg.queue_engage_s
+        share = cfg.bulk_share if s.bulk_left_bytes or backlog else 1.0
+        target = cfg.alpha * s.delivery_rate * share
         if mem + disk <= target:
             self.pace, throttle = None, 0.0
         else:
@@ -270,7 +288,11 @@ class ConvergenceController:
                 f"take {floor * 1e3:.0f} ms, over the {budget_ms:.0f} ms budget")
         elapsed = s.now - self.start
         slowest = (mem + disk) * (1 - cfg.max_throttle)  # the vCPUs issue both
-        if elapsed >= cfg.settle_s and s.delivery_rate > 0 and slowest >= s.delivery_rate:
+        if not (self.known and s.delivery_rate > 0 and slowest >= s.delivery_rate):
+            self._infeasible_since = None
+        elif self._infeasible_since is None:
+            self._infeasible_since = s.now
+        elif s.now - self._infeasible_since >= cfg.infeasible_s:
             return Verdict.NOT_CONVERGING, (
                 f"even at throttle {cfg.max_throttle:g} the guest "
                 f"adds {slowest / 1e6:.2f} MB/s, at least the link's "

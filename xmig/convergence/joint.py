@@ -27,6 +27,10 @@ from xmig.memory.sdps.base import ThrottleController
 from xmig.storage.engine import DiskSender
 from xmig.transport import TransportSession
 
+#: a session with this much more than one bandwidth-delay product unsent or unacknowledged
+#: is busy: its delivery rate is the link's
+BUSY_SLACK_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class DiskFigures:
@@ -40,7 +44,7 @@ class DiskFigures:
 
 @dataclass(frozen=True)
 class LinkFigures:
-    delivery_rate: float  #: wire bytes/s the whole session delivers
+    delivery_rate: float  #: wire bytes/s the whole session delivers while busy (else 0)
     rtt: float  #: smoothed
     base_rtt: float = 0.0  #: the least seen
 
@@ -69,7 +73,7 @@ class JointThrottle(ThrottleController):
             rate = (disk.mirrored_bytes - self._last[1]) / (now - self._last[0])
         self._last = (now, disk.mirrored_bytes)
         control = self.controller.update(Sample(
-            now=now, delivery_rate=max(link.delivery_rate, delivery_rate), rtt=link.rtt,
+            now=now, delivery_rate=link.delivery_rate, rtt=link.rtt,
             base_rtt=link.base_rtt, dirty_rate=dirty_rate,
             wire_ratio=wire_ratio, disk_write_rate=rate, mirror_queue_bytes=disk.queue_bytes,
             mirror_held_bytes=disk.held_bytes,
@@ -109,9 +113,13 @@ def for_session(config: ControllerConfig, session: TransportSession,
 
     def link() -> LinkFigures:
         st = session.stats()
-        return LinkFigures(float(st.get("delivery_rate_Bps") or 0.0),
-                           float(st.get("srtt_s") or st.get("min_rtt_s") or 0.0),
-                           float(st.get("min_rtt_s") or 0.0))
+        rate = float(st.get("delivery_rate_Bps") or 0.0)
+        rtt = float(st.get("srtt_s") or st.get("min_rtt_s") or 0.0)
+        channels = session.session.send_channels.values()
+        backlog = sum(c.inflight_bytes + c.pending_bytes for c in channels)
+        # more than the pipe holds waits to be sent: the rate measured is the link's
+        busy = backlog > rate * rtt + BUSY_SLACK_BYTES
+        return LinkFigures(rate if busy else 0.0, rtt, float(st.get("min_rtt_s") or 0.0))
 
     return JointThrottle(config, start=time.monotonic(), disk=disk, link=link,
                          set_pace=sender.set_pace if sender else lambda rate: None)
