@@ -100,6 +100,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "ram_bytes": args.ram, "disk_bytes": args.disk, "versions": versions(), "cells": []}
     for mem_x in mem_xs:
         for disk_x in disk_xs:
+            if args.only and f"{disk_x:g}x{mem_x:g}" not in args.only:
+                continue
             cell = await run_cell(disk_x, mem_x, args)
             out["cells"].append(cell)
             print(f"outrun: {json.dumps(cell)}", file=sys.stderr, flush=True)
@@ -120,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cell-timeout", type=float, default=600.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--only", action="append", metavar="DISKxMEM",
+                    help="run only this cell (e.g. 5x2: disk 5×, memory 2× the link); "
+                    "repeatable")
     args = ap.parse_args(argv)
     size = 64 * MiB if args.quick else 256 * MiB
     args.ram = args.ram or size

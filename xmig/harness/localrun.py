@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 from xmig.convergence import ControllerConfig
 from xmig.convergence.forecast import Forecast, GuestRates, forecast
+from xmig.convergence.sample import first_pass
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -98,7 +98,7 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     probe = DowntimeProbe(addr, put_keys=True, own_process=True).start()
     try:
         before = await _rates_over(guest, run.warmup_s)
-        planned = _forecast(run, before, disk)
+        planned = await asyncio.to_thread(_forecast, run, before, guest, disk)
         t0 = time.monotonic()
         async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
             dst_task = asyncio.create_task(receive_migration(
@@ -180,19 +180,22 @@ async def _rates_over(guest: SimGuest, seconds: float) -> _Before:
                    (b.disk_write_bytes - a.disk_write_bytes) / dt)
 
 
-def _forecast(run: LocalRun, before: _Before, disk: RawFileBackend) -> Forecast | None:
-    """What the convergence controller's model says of this run, from the warm-up's rates
-    and the emulated link's rate and RTT (None on an unshaped link: no rate to plan with)."""
+def _forecast(run: LocalRun, before: _Before, guest: SimGuest, disk: RawFileBackend,
+              ) -> Forecast | None:
+    """What the convergence controller's model says of this run, from the warm-up's rates,
+    a sample of the guest's memory and disk (what the first pass puts on the wire) and the
+    emulated link's rate and RTT (None on an unshaped link: no rate to plan with)."""
     g = run.guest
     if run.link.rate_bps is None:
         return None
-    allocated = os.stat(disk.path).st_blocks * 512
+    one_time = first_pass(guest.memory, disk, seed=g.seed)
     hot = g.hotset_bytes if g.workload in ("hotset", "oltp") else None
     config = ControllerConfig(budget_s=run.options.max_downtime_s,
                               timeout_s=run.options.timeout_s)
-    rates = GuestRates(ram_bytes=g.ram_bytes, disk_bytes=min(allocated, run.disk_bytes),
+    rates = GuestRates(ram_bytes=g.ram_bytes, disk_bytes=one_time.disk_wire_bytes,
                        dirty_Bps=before.dirty_Bps, disk_write_Bps=before.disk_write_Bps,
-                       hot_bytes=hot)
+                       hot_bytes=hot, wire_ratio=one_time.written_wire_ratio,
+                       first_pass_ratio=one_time.memory_wire_ratio)
     return forecast(config, rates, rate_Bps=run.link.rate_bps / 8, rtt_s=run.link.rtt_s)
 
 
