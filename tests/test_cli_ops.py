@@ -140,6 +140,8 @@ def test_bad_migrate_flags_are_argparse_errors(
          "ConfigError"),
         (["agent", "--listen", "127.0.0.1:0", "--pki", "/nonexistent", "--workdir", "/tmp"],
          "PkiError|ConfigError"),
+        (["migrate", "--guest", "/nonexistent.ctl", "--to", "127.0.0.1:7", "--pki", "/x",
+          "--plan", "--plan-time", "11s"], "ConfigError"),
     ],
 )
 def test_bad_host_input_is_one_red_line(argv: list[str], kind: str,
@@ -173,6 +175,8 @@ def test_agent_cannot_listen_on_a_taken_port(tmp_path: Path, pki: Path,
         b'{"op": "migrate", "to": "h:1", "pki": "/p", "bandwidth_bps": 1.5}\n',
         b'{"op": "migrate", "to": 7, "pki": "/p"}\n',
         b'{"op": "migrate", "to": "h:1", "pki": "/p", "blackout_timeout_s": 0}\n',
+        b'{"op": "migrate", "to": "h:1", "pki": "/p", "plan_s": 11}\n',
+        b'{"op": "migrate", "to": "h:1", "pki": "/p", "plan_s": 0}\n',
         b'{"op": "resolve", "migration": "vm1"}\n',
         b'{"op": "resolve", "migration": "vm1", "force": "maybe"}\n',
         b'{"op": "resolve", "migration": "../x", "force": "go"}\n',
@@ -185,7 +189,8 @@ def test_bad_requests_are_config_errors(line: bytes) -> None:
 
 
 def test_requests_and_errors_round_trip() -> None:
-    req = hostctl.MigrateRequest(to="[::1]:7800", pki="/p", bandwidth_bps=10**8, streams=3)
+    req = hostctl.MigrateRequest(to="[::1]:7800", pki="/p", bandwidth_bps=10**8, streams=3,
+                                 plan_s=2.5)
     assert req.endpoint == ("::1", 7800)
     assert hostctl.parse_request(hostctl.encode(req.to_json())) == req
     assert isinstance(hostctl.parse_request(b'{"op": "status"}'), hostctl.StatusRequest)

@@ -13,6 +13,9 @@ from xmig.protocol.control import (
     Final,
     Go,
     Negotiate,
+    Probe,
+    Probed,
+    ProbeEnd,
     QemuGuest,
     QemuSpec,
     Ready,
@@ -43,6 +46,9 @@ TOKEN = "0123456789abcdef" * 2
         Refused("", "ProtocolError", "bad"),
         Resumed("m1", 3, at=12.5),
         Discarded("m1", 3),
+        Probe(seconds=2.5),
+        ProbeEnd(sent_bytes=1 << 30),
+        Probed(received_bytes=1 << 30),
     ],
 )
 def test_round_trip(msg: object) -> None:
@@ -59,6 +65,9 @@ def test_round_trip(msg: object) -> None:
         json.dumps({"type": "go", "migration": "m"}).encode(),  # epoch missing
         json.dumps({"type": "go", "migration": "m", "epoch": "3"}).encode(),  # wrong type
         json.dumps({"type": "go", "migration": "m", "epoch": 3, "extra": 1}).encode(),
+        b'{"type": "probe", "seconds": 11}',  # a probe is bounded: 10 s at most
+        b'{"type": "probe", "seconds": 0}',
+        b'{"type": "probe-end", "sent_bytes": -1}',
     ],
 )
 def test_malformed_is_a_protocol_error(raw: bytes) -> None:

@@ -26,6 +26,21 @@ def test_guest_migrates_between_processes_across_the_wan(
         agent, source, port, ctl, pki = pair.agent, pair.source, pair.port, pair.ctl, pair.pki
         assert status(ctl)["state"] == "running"
 
+        # the forecast first: the guest measured, then the link; not a migration, so the
+        # --once agent still takes the one that follows
+        r = xmig("migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki),
+                 "--plan", "--plan-time", "1s", "--json", timeout=60)
+        assert r.returncode == 0, r.stderr
+        plan = json.loads(r.stdout.splitlines()[-1])
+        assert plan["converges"] is True and plan["total_s"] > 0
+        assert 0 < plan["downtime_ms"] <= 300
+        probe = plan["link_probe"]
+        assert 0.5 * 25e6 < probe["rate_Bps"] < 1.1 * 25e6  # 200 Mbit/s
+        assert 0.015 < probe["rtt_s"] < 0.05 and probe["received_bytes"] == probe["sent_bytes"]
+        assert plan["guest"]["ram_bytes"] > 0 and plan["one_time_bytes"] > 0
+        agent.expect(lambda e: e.get("event") == "probed", 10)
+        assert status(ctl)["state"] == "running"
+
         r = xmig("migrate", "--guest", ctl, "--to", f"{wan.dst_addr}:{port}", "--pki", str(pki),
                  "--json", "--link-rate", "200mbit", "--plot", str(tmp_path / "t.png"),
                  "--report", str(tmp_path / "report.json"), timeout=120)
@@ -79,6 +94,13 @@ def test_a_migration_that_cannot_converge_aborts_and_the_source_runs_on(
     procs.append(source)
     port = agent.expect(is_ready("agent"), 30)["port"]
     ctl = source.expect(is_ready("source"), 60)["ctl"]
+    # the forecast says so first, in words, and what would make it converge
+    r = xmig("migrate", "--guest", ctl, "--to", f"127.0.0.1:{port}", "--pki", str(pki),
+             "--no-sdps", "--timeout", "2s", "--bandwidth", "40mbit", "--plan",
+             "--plan-time", "1s", timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "will not converge" in r.stdout and "would converge" in r.stdout, r.stdout
+    assert "Mbit/s" in r.stdout and "MB/s" in r.stdout
     r = xmig("migrate", "--guest", ctl, "--to", f"127.0.0.1:{port}", "--pki", str(pki),
              "--no-sdps", "--timeout", "2s", "--bandwidth", "40mbit", "--json", timeout=120)
     assert r.returncode == 3, r.stderr

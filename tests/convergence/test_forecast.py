@@ -58,3 +58,18 @@ def test_the_first_pass_is_counted_at_its_wire_size_not_the_guests() -> None:
     assert b.one_time_bytes == 80 * MiB
     assert a.total_s is not None and b.total_s is not None
     assert b.total_s == pytest.approx(a.total_s * 80 / 512, rel=0.05)
+
+
+def test_with_sdps_off_a_guest_that_outruns_the_link_is_forecast_not_to_converge() -> None:
+    guest = GuestRates(ram_bytes=64 * MiB, disk_bytes=0, dirty_Bps=2 * LINK, disk_write_Bps=0)
+    off = forecast(ControllerConfig(max_throttle=0.0), guest, rate_Bps=LINK, rtt_s=0.05)
+    on = forecast(ControllerConfig(), guest, rate_Bps=LINK, rtt_s=0.05)
+    assert not off.converges and off.throttle == 0 and "would converge" in off.reason
+    assert on.converges and on.throttle > 0.5
+
+
+def test_a_copy_longer_than_the_timeout_is_forecast_not_to_converge() -> None:
+    guest = GuestRates(ram_bytes=1 << 30, disk_bytes=1 << 30, dirty_Bps=0, disk_write_Bps=0)
+    f = forecast(ControllerConfig(timeout_s=60), guest, rate_Bps=LINK, rtt_s=0.05)
+    assert not f.converges and f.total_s is not None and f.total_s > 60
+    assert "timeout" in f.reason

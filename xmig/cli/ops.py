@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.text import Text
 
-from xmig.cli.view import ProgressView, summary
-from xmig.errors import ConfigError, XmigError
+from xmig.cli.view import ProgressView, plan_summary, summary
+from xmig.errors import ConfigError, GuestNotFound, XmigError
+from xmig.protocol.control import MAX_PROBE_S
 from xmig.service import hostctl
 from xmig.units import argtype, parse_bit_rate, parse_byte_rate, parse_duration, parse_size
 
@@ -147,6 +148,14 @@ def _add_migrate(sub: Any) -> None:
                      help="the link's rate, for link_utilization (default: --bandwidth)")
     mig.add_argument("--no-verify", action="store_true",
                      help="skip the memory and disk digests in the blackout")
+    mig.add_argument("--plan", action="store_true",
+                     help="do not migrate: measure the guest, then the link to the agent "
+                     "(--plan-time each), and print the forecast: total time, downtime, "
+                     "throttle and penalty, or why it would not converge and what would "
+                     "(exit 0 converges, 3 would not)")
+    mig.add_argument("--plan-time", type=duration, default="3s", metavar="DURATION",
+                     help="with --plan: how long to measure each (default %(default)s, at "
+                     "most 10s)")
     mig.add_argument("--json", action="store_true", help="events, then the report, as JSON")
     mig.add_argument("--plot", type=Path, metavar="FILE.png", help="timeline plot")
     mig.add_argument("--report", type=Path, metavar="FILE.json",
@@ -288,6 +297,9 @@ def _red_line(err: XmigError) -> None:
 def _migrate(args: argparse.Namespace) -> int:
     from xmig.transport.certs import PkiPaths
 
+    if args.plan and not 0 < args.plan_time <= MAX_PROBE_S:
+        raise ConfigError(f"--plan-time must be within (0, {MAX_PROBE_S:g}s], not "
+                          f"{args.plan_time:g}s")
     pki = PkiPaths.in_dir(args.pki.absolute(), role="client")  # bad PKI: nothing asked yet
     if args.qemu_qmp is not None:
         return _migrate_qemu(args)
@@ -296,13 +308,37 @@ def _migrate(args: argparse.Namespace) -> int:
         max_downtime_s=args.max_downtime, timeout_s=args.timeout, streams=args.streams,
         sdps=args.sdps or "on", verify=not args.no_verify, bandwidth_bps=args.bandwidth,
         link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout,
-        blackout_timeout_s=args.blackout_timeout)
+        blackout_timeout_s=args.blackout_timeout,
+        plan_s=args.plan_time if args.plan else None)
+    if args.plan:
+        return _plan(args, req)
     try:
         return _run_migrate(args, req)
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted: the migration goes on in the guest's "
                                    f"host (xmig guest status --guest {args.guest})[/]")
         raise
+
+
+def _plan(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:
+    """The forecast, rendered: one JSON object with --json, a few lines otherwise."""
+    try:
+        plan = hostctl.plan(args.guest, req, on_event=_printer(True) if args.json
+                            else lambda e: None)
+    except GuestNotFound:
+        raise  # not a guest host's socket: bad input (2)
+    except XmigError as err:
+        _red_line(err)
+        return EXIT_NOT_MIGRATED
+    return _show_plan(args, plan)
+
+
+def _show_plan(args: argparse.Namespace, plan: dict[str, Any]) -> int:
+    if args.json:
+        print(hostctl.encode(plan).decode().rstrip(), flush=True)
+    else:
+        Console().print(plan_summary(plan))
+    return 0 if plan.get("converges") else EXIT_NOT_MIGRATED
 
 
 def _run_migrate(args: argparse.Namespace, req: hostctl.MigrateRequest) -> int:

@@ -161,3 +161,26 @@ def summary(report: dict[str, Any]) -> str:
             f"{_f(report.get('sdps_max_throttle')):.0%}, {report.get('rounds')} rounds, "
             f"{report.get('acknowledged_writes')} acknowledged disk writes, "
             f"{report.get('lost_acknowledged_writes')} lost: {ok}")
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """A forecast (``xmig migrate --plan``) in a few lines (rich markup)."""
+    guest, probe = plan.get("guest") or {}, plan.get("link_probe") or {}
+    lines = [
+        f"guest: dirties {_f(guest.get('dirty_Bps')) / 1e6:.1f} MB/s of memory, writes "
+        f"{_f(guest.get('disk_write_Bps')) / 1e6:.1f} MB/s to its disk; first pass "
+        f"{_f(plan.get('one_time_bytes')) / 1e6:.0f} MB on the wire",
+        f"link: {_f(plan.get('link_Bps')) * 8 / 1e6:.1f} Mbit/s, RTT "
+        f"{_f(probe.get('rtt_s')) * 1e3:.1f} ms (measured for {_f(probe.get('seconds')):.1f} s"
+        + ("" if _f(probe.get('rate_Bps')) <= _f(plan.get('link_Bps')) * 1.001 else
+           f": {_f(probe.get('rate_Bps')) * 8 / 1e6:.1f} Mbit/s, capped by --bandwidth") + ")"]
+    total, down = plan.get("total_s"), plan.get("downtime_ms")
+    if plan.get("converges"):
+        digits = 0 if _f(total) >= 10 else 1
+        lines.append(
+            f"[green]converges[/]: about {_f(total):.{digits}f} s, downtime about "
+            f"{_f(down):.0f} ms, throttle up to {_f(plan.get('throttle')):.0%}, penalty "
+            f"{_f(plan.get('penalty')):.0%}")
+    else:
+        lines.append(f"[red]will not converge[/]: {plan.get('reason', '')}")
+    return "\n".join(lines)

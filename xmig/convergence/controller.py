@@ -77,7 +77,7 @@ class ControllerConfig:
     alpha: float = 0.7  #: the share of the link the guest's own writing may use
     bulk_share: float = 0.5  #: × alpha while the disk's bulk copy runs
     commit_rtts: float = 1.5  #: WAN round trips between pause and resume
-    max_throttle: float = 0.99  #: the strongest vCPU throttle allowed
+    max_throttle: float = 0.99  #: the strongest vCPU throttle allowed (0: SDPS off)
     min_pace_Bps: float = 64 * 1024  #: and never slower than this
     gain: float = 0.5  #: weight of a new sample in the smoothed base rates
     window_s: float = 0.5  #: the guest's dirty-rate meter averages over about this long
@@ -93,8 +93,8 @@ class ControllerConfig:
             raise ValueError("the downtime budget and the timeout must be positive")
         if not 0 < self.alpha < 1 or not 0 < self.bulk_share <= 1:
             raise ValueError("alpha must be within (0, 1) and bulk_share within (0, 1]")
-        if not 0 < self.max_throttle < 1:
-            raise ValueError("max_throttle must be within (0, 1)")
+        if not 0 <= self.max_throttle < 1:
+            raise ValueError("max_throttle must be within [0, 1) (0: never slowed)")
         if not 0 < self.gain <= 1:
             raise ValueError("gain must be within (0, 1]")
 

@@ -103,7 +103,8 @@ def _model(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
     engaged = g >= R
     # 1. bulk: the slowed guest's disk writes share the link (those below the moving
     # cursor as mirrored writes, those above it read by the bulk copy when it gets there)
-    f1 = min(1.0, cfg.alpha * cfg.bulk_share * R / g) if engaged else 1.0
+    least = 1 - cfg.max_throttle  #: the guest's speed at the strongest throttle
+    f1 = max(least, min(1.0, cfg.alpha * cfg.bulk_share * R / g)) if engaged else 1.0
     first = guest.wire_ratio if guest.first_pass_ratio is None else guest.first_pass_ratio
     one_time = guest.disk_bytes + guest.ram_bytes * first
     t1 = one_time / max(R - guest.disk_write_Bps * f1, R * 0.05)
@@ -113,7 +114,7 @@ def _model(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
     q = g / R
     f2 = 1.0
     if q >= STALL_RATIO or engaged:
-        f2 = min(1.0, cfg.alpha * R / g)
+        f2 = max(least, min(1.0, cfg.alpha * R / g))
         q = g * f2 / R
     fits = (cfg.budget_s - floor) * R
     t2, rounds = 0.0, 0
@@ -124,6 +125,14 @@ def _model(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
     downtime = floor + left / R
     total = t1 + t2 + downtime
     penalty = ((1 - f1) * t1 + (1 - f2) * t2 + downtime) / total
+    if left > fits or total > cfg.timeout_s:
+        return Forecast(False, round(total, 3), round(downtime * 1e3, 1),
+                        round(max(1 - f1, 1 - f2), 4), round(penalty, 4),
+                        f"the pre-copy would take {total:.0f} s and leave "
+                        f"{downtime * 1e3:.0f} ms, over the timeout of {cfg.timeout_s:g} s or "
+                        f"the budget of {cfg.budget_s * 1e3:.0f} ms: a faster link, a longer "
+                        "timeout or a stronger throttle would converge",
+                        one_time_bytes=round(one_time))
     return Forecast(True, round(total, 3), round(downtime * 1e3, 1),
                     round(max(1 - f1, 1 - f2), 4), round(penalty, 4),
                     one_time_bytes=round(one_time))

@@ -22,7 +22,6 @@ from typing import Any
 
 from xmig.convergence import ControllerConfig
 from xmig.convergence.forecast import Forecast, GuestRates, forecast
-from xmig.convergence.sample import first_pass
 from xmig.errors import MigrationAborted
 from xmig.guest.sim import (
     DowntimeProbe,
@@ -37,6 +36,7 @@ from xmig.guest.sim.source import MigrationOptions, SimSourceResult
 from xmig.harness.qemurun import QemuRun, run_qemu_local
 from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
+from xmig.orchestrator.plan import sim_rates_of
 from xmig.orchestrator.report import Report, aborted_report, ledger_check, source_report
 from xmig.orchestrator.run import migrate, receive_migration
 from xmig.protocol.journal import Journal
@@ -97,8 +97,8 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
     # a client PUTting keys throughout, in a process of its own: this one is busy migrating
     probe = DowntimeProbe(addr, put_keys=True, own_process=True).start()
     try:
-        before = await _rates_over(guest, run.warmup_s)
-        planned = await asyncio.to_thread(_forecast, run, before, guest, disk)
+        before = await _rates_over(guest, disk, run.warmup_s)
+        planned = _forecast(run, before)
         t0 = time.monotonic()
         async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
             dst_task = asyncio.create_task(receive_migration(
@@ -165,38 +165,30 @@ async def _migrate(run: LocalRun, wan: Wan, pki: Any, disk: RawFileBackend, src_
 
 @dataclass(frozen=True)
 class _Before:
-    """The guest's rates over the warm-up, before the migration."""
+    """The guest over the warm-up, before the migration."""
 
     progress_rate: float  #: progress units per second
-    dirty_Bps: float
-    disk_write_Bps: float
+    rates: GuestRates
 
 
-async def _rates_over(guest: SimGuest, seconds: float) -> _Before:
+async def _rates_over(guest: SimGuest, disk: RawFileBackend, seconds: float) -> _Before:
     a, t0 = guest.progress(), time.monotonic()
     await asyncio.sleep(seconds)  # a measurement window
     b, dt = guest.progress(), max(time.monotonic() - t0, 1e-9)
-    return _Before((b.counter - a.counter) / dt, b.dirty_rate_Bps,
-                   (b.disk_write_bytes - a.disk_write_bytes) / dt)
+    rates = await asyncio.to_thread(sim_rates_of, guest, disk, a, b, dt, seed=guest.config.seed)
+    return _Before((b.counter - a.counter) / dt, rates)
 
 
-def _forecast(run: LocalRun, before: _Before, guest: SimGuest, disk: RawFileBackend,
-              ) -> Forecast | None:
+def _forecast(run: LocalRun, before: _Before) -> Forecast | None:
     """What the convergence controller's model says of this run, from the warm-up's rates,
     a sample of the guest's memory and disk (what the first pass puts on the wire) and the
     emulated link's rate and RTT (None on an unshaped link: no rate to plan with)."""
-    g = run.guest
     if run.link.rate_bps is None:
         return None
-    one_time = first_pass(guest.memory, disk, seed=g.seed)
-    hot = g.hotset_bytes if g.workload in ("hotset", "oltp") else None
     config = ControllerConfig(budget_s=run.options.max_downtime_s,
                               timeout_s=run.options.timeout_s)
-    rates = GuestRates(ram_bytes=g.ram_bytes, disk_bytes=one_time.disk_wire_bytes,
-                       dirty_Bps=before.dirty_Bps, disk_write_Bps=before.disk_write_Bps,
-                       hot_bytes=hot, wire_ratio=one_time.written_wire_ratio,
-                       first_pass_ratio=one_time.memory_wire_ratio)
-    return forecast(config, rates, rate_Bps=run.link.rate_bps / 8, rtt_s=run.link.rtt_s)
+    return forecast(config, before.rates, rate_Bps=run.link.rate_bps / 8,
+                    rtt_s=run.link.rtt_s)
 
 
 async def _first_progress(guest: SimGuest, timeout: float = 10.0) -> Any:

@@ -216,13 +216,14 @@ async def tell_discarded(session: TransportSession, migration: str, epoch: int) 
 
 
 async def first_message(session: TransportSession, timeout: float = 60.0
-                        ) -> control.Negotiate | control.Go | control.Abort:
-    """What a new session is for: a migration (NEGOTIATE) or a source settling one left in
-    doubt here (its journaled GO or ABORT)."""
+                        ) -> control.Negotiate | control.Go | control.Abort | control.Probe:
+    """What a new session is for: a migration (NEGOTIATE), a source settling one left in
+    doubt here (its journaled GO or ABORT), or a source measuring the link (PROBE)."""
     async with asyncio.timeout(timeout):
         msg = control.decode(await session.recv(Channel.CONTROL))
-    if not isinstance(msg, control.Negotiate | control.Go | control.Abort):
-        raise ProtocolError(f"a session must open with negotiate, go or abort, not {msg.type}")
+    if not isinstance(msg, control.Negotiate | control.Go | control.Abort | control.Probe):
+        raise ProtocolError(f"a session must open with negotiate, go, abort or probe, not "
+                            f"{msg.type}")
     return msg
 
 

@@ -12,6 +12,11 @@ the workload, not where the destination keeps its files, its nice level or its a
 
     source -> destination: negotiate, final, go, abort
     destination -> source: prepared, refused, ready, resumed
+
+A session may instead open with ``probe`` (``xmig migrate --plan``): the source measures the
+link with filler on the bulk channel for at most :data:`MAX_PROBE_S`, the destination
+consumes and drops it and answers ``probed`` with what it received. Nothing is prepared or
+kept, and it is not a migration (an ``agent --once`` still takes one after it).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ MAX_RAM_BYTES = 1 << 44  #: 16 TiB: more than any host has, less than makes arit
 MAX_DISK_BYTES = 1 << 50  #: 1 PiB
 MAX_DEVICE_STATE_BYTES = 1 << 28
 MAX_TEXT = 4096
+MAX_PROBE_S = 10.0  #: the longest a source may measure the link (``probe``)
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: a migration id or guest name: a label (letters, digits, ``_.-``; 1–64), never a path
@@ -129,6 +135,23 @@ class Negotiate(Message, tag="negotiate", frozen=True):
     disk_bytes: DiskBytes
     ram_bytes: RamBytes
     token: Token = ""
+
+
+class Probe(Message, tag="probe", frozen=True):
+    """A source measuring the link before it migrates: ``seconds`` of filler follow on the
+    bulk channel, then ``probe-end`` on this one."""
+
+    seconds: Annotated[float, msgspec.Meta(gt=0, le=MAX_PROBE_S)]
+
+
+class ProbeEnd(Message, tag="probe-end", frozen=True):
+    sent_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+
+
+class Probed(Message, tag="probed", frozen=True):
+    """The destination's answer: the filler bytes it received (and dropped)."""
+
+    received_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
 
 class Prepared(Message, tag="prepared", frozen=True):
@@ -252,11 +275,12 @@ def unexpected(msg: Message, wanted: str, *, peer: str) -> errors.XmigError:
 
 MESSAGES: dict[str, type[Message]] = {
     m.__struct_config__.tag: m  # type: ignore[misc]
-    for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed, Discarded)
+    for m in (Negotiate, Prepared, Refused, Final, Ready, Go, Abort, Resumed, Discarded,
+              Probe, ProbeEnd, Probed)
 }
 
 AnyMessage = (Negotiate | Prepared | Refused | Final | Ready | Go | Abort | Resumed
-              | Discarded)
+              | Discarded | Probe | ProbeEnd | Probed)
 _decoder: msgspec.json.Decoder[AnyMessage] = msgspec.json.Decoder(AnyMessage)
 
 

@@ -74,6 +74,7 @@ from xmig.guest.sim.dest import SimDestResult
 from xmig.hostpolicy import HostPolicy
 from xmig.orchestrator import recovery
 from xmig.orchestrator.destination import first_message, force, settle
+from xmig.orchestrator.probe import answer_probe
 from xmig.orchestrator.run import receive_migration, receive_qemu
 from xmig.private import fsync_dir, private_dir, unix_listener
 from xmig.protocol import control
@@ -260,6 +261,11 @@ class _Agent:
             first = await self._first(session)
             if first is None:
                 return
+            if isinstance(first, control.Probe):  # a source planning: not a migration
+                self.emit({"event": "probe", "peer": session.peer, "seconds": first.seconds})
+                dropped = await answer_probe(session, first)
+                self.emit({"event": "probed", "peer": session.peer, "bytes": dropped})
+                return
             if isinstance(first, control.Negotiate) and self.once and self.taken:
                 self.emit({"event": "refused", "peer": session.peer,
                            "note": "--once: this agent took its migration already"})
@@ -371,7 +377,7 @@ class _Agent:
                 return made
 
     async def _first(self, session: TransportSession
-                     ) -> control.Negotiate | control.Go | control.Abort | None:
+                     ) -> control.Negotiate | control.Go | control.Abort | control.Probe | None:
         """What the session is for; a first message that does not decode (or is not one a
         session may open with) is answered REFUSED, typed, and changes nothing."""
         try:

@@ -9,6 +9,9 @@ JSON object on one line) and reads JSON lines back until the answer, an object w
                                            -> {"event": ...}*  then
                                               {"ok": true, "report": {...}}
                                            or {"ok": false, "error": {...}, "report": ...}
+    {"op": "migrate", ..., "plan_s": 3}    -> {"event": ...}*  then
+                                              {"ok": true, "plan": {...}}
+                                           or {"ok": false, "error": {...}}
     {"op": "resolve", "migration": NAME, "force": "go"|"abort"}
                                            -> {"ok": true, "status": {...}}
 
@@ -39,6 +42,7 @@ from typing import Any
 from xmig import errors
 from xmig.errors import ConfigError, GuestError, GuestNotFound, GuestStateError, XmigError
 from xmig.private import connect_unix
+from xmig.protocol.control import MAX_PROBE_S
 
 MAX_REQUEST_BYTES = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -113,6 +117,9 @@ class MigrateRequest:
     link_rate_bps: int | None = None  #: for link_utilization; default: bandwidth_bps
     connect_timeout_s: float = 10.0
     blackout_timeout_s: float = 10.0  #: pause to GO; past it the migration aborts
+    #: plan instead of migrating: measure the guest, then the link, this long each, and
+    #: answer the forecast (``{"ok": true, "plan": {...}}``); nothing is migrated
+    plan_s: float | None = None
 
     op = "migrate"
 
@@ -139,6 +146,10 @@ class MigrateRequest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < 1):
                 raise ConfigError(f"{name} must be a positive integer (bits/s), not {value!r}")
+        if self.plan_s is not None and not (_number(self.plan_s)
+                                            and 0 < self.plan_s <= MAX_PROBE_S):
+            raise ConfigError(f"plan_s must be a number of seconds in (0, {MAX_PROBE_S:g}], "
+                              f"not {self.plan_s!r}")
         if self.server_name is not None and not (isinstance(self.server_name, str)
                                                  and self.server_name.strip()):
             raise ConfigError("server_name must be a non-empty string")
@@ -416,6 +427,32 @@ def migrate(path: Path, req: MigrateRequest, *,
                 err_data = msg.get("error")
                 after = bool(err_data.get("after_go")) if isinstance(err_data, dict) else False
                 return Outcome(report, error_from(err_data), after)
+            on_event(msg)
+    finally:
+        conn.close()
+
+
+def plan(path: Path, req: MigrateRequest, *,
+         on_event: Callable[[dict[str, Any]], None] = lambda e: None,
+         probe_timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Ask the host at ``path`` for a forecast of migrating its guest as ``req`` says
+    (``req.plan_s`` set): the plan, or its typed error raised. Nothing is migrated."""
+    if req.plan_s is None:
+        raise ConfigError("a plan request needs plan_s")
+    request(path, "status", probe_timeout=probe_timeout)
+    deadline = time.monotonic() + req.connect_timeout_s + 2 * req.plan_s + 60.0
+    conn = _Connection(path, 10.0, known=True)
+    try:
+        conn.send(req.to_json())
+        while True:
+            msg = conn.read(deadline)
+            if "ok" in msg:
+                if not msg["ok"]:
+                    raise error_from(msg.get("error"))
+                found = msg.get("plan")
+                if not isinstance(found, dict):
+                    raise GuestError("the host answered a plan request without a plan")
+                return found
             on_event(msg)
     finally:
         conn.close()

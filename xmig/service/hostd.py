@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from xmig import guestctl
+from xmig.convergence import ControllerConfig
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -52,6 +53,7 @@ from xmig.errors import (
 )
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
 from xmig.guest.sim.source import MigrationOptions, SimSourceResult
+from xmig.orchestrator.plan import make_plan, sim_guest_rates
 from xmig.orchestrator.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.orchestrator.run import migrate
 from xmig.orchestrator.settling import AgentAddress, keep_telling
@@ -276,6 +278,8 @@ class GuestHost:
                     writer.write(hostctl.encode({"ok": True, "status": self.status()}))
                     await writer.drain()
                     self._done.set()
+            elif req.plan_s is not None:
+                await self._serve_plan(req, writer)
             else:
                 await self._serve_migrate(req, writer)
             await writer.drain()
@@ -310,6 +314,39 @@ class GuestHost:
                     return
         finally:
             delivered.set()
+
+    async def _serve_plan(self, req: hostctl.MigrateRequest,
+                          writer: asyncio.StreamWriter) -> None:
+        """Forecast migrating the guest as ``req`` says (:mod:`xmig.orchestrator.plan`):
+        measure it, then the link to the agent; the guest runs on untouched."""
+        assert req.plan_s is not None
+        if self.state != "running":
+            err = GuestStateError(f"guest {self.name} is {self.state}, not running")
+            writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(err)}))
+            return
+        host, port = req.endpoint
+        config = ControllerConfig(budget_s=req.max_downtime_s, timeout_s=req.timeout_s,
+                                  max_throttle=0.0 if req.sdps == "off" else 0.99)
+        cap = req.bandwidth_bps / 8 if req.bandwidth_bps else None
+        try:
+            tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
+            writer.write(hostctl.encode({"event": "connecting", "to": req.to}))
+            async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                               streams=req.streams, connect_timeout=req.connect_timeout_s,
+                               config=SessionConfig(rate_cap_bps=cap * 8 if cap else None),
+                               ) as session:
+                writer.write(hostctl.encode({"event": "measuring", "guest": self.name,
+                                             "seconds": req.plan_s}))
+                rates = sim_guest_rates(self.guest, self.disk, seconds=req.plan_s,
+                                        seed=self.guest.config.seed)
+                plan = await make_plan(rates, session, seconds=req.plan_s, config=config,
+                                       rate_cap_Bps=cap)
+        except XmigError as err:
+            writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(err)}))
+            return
+        self.emit({"event": "planned", "name": self.name, "to": req.to,
+                   "converges": plan.forecast.converges})
+        writer.write(hostctl.encode({"ok": True, "plan": plan.to_json()}))
 
     # -- the migration --------------------------------------------------------------------
 
