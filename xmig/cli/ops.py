@@ -394,6 +394,8 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
         workdir=args.workdir or args.qemu_qmp.absolute().parent / "xmig",
         streams=args.streams, bandwidth_bps=args.bandwidth,
         connect_timeout_s=args.connect_timeout, keep_source=args.keep_source, options=options)
+    if args.plan:
+        return _plan_qemu(args, req)
     console = Console()
     view = ProgressView(f"{args.qemu_qmp.name} → {args.to}", budget_s=args.max_downtime)
     render: Any = _printer(True) if args.json else (lambda e: None)
@@ -427,6 +429,24 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
         _red_line(err)
         return EXIT_NOT_MIGRATED if asked[0] else EXIT_BAD_INPUT
     return _qemu_report(args, console, report)
+
+
+def _plan_qemu(args: argparse.Namespace, req: Any) -> int:
+    from xmig.service.qemusource import plan_attached
+
+    asked = [False]  #: the agent was asked (connecting): errors are no longer input's
+
+    def on_event(event: dict[str, Any]) -> None:
+        asked[0] = asked[0] or event.get("event") == "connecting"
+        if args.json:
+            _printer(True)(event)
+
+    try:
+        plan = asyncio.run(plan_attached(req, args.plan_time, on_event))
+    except XmigError as err:
+        _red_line(err)
+        return EXIT_NOT_MIGRATED if asked[0] else EXIT_BAD_INPUT
+    return _show_plan(args, plan.to_json())
 
 
 def _qemu_report(args: argparse.Namespace, console: Console, report: Report) -> int:

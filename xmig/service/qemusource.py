@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmig.convergence import ControllerConfig
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -40,6 +41,8 @@ from xmig.guest.backend import Outcome
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
 from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
+from xmig.guest.qemu.plan import qemu_guest_rates
+from xmig.orchestrator.plan import Plan, make_plan
 from xmig.orchestrator.qemusettle import send_qemu_decision
 from xmig.orchestrator.report import Report, qemu_source_report
 from xmig.orchestrator.run import migrate_qemu
@@ -145,6 +148,33 @@ async def migrate_attached(req: QemuMigrateRequest,
         else:
             with contextlib.suppress(XmigError):
                 await source.detach()
+
+
+async def plan_attached(req: QemuMigrateRequest, seconds: float,
+                        on_event: Callable[[dict[str, Any]], None] = lambda e: None) -> Plan:
+    """Forecast migrating the QEMU at ``req.qmp`` to the agent at ``req.to``
+    (:mod:`xmig.orchestrator.plan`): the guest measured for ``seconds``, then the link. Reads
+    only; nothing is created. Errors as :func:`migrate_attached`'s before it migrates."""
+    tls = client_context(PkiPaths.in_dir(req.pki.absolute(), role="client"))
+    host, port = hostctl.parse_endpoint(req.to)
+    source = await attach_qemu(req.qmp, workdir=req.workdir.absolute())
+    try:
+        opts = req.options
+        config = ControllerConfig(budget_s=opts.downtime_limit_ms / 1000,
+                                  timeout_s=opts.timeout_s,
+                                  max_throttle=0.99 if opts.sdps else 0.0)
+        cap = req.bandwidth_bps / 8 if req.bandwidth_bps else None
+        on_event({"event": "connecting", "to": req.to})
+        async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
+                           streams=req.streams, connect_timeout=req.connect_timeout_s,
+                           config=SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
+                                                if req.bandwidth_bps else None)) as session:
+            on_event({"event": "measuring", "guest": source.config.name, "seconds": seconds})
+            return await make_plan(qemu_guest_rates(source, seconds=seconds), session,
+                                   seconds=seconds, config=config, rate_cap_Bps=cap)
+    finally:
+        with contextlib.suppress(XmigError):
+            await source.detach()
 
 
 def prepare_workdir(workdir: Path) -> None:
