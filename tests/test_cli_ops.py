@@ -120,6 +120,8 @@ def test_an_unusable_client_key_is_bad_input_and_changes_nothing(
         ["--bandwidth", "10MB"],  # byte units are ambiguous for a link rate
         ["--to", "no-port"],
         ["--sdps", "sometimes"],
+        ["--max-penalty", "1.5"],
+        ["--max-penalty", "ten percent"],
     ],
 )
 def test_bad_migrate_flags_are_argparse_errors(

@@ -105,3 +105,36 @@ async def test_a_disk_writer_at_five_times_the_link_converges_paced_without_stal
     assert 0 < report["max_ack_delay_ms"] < 1000
     assert report["p99_ack_delay_ms"] <= report["max_ack_delay_ms"] * 1.25
     assert report["client_max_gap_outside_blackout_ms"] <= report["client_downtime_ms"]
+
+
+async def test_a_penalty_bound_caps_the_throttle_and_a_guest_it_cannot_slow_enough_aborts(
+        tmp_path: Path) -> None:
+    run = outrunner("on", 60.0)
+    run = LocalRun(guest=run.guest, link=run.link, disk_bytes=run.disk_bytes,
+                   warmup_s=run.warmup_s,
+                   options=MigrationOptions(timeout_s=60.0, max_penalty=0.1))
+    report = (await run_local(run, workdir=tmp_path)).to_json()
+    assert report["status"] == "aborted" and "NotConverging" in report["error"]
+    assert "throttle 0.1" in report["error"]  # the bound, said in words
+    assert report["source_running"] is True and report["client_puts_lost"] == 0
+
+
+async def test_a_penalty_bound_runs_through_a_whole_migration_and_says_what_it_cost(
+        tmp_path: Path) -> None:
+    # the guest at nice 10 shares 2 cores with both agents and the emulator while a 1 Gbit/s
+    # copy runs (whether the copy is paced depends on the host's load: the governor's
+    # decisions are asserted on traces in tests/convergence/test_penalty.py)
+    run = LocalRun(guest=guest("uniform", 20e6, nice=10),
+                   link=LinkSpec.symmetric(rate_bps=1_000_000_000, rtt_s=0.02),
+                   options=MigrationOptions(max_penalty=0.05), disk_bytes=64 * MiB,
+                   warmup_s=0.5)
+    report = (await run_local(run, workdir=tmp_path)).to_json()
+    assert report["status"] == "done" and report["verified"] is True
+    assert report["sdps_max_throttle"] <= 0.05
+    bound = report["penalty_bound"]
+    assert set(bound) == {"paced_s", "min_cap_Bps", "max_penalty_seen", "gave_up"}
+    assert bound["paced_s"] >= 0 and bound["max_penalty_seen"] >= 0
+    if bound["min_cap_Bps"] is not None:  # paced: never under the floor
+        assert bound["paced_s"] > 0 and bound["min_cap_Bps"] >= 256 * 1024
+    # the cap is lifted for the blackout
+    assert report["downtime_ms"] < 1000

@@ -330,6 +330,28 @@ def test_rate_cap_holds_bulk_but_not_control() -> None:
     assert t2 is not None and t2 - t1 == pytest.approx(0.1, abs=0.001)
 
 
+def test_a_cap_set_at_run_time_paces_data_never_above_the_configured_one() -> None:
+    pair = MemoryPair(SessionConfig(max_payload=10_000))
+    pair.connect(1)
+    for _ in range(5):
+        pair.client.send(Channel.MEMORY, b"x" * 10_000)
+    pair.client.set_rate_cap(8 * 100_000, pair.now)  # 100 kB/s: a 10 kB frame per 0.1 s
+    assert pair.client.frame_to_send(1, pair.now) is not None  # the burst
+    assert pair.client.frame_to_send(1, pair.now) is None
+    t1 = pair.client.get_timer()
+    assert t1 is not None
+    pair.now = t1
+    assert pair.client.frame_to_send(1, pair.now) is not None
+    pair.client.set_rate_cap(None, pair.now)  # lifted: nothing holds data back
+    assert pair.client.frame_to_send(1, pair.now) is not None
+    assert pair.client.frame_to_send(1, pair.now) is not None
+    capped = MemoryPair(SessionConfig(rate_cap_bps=8 * 100_000, max_payload=10_000))
+    capped.client.set_rate_cap(8e9, 0.0)  # an operator's --bandwidth stays the ceiling
+    assert capped.client.bucket is not None and capped.client.bucket.rate == 100_000
+    capped.client.set_rate_cap(None, 0.0)
+    assert capped.client.bucket is not None and capped.client.bucket.rate == 100_000
+
+
 def test_timer_never_reports_what_it_already_handled() -> None:
     """An ack due while no connection can carry it must not make the timer spin."""
     pair = MemoryPair(SessionConfig(ping_interval=10.0, idle_timeout=30.0))

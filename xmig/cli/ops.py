@@ -56,6 +56,16 @@ size, byte_rate, duration = argtype(parse_size), argtype(parse_byte_rate), argty
 bit_rate, endpoint, positive = argtype(parse_bit_rate), argtype(_endpoint), argtype(_positive_int)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction within (0, 1)")
+    return value
+
+
 def add_parsers(sub: Any) -> None:
     """Register ``guest``, ``migrate`` and ``agent`` on the ``xmig`` parser."""
     _add_guest(sub)
@@ -148,6 +158,12 @@ def _add_migrate(sub: Any) -> None:
                      help="the link's rate, for link_utilization (default: --bandwidth)")
     mig.add_argument("--no-verify", action="store_true",
                      help="skip the memory and disk digests in the blackout")
+    mig.add_argument("--max-penalty", type=_fraction, metavar="FRACTION",
+                     help="keep the guest's progress within this fraction of its pace "
+                     "before the migration (e.g. 0.1), trading total time for it: the "
+                     "one-time copy is paced and the SDPS throttle capped at it; a guest "
+                     "that outruns the link at that throttle does not converge (reference "
+                     "guests: QEMU's progress is not reported)")
     mig.add_argument("--plan", action="store_true",
                      help="do not migrate: measure the guest, then the link to the agent "
                      "(--plan-time each), and print the forecast: total time, downtime, "
@@ -309,7 +325,7 @@ def _migrate(args: argparse.Namespace) -> int:
         sdps=args.sdps or "on", verify=not args.no_verify, bandwidth_bps=args.bandwidth,
         link_rate_bps=args.link_rate, connect_timeout_s=args.connect_timeout,
         blackout_timeout_s=args.blackout_timeout,
-        plan_s=args.plan_time if args.plan else None)
+        plan_s=args.plan_time if args.plan else None, max_penalty=args.max_penalty)
     if args.plan:
         return _plan(args, req)
     try:
@@ -389,6 +405,9 @@ def _migrate_qemu(args: argparse.Namespace) -> int:
     if args.sdps == "autoconverge":
         raise ConfigError("--sdps autoconverge is for reference guests (a QEMU has its own "
                           "auto-converge)")
+    if args.max_penalty is not None:
+        raise ConfigError("--max-penalty is for reference guests: xmig cannot read a QEMU "
+                          "guest's progress")
     req = QemuMigrateRequest(
         qmp=args.qemu_qmp, to=args.to, pki=args.pki, server_name=args.server_name,
         workdir=args.workdir or args.qemu_qmp.absolute().parent / "xmig",

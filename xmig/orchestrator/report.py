@@ -186,6 +186,12 @@ def source_report(
                  # what mirroring added to the guest's disk-write acknowledgements
                  "max_ack_delay_ms": round(src.max_ack_delay_s * 1000, 1),
                  "p99_ack_delay_ms": round(src.p99_ack_delay_s * 1000, 1),
+                 # what --max-penalty cost: the copy paced this long, at the lowest this
+                 "penalty_bound": None if src.penalty_cost is None else {
+                     "paced_s": round(src.penalty_cost.paced_s, 3),
+                     "min_cap_Bps": src.penalty_cost.min_cap_Bps,
+                     "max_penalty_seen": round(src.penalty_cost.max_penalty_seen, 4),
+                     "gave_up": src.penalty_cost.gave_up},
                  "digests": {"source": {"memory": src.memory_digest,
                                         "device": src.device_digest, "disk": src.disk_digest},
                              "destination": src.ready_digests},

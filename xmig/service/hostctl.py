@@ -120,6 +120,8 @@ class MigrateRequest:
     #: plan instead of migrating: measure the guest, then the link, this long each, and
     #: answer the forecast (``{"ok": true, "plan": {...}}``); nothing is migrated
     plan_s: float | None = None
+    #: the guest's progress may fall at most this fraction below its pace (None: no bound)
+    max_penalty: float | None = None
 
     op = "migrate"
 
@@ -150,6 +152,10 @@ class MigrateRequest:
                                             and 0 < self.plan_s <= MAX_PROBE_S):
             raise ConfigError(f"plan_s must be a number of seconds in (0, {MAX_PROBE_S:g}], "
                               f"not {self.plan_s!r}")
+        if self.max_penalty is not None and not (_number(self.max_penalty)
+                                                 and 0 < self.max_penalty < 1):
+            raise ConfigError(f"max_penalty must be a fraction in (0, 1), not "
+                              f"{self.max_penalty!r}")
         if self.server_name is not None and not (isinstance(self.server_name, str)
                                                  and self.server_name.strip()):
             raise ConfigError("server_name must be a non-empty string")

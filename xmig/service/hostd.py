@@ -326,7 +326,8 @@ class GuestHost:
             return
         host, port = req.endpoint
         config = ControllerConfig(budget_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                  max_throttle=0.0 if req.sdps == "off" else 0.99)
+                                  max_throttle=0.0 if req.sdps == "off" else
+                                  req.max_penalty or 0.99)
         cap = req.bandwidth_bps / 8 if req.bandwidth_bps else None
         try:
             tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
@@ -516,7 +517,8 @@ class GuestHost:
         host, port = req.endpoint
         options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
                                    sdps=req.sdps, verify=req.verify,
-                                   blackout_timeout_s=req.blackout_timeout_s)
+                                   blackout_timeout_s=req.blackout_timeout_s,
+                                   max_penalty=req.max_penalty)
         tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
         config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
                                if req.bandwidth_bps else None)
@@ -553,7 +555,8 @@ class GuestHost:
                       seen_resumed: float) -> dict[str, Any]:
         options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
                                    sdps=req.sdps, verify=req.verify,
-                                   blackout_timeout_s=req.blackout_timeout_s)
+                                   blackout_timeout_s=req.blackout_timeout_s,
+                                   max_penalty=req.max_penalty)
         after = self.guest.progress()  # frozen at the pause
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(

@@ -188,6 +188,11 @@ class TransportSession:
             await self._finished.wait()
         self._raise_if_failed()
 
+    def set_rate_cap(self, bps: float | None) -> None:
+        """Cap the session's data at ``bps`` bits/s from now (None: the configured cap)."""
+        self.session.set_rate_cap(bps, time.monotonic())
+        self._after_io()
+
     @property
     def peer_key(self) -> str:
         """Who opened the session, as :attr:`identity`'s key (its certificate's fingerprint);

@@ -461,6 +461,19 @@ class Session:
         self.wire_bytes_out += len(out.header) + len(out.payload)
         return out.header, out.payload
 
+    def set_rate_cap(self, bps: float | None, now: float) -> None:
+        """Cap data at ``bps`` bits/s from now (None: back to the configured cap, if any);
+        never above the configured cap (an operator's ``--bandwidth``)."""
+        if self.config.rate_cap_bps is not None:
+            bps = self.config.rate_cap_bps if bps is None else min(bps, self.config.rate_cap_bps)
+        if bps is None:
+            self.bucket = None
+        elif self.bucket is None:
+            self.bucket = TokenBucket(bps / 8, burst=self.config.max_payload, now=now)
+        else:
+            self.bucket.allows(now)  # what accrued at the old rate stays
+            self.bucket.rate = bps / 8
+
     # -- timers ---------------------------------------------------------------------
 
     def get_timer(self) -> float | None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import time
 from dataclasses import asdict, dataclass, field
 
 import xxhash
@@ -24,6 +25,7 @@ import xxhash
 from xmig import guestctl
 from xmig.convergence import ControllerConfig
 from xmig.convergence.joint import for_session
+from xmig.convergence.penalty import PenaltyConfig, PenaltyCost, PenaltyGovernor
 from xmig.errors import MigrationError, XmigError
 from xmig.events import BlackoutStep, ProgressNote, SimProgress
 from xmig.guest.backend import Emit, GoRecord, Sealed, SourceBackend, SourceResult
@@ -41,6 +43,7 @@ from xmig.transport.driver import single_errors
 
 MiB = 1 << 20
 FLUSH_PERIOD_S = 1.0  #: the source image is flushed this often during the brownout
+PENALTY_PERIOD_S = 0.25  #: --max-penalty: the guest's progress is read this often
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class MigrationOptions:
     (:mod:`xmig.digest`) and compare them at READY; GO is refused on a mismatch. The
     blackout only re-reads what the last round changed; off, only the device state is
     compared."""
+    max_penalty: float | None = None
+    """The guest's progress may fall at most this fraction below its pace at the start: the
+    one-time copy is paced to keep it, and SDPS's throttle is capped at it
+    (:mod:`xmig.convergence.penalty`); None: no bound."""
 
 
 @dataclass
@@ -77,6 +84,7 @@ class SimSourceResult(SourceResult):
     memory_progress: Progress | None = None
     max_ack_delay_s: float = 0.0  #: the guest's mirrored disk writes, at the seal
     p99_ack_delay_s: float = 0.0
+    penalty_cost: PenaltyCost | None = None  #: what --max-penalty cost (None: not set)
 
 
 def sim_spec(config: SimConfig) -> control.SimSpec:
@@ -148,10 +156,42 @@ class SimSource(SourceBackend):
         options = self.options
         if options.sdps != "on":
             return AutoConverge() if options.sdps == "autoconverge" else False
-        config = ControllerConfig(budget_s=options.max_downtime_s, timeout_s=options.timeout_s)
+        config = ControllerConfig(
+            budget_s=options.max_downtime_s, timeout_s=options.timeout_s,
+            max_throttle=0.99 if options.max_penalty is None else options.max_penalty)
         return for_session(config, session, sender)
 
     async def converge(self) -> None:
+        bound, pace = self.options.max_penalty, self.guest.progress().rate
+        if bound is None or pace <= 0:  # no bound, or no pace to keep
+            await self._converge()
+            return
+        governor = PenaltyGovernor(PenaltyConfig(bound), baseline=pace)
+        self.result.penalty_cost = governor.cost
+        try:
+            with single_errors():
+                async with asyncio.TaskGroup() as tg:
+                    governing = tg.create_task(self._govern(governor))
+                    await self._converge()
+                    governing.cancel()
+        finally:
+            self._session.set_rate_cap(None)  # the blackout is never paced
+
+    async def _govern(self, governor: PenaltyGovernor) -> None:
+        """Pace the one-time copy to keep the guest's progress within the bound."""
+        assert self.sender is not None
+        while True:
+            await asyncio.sleep(PENALTY_PERIOD_S)  # a control period
+            memory = self.result.memory_progress
+            copying = not self.sender.progress().bulk_done or memory is None or memory.round == 0
+            delivered = self._session.stats().get("delivery_rate_Bps")
+            cap = governor.update(
+                now=time.monotonic(), progress_rate=self.guest.progress().rate,
+                delivered_Bps=float(delivered) if isinstance(delivered, int | float) else 0.0,
+                copying=copying)
+            self._session.set_rate_cap(None if cap is None else cap * 8)
+
+    async def _converge(self) -> None:
         assert self.memory is not None and self.sender is not None
         while True:
             await self.memory.precopy()
