@@ -21,11 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from xmig.convergence import ControllerConfig
+from xmig.convergence.forecast import Forecast, forecast
 from xmig.errors import QemuError
 from xmig.events import BlackoutStep, DestStep, Event, PhaseChanged
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
 from xmig.guest.qemu.migrate import QemuMigrationOptions
+from xmig.guest.qemu.plan import qemu_guest_rates
 from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
 from xmig.orchestrator.report import Report, qemu_source_report
@@ -51,6 +54,9 @@ class QemuRun:
         default_factory=lambda: {"mem_mb": 32, "mem_rate": 8, "disk_rate": 1})
     options: QemuMigrationOptions = field(default_factory=QemuMigrationOptions)
     streams: int = 2
+    #: the guest is measured this long before the migration for the report's forecast
+    #: (:mod:`xmig.guest.qemu.plan`); 0: no forecast
+    forecast_s: float = 1.0
 
 
 async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
@@ -84,6 +90,7 @@ async def run_qemu_local(run: QemuRun, *, workdir: Path | None = None,
 async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template: QemuConfig,
                    src_dir: Path, dst_dir: Path, on_event: Callable[[dict[str, Any]], None]
                    ) -> Report:
+    planned = await _forecast(run, source)
     link_before = link_bytes(wan)
     started = time.monotonic()
     async with sessions_across(wan, pki, streams=run.streams) as (session, dst_session):
@@ -121,6 +128,7 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
     report = qemu_source_report(src, total_s=total, wire=wire,
                                 guest_bytes=run.ram_mb * MiB + run.disk_bytes)
     report.verified = continues and (records is None or (records.ok and records.checked > 0))
+    report.forecast = planned
     report.details.update({
         "guest_gap_ms": after.up_ms - before.up_ms,
         "link_bytes": on_link,
@@ -138,6 +146,18 @@ async def _migrate(run: QemuRun, wan: Wan, pki: Any, source: QemuGuest, template
                                  for e in dst_steps if isinstance(e, DestStep)},
     })
     return report
+
+
+async def _forecast(run: QemuRun, source: QemuGuest) -> Forecast | None:
+    """The convergence model's forecast from the guest measured for ``run.forecast_s`` and
+    the emulated link's rate and RTT (None: no forecast asked, or an unshaped link)."""
+    if run.forecast_s <= 0 or run.link.rate_bps is None:
+        return None
+    rates = await qemu_guest_rates(source, seconds=run.forecast_s)
+    opts = run.options
+    config = ControllerConfig(budget_s=opts.downtime_limit_ms / 1000, timeout_s=opts.timeout_s,
+                              max_throttle=0.99 if opts.sdps else 0.0)
+    return forecast(config, rates, rate_Bps=run.link.rate_bps / 8, rtt_s=run.link.rtt_s)
 
 
 def _steps_after_pause(timeline: list[Event]) -> dict[str, float]:
