@@ -187,7 +187,8 @@ async def run_xmig(run: QemuRun, workdir: Path) -> dict[str, Any]:
                                       "guest_gap_ms", "qemu_downtime_ms", "counter",
                                       "disk_records_checked", "ram_chunks_repaired",
                                       "qemu_ram", "disk", "stream_bytes",
-                                      "source_steps_ms", "destination_steps_ms")}
+                                      "source_steps_ms", "destination_steps_ms",
+                                      "forecast", "sdps_max_throttle")}
     out.update(converged=converged, wire_bytes=report.get("link_bytes"),
                session_wire_bytes=report.get("wire_bytes"))
     booted = next((e for e in events if e.get("event") == "booted"), None)

@@ -151,7 +151,7 @@ class SourceDiskMirror:
         p = self.sender.progress()
         return {"mirror_bytes": p.mirror_bytes, "mirror_bytes_sent": p.mirror_bytes_sent,
                 "bulk_data_bytes": p.bulk_data_bytes, "acks_delayed": p.acks_delayed,
-                "ack_delay_max_s": p.ack_delay_max_s}
+                "ack_delay_max_s": p.ack_delay_max_s, "ack_delay_p99_s": p.ack_delay_p99_s}
 
     async def close(self) -> None:
         """Stop everything (after GO, or to abort) and remove the shadow image. A job still
