@@ -106,3 +106,18 @@ def test_an_io_error_is_raised_typed_and_later_writes_are_never_acknowledged(
 def test_depth_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         QueuedDisk(device(tmp_path), depth=0)
+
+
+def test_a_full_queue_says_so_before_a_submit_would_block_and_empties_as_it_is_served(
+        tmp_path: Path) -> None:
+    dev = device(tmp_path)
+    disk = QueuedDisk(dev, depth=4)
+    for i in range(3):
+        disk.submit_write(i * 4096, b"x" * 4096, None)
+    assert not disk.full  # one slot left
+    disk.submit_write(3 * 4096, b"x" * 4096, None)
+    assert disk.full  # the vCPU serves its clients instead of waiting here
+    dev.gate.set()
+    disk.drain()
+    assert not disk.full
+    disk.close()

@@ -180,6 +180,8 @@ class QueuedDisk:
         self.error: BaseException | None = None
         self.depth = depth
         self._slots = threading.Semaphore(depth)  # requests submitted and not yet served
+        self._lock = threading.Lock()
+        self._pending = 0  #: requests submitted and not yet served (what _slots counts down)
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="xmig-guest-io", daemon=True)
         self._thread.start()
@@ -188,17 +190,27 @@ class QueuedDisk:
     def size(self) -> int:
         return self.device.size
 
+    @property
+    def full(self) -> bool:
+        """Every slot is taken: a submit now would wait until a request is served."""
+        return self._pending >= self.depth
+
     def submit_write(self, offset: int, data: bytes, done: Callable[[], None] | None) -> None:
         """Queue a write (blocks while the queue is full)."""
         self._raise()
-        self._slots.acquire()
+        self._take_slot()
         self._queue.put((offset, data, done))
 
     def submit_read(self, offset: int, length: int) -> None:
         """Queue a read whose data the guest does not wait for."""
         self._raise()
-        self._slots.acquire()
+        self._take_slot()
         self._queue.put((offset, length, None))
+
+    def _take_slot(self) -> None:
+        self._slots.acquire()
+        with self._lock:
+            self._pending += 1
 
     def drain(self) -> None:
         """Until every queued request is served; raises the I/O error if one failed."""
@@ -260,6 +272,8 @@ class QueuedDisk:
             finally:
                 for r in requests:
                     if r is not None:
+                        with self._lock:
+                            self._pending -= 1
                         self._slots.release()
                     self._queue.task_done()
 

@@ -263,7 +263,7 @@ class GuestProcess:
                 wl.run_chunk()
                 self.mem_credit -= spec.chunk_bytes
                 did = True
-            if wl.writes_disk and self.disk_credit > 0:
+            if wl.writes_disk and self.disk_credit > 0 and not wl.disk_blocked:
                 self.disk_credit -= wl.disk_op()
                 did = True
             now = time.monotonic()

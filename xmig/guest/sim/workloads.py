@@ -235,6 +235,13 @@ class Workload:
         while self.progress < target:
             self.run_chunk()
 
+    @property
+    def disk_blocked(self) -> bool:
+        """The disk's queue is full: a disk op now would hold the vCPU until a request is
+        acknowledged (paced by a migration's mirror), so the loop serves its clients and
+        its memory work meanwhile, as a guest's other threads go on while one waits."""
+        return isinstance(self.disk, QueuedDisk) and self.disk.full
+
     def disk_op(self) -> int:
         """One disk operation; returns the bytes written (0 for a read)."""
         assert self.disk is not None and self.layout is not None
