@@ -87,5 +87,5 @@ def test_demo_migrates_a_qemu_guest(capsys: pytest.CaptureFixture[str], tmp_path
     assert 0 < report["downtime_ms"] < 5000 and report["wire_bytes"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "done"
     # the forecast leads the report: the QEMU guest measured, the emulated link's rate
-    assert list(report)[0] == "forecast" and report["forecast"]["link_Bps"] == 125e6
+    assert next(iter(report)) == "forecast" and report["forecast"]["link_Bps"] == 125e6
     assert report["forecast"]["guest"]["ram_bytes"] == 128 << 20
