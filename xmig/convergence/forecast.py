@@ -8,8 +8,9 @@ bandwidth, a larger budget). It follows :mod:`xmig.convergence.controller`'s rul
 1. *Bulk*: the disk's bulk copy and memory's first full pass (``one_time`` bytes: what is
    not zero, compressed as the first pass compresses it, :mod:`xmig.convergence.sample`)
    cross while the guest keeps writing. Its disk writes share the link (mirrored below the
-   moving cursor, read by the bulk copy above it); a guest that adds at least the link's rate is
-   slowed to ``α × bulk_share`` of it.
+   moving cursor, read by the bulk copy above it); a guest that adds at least ``α`` of the
+   link's rate (leaving the copy less than the rest: its queue backs up) is slowed to
+   ``α × bulk_share`` of it.
 2. *Rounds*: what memory dirtied meanwhile (at most its hot set) is sent again and again;
    each round is the last one times ``q``, the guest's rate over the link's (``α`` once
    slowed, the controller engaging when the rounds would not shrink below 0.9). It stops
@@ -100,7 +101,9 @@ def _model(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
                         f"the commit alone takes {floor * 1e3:.0f} ms: a budget of "
                         f"{floor * 1e3 * 1.5:.0f} ms or more could be kept",
                         budget_needed_ms=floor * 1e3 * 1.5)
-    engaged = g >= R
+    # the controller engages while the one-time copy runs once the guest's writes would
+    # leave it less than 1 - alpha of the link (its queue backs up)
+    engaged = g >= cfg.alpha * R
     # 1. bulk: the slowed guest's disk writes share the link (those below the moving
     # cursor as mirrored writes, those above it read by the bulk copy when it gets there)
     least = 1 - cfg.max_throttle  #: the guest's speed at the strongest throttle
