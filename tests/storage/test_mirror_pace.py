@@ -3,11 +3,13 @@ pace, evenly, each at its due time and never later; the bound stays the hard cap
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xmig.storage.mirror import MirrorQueue, Ticket
+from xmig.storage.mirror import MAX_HOLD_S, MirrorQueue, Ticket
 
 K = 4096
 BIG = 1 << 40  #: a bound that never binds
@@ -99,6 +101,7 @@ def test_no_write_is_held_past_its_due_time_and_the_pace_is_never_exceeded(
         writes: list[tuple[float, int]], pace_k: int, burst_ms: int) -> None:
     rate, burst = pace_k * K, burst_ms / 1000
     queue = MirrorQueue(BIG, 1, cursor=BIG)
+    queue.max_hold_s = math.inf  # the pure pace (the cap per write: the test below)
     queue.set_pace(rate, 0.0, burst_s=burst)
     now, offset = 0.0, 0
     tickets: list[Ticket] = []
@@ -123,3 +126,17 @@ def test_no_write_is_held_past_its_due_time_and_the_pace_is_never_exceeded(
         for at, length in acked[i:]:
             total += length
             assert total <= rate * (at - start) + rate * burst + length + 1e-6
+
+
+def test_one_large_write_holds_the_small_ones_behind_it_a_quarter_second_at_most() -> None:
+    # QEMU's mirror job copies up to 1 MiB at a time: at 64 KiB/s that would be 16 s of pace
+    queue = MirrorQueue(BIG, 1, cursor=BIG)
+    queue.set_pace(64 * K, 0.0, burst_s=0.0)
+    big = queue.submit(0, b"j" * (1024 * K), 0.0)
+    small = [queue.submit((1024 + i) * K, b"g" * (4 * K), 0.0) for i in range(3)]
+    run_timers(queue, 100.0)
+    assert big.acked_at == 0.0
+    assert small[0].acked_at == pytest.approx(MAX_HOLD_S)
+    # the small ones behind it keep the pace: 4 KiB at 64 KiB/s is 62.5 ms each
+    assert small[1].acked_at == pytest.approx(MAX_HOLD_S + 4 / 64)
+    assert small[2].acked_at == pytest.approx(MAX_HOLD_S + 8 / 64)

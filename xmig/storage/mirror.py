@@ -20,7 +20,10 @@ controller sets, with the bound kept as the hard cap. A write is admitted when t
 it *and* the pacer has credit for it (a virtual clock that advances by ``length / rate`` per
 admitted write; idle time earns at most ``burst_s`` of credit), so a guest that writes faster
 than the pace is slowed write by write, evenly, instead of running free until the bound is
-full and then stopping. Timers are data: :meth:`get_timer` says when the first held write's
+full and then stopping. One write moves the pacer's clock at most ``max_hold_s`` (0.25 s)
+ahead: a large write (QEMU's mirror job copies up to 1 MiB at a time) cannot hold the
+guest's small writes behind it for ``length / rate``, while a stream of small writes keeps
+the pace exactly. Timers are data: :meth:`get_timer` says when the first held write's
 credit is due, :meth:`handle_timer` releases what is due by then.
 
 Order: writes are sent in submit order, with wire sequence numbers given at :meth:`take`.
@@ -44,6 +47,7 @@ Data = bytes | bytearray | memoryview
 #: acknowledgement-delay buckets' upper edges, seconds: 0 (at once), then 0.1 ms × 1.25^k
 DELAY_BUCKETS_S = (0.0, *(1e-4 * 1.25 ** k for k in range(64)))
 MERGE_LIMIT = 1 << 20  #: largest write coalescing builds
+MAX_HOLD_S = 0.25  #: one write moves the pacer's clock at most this far ahead
 
 
 @dataclass(slots=True)
@@ -154,6 +158,7 @@ class MirrorQueue:
         self._held: deque[_Held] = deque()
         self.pace_Bps: float | None = None  #: acknowledgement rate; None: the bound alone
         self.burst_s = 0.0  #: credit an idle pacer may save, in seconds of ``pace_Bps``
+        self.max_hold_s = MAX_HOLD_S  #: one write moves the pacer's clock at most this far
         self._pace_at = 0.0  #: the pacer's clock: no admission before it
 
     # -- the source's write path ----------------------------------------------------------
@@ -317,7 +322,8 @@ class MirrorQueue:
 
     def _charge(self, length: int, now: float) -> None:
         if self.pace_Bps is not None:
-            self._pace_at = max(self._pace_at, now - self.burst_s) + length / self.pace_Bps
+            start = max(self._pace_at, now - self.burst_s)
+            self._pace_at = start + min(length / self.pace_Bps, self.max_hold_s)
 
     def _ack_late(self, ticket: Ticket, now: float) -> None:
         ticket.acked_at = now
