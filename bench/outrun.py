@@ -21,7 +21,8 @@ xmig with SDPS on (the vCPU quota and the NBD acknowledgement pace QEMU's write-
 mirror waits on), then QEMU's own migration as libvirt drives it (``bench/vs_qemu.py``),
 its mirror write-blocking and in the background, under ``qemu_native``. QEMU cells have no
 UDP client (no ``client_gap`` target) and no progress-based penalty; their guest's disk
-rate is its own count of records written (``guest_disk_MiBps``). ``--no-qemu`` skips them.
+rate is its own count of records written (``guest_disk_MiBps``). ``--no-qemu`` skips them,
+``--no-native`` runs their xmig side only.
 """
 
 from __future__ import annotations
@@ -135,12 +136,13 @@ async def run_qemu_cell(disk_x: float, args: argparse.Namespace) -> dict[str, An
                 workload_penalty=None, client_max_gap_outside_blackout_ms=None)
     cell["targets"] = {k: v for k, v in targets(cell).items() if k != "client_gap"}
     cell["qemu_native"] = {}
-    for mode in ("write-blocking", "background"):
+    for mode in () if args.no_native else ("write-blocking", "background"):
         native = await run_side("qemu", run, _vs_args(args, mode))
         cell["qemu_native"][mode] = {
             **{k: native.get(k) for k in ("status", "converged", "downtime_ms", "total_s",
-                                          "verified", "guest_disk_MiBps", "max_throttle_pct",
-                                          "stuck_in", "error")},
+                                          "verified", "verify_error", "disk_records_checked",
+                                          "disk_records_bad", "guest_disk_MiBps",
+                                          "max_throttle_pct", "stuck_in", "error")},
             "guest_disk_rate_ratio": _ratio_to_link(native.get("guest_disk_MiBps"))}
     return cell
 
@@ -200,6 +202,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="run only this cell (5x2: the reference guest's disk 5×, memory 2× "
                     "the link; qemu2: the QEMU guest's disk 2×); repeatable")
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU cells")
+    ap.add_argument("--no-native", action="store_true",
+                    help="QEMU cells: xmig only, not QEMU's own migration beside it")
     args = ap.parse_args(argv)
     size = 64 * MiB if args.quick else 256 * MiB
     args.ram = args.ram or size
