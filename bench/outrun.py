@@ -21,7 +21,10 @@ xmig with SDPS on (the vCPU quota and the NBD acknowledgement pace QEMU's write-
 mirror waits on), then QEMU's own migration as libvirt drives it (``bench/vs_qemu.py``),
 its mirror write-blocking and in the background, under ``qemu_native``. QEMU cells have no
 UDP client (no ``client_gap`` target) and no progress-based penalty; their guest's disk
-rate is its own count of records written (``guest_disk_MiBps``). ``--no-qemu`` skips them,
+rate is its own count of records written (``guest_disk_MiBps``). Their acknowledgement
+delays count from QEMU's mirror job being ready; before it (the job's own 1 MiB copy writes,
+many in flight, held by the mirror's bound) they are ``copy_max_ack_delay_ms`` and
+``copy_p99_ack_delay_ms``. ``--no-qemu`` skips them,
 ``--no-native`` runs their xmig side only.
 """
 
@@ -132,6 +135,10 @@ async def run_qemu_cell(disk_x: float, args: argparse.Namespace) -> dict[str, An
     cell.update(forecast=xmig.get("forecast"), sdps_max_throttle=xmig.get("sdps_max_throttle"),
                 max_ack_delay_ms=_ms(disk.get("ack_delay_max_s")),
                 p99_ack_delay_ms=_ms(disk.get("ack_delay_p99_s")),
+                # before QEMU's mirror job is ready: its own 1 MiB copy writes, held by the
+                # bound (guest writes among them)
+                copy_max_ack_delay_ms=_ms(disk.get("copy_ack_delay_max_s")),
+                copy_p99_ack_delay_ms=_ms(disk.get("copy_ack_delay_p99_s")),
                 guest_disk_rate_ratio=_ratio_to_link(xmig.get("guest_disk_MiBps")),
                 workload_penalty=None, client_max_gap_outside_blackout_ms=None)
     cell["targets"] = {k: v for k, v in targets(cell).items() if k != "client_gap"}

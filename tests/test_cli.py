@@ -89,3 +89,5 @@ def test_demo_migrates_a_qemu_guest(capsys: pytest.CaptureFixture[str], tmp_path
     # the forecast leads the report: the QEMU guest measured, the emulated link's rate
     assert next(iter(report)) == "forecast" and report["forecast"]["link_Bps"] == 125e6
     assert report["forecast"]["guest"]["ram_bytes"] == 128 << 20
+    # the mirror job's own copy is counted apart from the guest's writes that follow
+    assert {"copy_ack_delay_max_s", "ack_delay_max_s"} <= set(report["disk"])

@@ -140,3 +140,16 @@ def test_one_large_write_holds_the_small_ones_behind_it_a_quarter_second_at_most
     # the small ones behind it keep the pace: 4 KiB at 64 KiB/s is 62.5 ms each
     assert small[1].acked_at == pytest.approx(MAX_HOLD_S + 4 / 64)
     assert small[2].acked_at == pytest.approx(MAX_HOLD_S + 8 / 64)
+
+
+def test_delays_restart_from_a_phase_and_the_figures_before_it_are_kept() -> None:
+    queue = MirrorQueue(4 * K, 1, cursor=BIG)
+    first = queue.submit(0, b"a" * (4 * K), 0.0)
+    held = queue.submit(4 * K, b"b" * (4 * K), 0.0)  # over the bound: held
+    queue.take(BIG)
+    queue.on_applied(1, 0.5)  # room: released 0.5 s late
+    assert first.acked_at == 0.0 and held.acked_at == 0.5
+    assert queue.stats.restart_delays()[0] == 0.5
+    assert queue.stats.delay_max_s == 0.0 and queue.stats.delay_quantile(0.99) == 0.0
+    queue.submit(8 * K, b"c" * K, 1.0)  # not held: it does not wait
+    assert queue.stats.delay_max_s == 0.0

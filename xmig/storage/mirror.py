@@ -113,6 +113,16 @@ class MirrorStats:
     def count_delay(self, delay_s: float) -> None:
         self.delay_counts[bisect.bisect_left(DELAY_BUCKETS_S, delay_s)] += 1
 
+    def restart_delays(self) -> tuple[float, float]:
+        """Count acknowledgement delays afresh from now; returns the largest and the 99th
+        percentile so far (seconds): a phase whose writes are not the guest's own, QEMU's
+        mirror job copying the disk before it is ready, is reported apart."""
+        before = (self.delay_max_s, self.delay_quantile(0.99))
+        self.delay_max_s = self.delay_total_s = 0.0
+        self.writes_delayed = 0
+        self.delay_counts = [0] * len(self.delay_counts)
+        return before
+
 
 @dataclass(slots=True)
 class _Entry:
