@@ -21,13 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from xmig.convergence import ControllerConfig
 from xmig.convergence.forecast import Forecast, forecast
 from xmig.errors import QemuError
 from xmig.events import BlackoutStep, DestStep, Event, PhaseChanged
 from xmig.guest.qemu import Progress, QemuConfig, QemuGuest, check_records
 from xmig.guest.qemu.image import build_test_guest, guest_cmdline
-from xmig.guest.qemu.migrate import QemuMigrationOptions
+from xmig.guest.qemu.migrate import QemuMigrationOptions, controller_config
 from xmig.guest.qemu.plan import qemu_guest_rates
 from xmig.harness.wan import sessions_across
 from xmig.netem import LinkSpec, Wan
@@ -154,10 +153,8 @@ async def _forecast(run: QemuRun, source: QemuGuest) -> Forecast | None:
     if run.forecast_s <= 0 or run.link.rate_bps is None:
         return None
     rates = await qemu_guest_rates(source, seconds=run.forecast_s)
-    opts = run.options
-    config = ControllerConfig(budget_s=opts.downtime_limit_ms / 1000, timeout_s=opts.timeout_s,
-                              max_throttle=0.99 if opts.sdps else 0.0)
-    return forecast(config, rates, rate_Bps=run.link.rate_bps / 8, rtt_s=run.link.rtt_s)
+    return forecast(controller_config(run.options), rates, rate_Bps=run.link.rate_bps / 8,
+                    rtt_s=run.link.rtt_s)
 
 
 def _steps_after_pause(timeline: list[Event]) -> dict[str, float]:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmig.convergence import ControllerConfig
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -40,7 +39,7 @@ from xmig.errors import (
 from xmig.guest.backend import Outcome
 from xmig.guest.qemu.attach import attach_qemu
 from xmig.guest.qemu.machine import QemuGuest
-from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult
+from xmig.guest.qemu.migrate import QemuMigrationOptions, QemuSourceResult, controller_config
 from xmig.guest.qemu.plan import qemu_guest_rates
 from xmig.orchestrator.plan import Plan, make_plan
 from xmig.orchestrator.qemusettle import send_qemu_decision
@@ -159,10 +158,7 @@ async def plan_attached(req: QemuMigrateRequest, seconds: float,
     host, port = hostctl.parse_endpoint(req.to)
     source = await attach_qemu(req.qmp, workdir=req.workdir.absolute())
     try:
-        opts = req.options
-        config = ControllerConfig(budget_s=opts.downtime_limit_ms / 1000,
-                                  timeout_s=opts.timeout_s,
-                                  max_throttle=0.99 if opts.sdps else 0.0)
+        config = controller_config(req.options)
         cap = req.bandwidth_bps / 8 if req.bandwidth_bps else None
         on_event({"event": "connecting", "to": req.to})
         async with connect(host, port, tls=tls, server_hostname=req.server_name or host,

@@ -147,6 +147,16 @@ async def _send_ram_digests(session: TransportSession, source: QemuGuest,
     return digests
 
 
+def controller_config(options: QemuMigrationOptions) -> ControllerConfig:
+    """The convergence controller's settings for a QEMU guest (what its forecast models too):
+    the link share QEMU's sampled dirty rate allows (:data:`QEMU_ALPHA`), the cgroup's
+    strongest throttle, or none with SDPS off."""
+    return ControllerConfig(budget_s=options.downtime_limit_ms / 1000,
+                            timeout_s=options.timeout_s, alpha=QEMU_ALPHA,
+                            max_throttle=QEMU_MAX_THROTTLE if options.sdps else 0.0,
+                            window_s=1.0)
+
+
 class QemuSource(SourceBackend):
     """A running QEMU's source: its own migration stream tunnelled over the session
     (SourceTunnel, max-bandwidth following the delivery rate), its disk mirrored
@@ -223,10 +233,7 @@ class QemuSource(SourceBackend):
         """The convergence controller (:mod:`xmig.convergence`): the vCPUs' CPU quota and
         the pace of the mirror's acknowledgements (QEMU's write-blocking mirror waits for
         them), from memory and disk together."""
-        options = self.options
-        config = ControllerConfig(budget_s=options.downtime_limit_ms / 1000,
-                                  timeout_s=options.timeout_s, alpha=QEMU_ALPHA,
-                                  max_throttle=QEMU_MAX_THROTTLE, window_s=1.0)
+        config = controller_config(self.options)
         return for_session(config, session, self.mirror.sender if self.mirror else None)
 
     async def converge(self) -> None:
