@@ -109,9 +109,11 @@ async def test_a_disk_writer_at_five_times_the_link_converges_paced_without_stal
 
 async def test_a_penalty_bound_caps_the_throttle_and_a_guest_it_cannot_slow_enough_aborts(
         tmp_path: Path) -> None:
+    # 25 MB/s of page writes over 40 Mbit/s: at throttle 0.1 the guest adds 4x the link,
+    # however busy the host
     run = outrunner("on", 60.0)
-    run = LocalRun(guest=run.guest, link=run.link, disk_bytes=run.disk_bytes,
-                   warmup_s=run.warmup_s,
+    run = LocalRun(guest=run.guest, link=LinkSpec.symmetric(rate_bps=40_000_000, rtt_s=0.02),
+                   disk_bytes=run.disk_bytes, warmup_s=run.warmup_s,
                    options=MigrationOptions(timeout_s=60.0, max_penalty=0.1))
     report = (await run_local(run, workdir=tmp_path)).to_json()
     assert report["status"] == "aborted" and "NotConverging" in report["error"]
