@@ -65,6 +65,9 @@ def test_with_sdps_off_a_guest_that_outruns_the_link_is_forecast_not_to_converge
     off = forecast(ControllerConfig(max_throttle=0.0), guest, rate_Bps=LINK, rtt_s=0.05)
     on = forecast(ControllerConfig(), guest, rate_Bps=LINK, rtt_s=0.05)
     assert not off.converges and off.throttle == 0 and "would converge" in off.reason
+    # a capped throttle (--max-penalty) is told the throttle that would do
+    capped = forecast(ControllerConfig(max_throttle=0.1), guest, rate_Bps=LINK, rtt_s=0.05)
+    assert not capped.converges and "or allowing a throttle of 0.6" in capped.reason
     assert on.converges and on.throttle > 0.5
 
 

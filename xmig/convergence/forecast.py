@@ -35,6 +35,8 @@ STALL_RATIO = 0.9
 #: payload bytes per byte of link rate the sessions carry (TCP/IP and TLS headers, each
 #: connection's ramp): bench/outrun.py measures a link_utilization of 0.91-0.93
 GOODPUT = 0.92
+#: the strongest throttle a forecast suggests allowing (SDPS's default cap)
+MAX_ALLOWED_THROTTLE = 0.99
 MAX_ROUNDS = 1000
 
 
@@ -92,10 +94,14 @@ def _model(config: ControllerConfig, guest: GuestRates, *, rate_Bps: float,
     slowest = g * (1 - cfg.max_throttle)
     if R <= 0 or slowest >= R:
         need = slowest / cfg.alpha
+        allow = 1 - cfg.alpha * R / g if R > 0 else 1.0
+        stronger = (f", or allowing a throttle of {allow:.2f}"
+                    if cfg.max_throttle < allow < MAX_ALLOWED_THROTTLE else "")
         return Forecast(False, None, None, cfg.max_throttle, cfg.max_throttle,
                         f"even at throttle {cfg.max_throttle:g} the guest adds "
                         f"{slowest / 1e6:.2f} MB/s: a link of {need * 8 / 1e6:.0f} Mbit/s "
-                        "or more would converge", bandwidth_needed_Bps=need / GOODPUT)
+                        f"or more would converge{stronger}",
+                        bandwidth_needed_Bps=need / GOODPUT)
     if floor >= cfg.budget_s:
         return Forecast(False, None, None, 0.0, 0.0,
                         f"the commit alone takes {floor * 1e3:.0f} ms: a budget of "
