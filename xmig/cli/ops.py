@@ -163,7 +163,8 @@ def _add_migrate(sub: Any) -> None:
                      "before the migration (e.g. 0.1), trading total time for it: the "
                      "one-time copy is paced and the SDPS throttle capped at it; a guest "
                      "that outruns the link at that throttle does not converge (reference "
-                     "guests: QEMU's progress is not reported)")
+                     "guests only: refused with --qemu-qmp, whose guest's progress xmig does "
+                     "not read)")
     mig.add_argument("--plan", action="store_true",
                      help="do not migrate: measure the guest, then the link to the agent "
                      "(--plan-time each), and print the forecast: total time, downtime, "
