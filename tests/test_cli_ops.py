@@ -527,3 +527,14 @@ def test_resolve_refuses_bad_flags_and_lists_nothing_where_nothing_is_in_doubt(
     assert capsys.readouterr().out == ""
     assert main(["resolve", "--workdir", str(tmp_path)]) == 0
     assert "no migration is in doubt here" in capsys.readouterr().out
+
+
+def test_a_penalty_bound_for_a_qemu_guest_is_refused_before_anything_is_asked(
+        tmp_path: Path, pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    qmp = tmp_path / "vm.qmp"
+    rc = main(["migrate", "--qemu-qmp", str(qmp), "--to", "127.0.0.1:7", "--pki", str(pki),
+               "--max-penalty", "0.1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    one_red_line(err, "ConfigError")
+    assert "--max-penalty" in err and not (tmp_path / "xmig").exists()
