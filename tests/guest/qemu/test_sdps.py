@@ -40,7 +40,7 @@ async def test_a_guest_outrunning_the_link_converges_with_sdps(
         rate_Bps = (second.counter - first.counter) * 4096 / max(
             (second.up_ms - first.up_ms) / 1000, 1e-3)
         m = await migrate_over_wan(tmp_path, source, template, QemuMigrationOptions(
-            reply_timeout_s=RUN_S, timeout_s=75, sdps=True), link=LINK)
+            reply_timeout_s=RUN_S, timeout_s=150, sdps=True), link=LINK)
         try:
             assert rate_Bps > 10 * 200e6 / 8, rate_Bps
             assert m.src.status == "done" and m.dst.status == "running"
