@@ -1,10 +1,10 @@
 """A forecast before a migration starts (``xmig migrate --plan``): measure, then predict.
 
 :func:`make_plan` measures the guest first (its backend says how: the reference guest's
-counters and a sample of its memory and disk, :func:`sim_guest_rates`; QEMU's dirty-rate
-calculation and block statistics, :mod:`xmig.guest.qemu.plan`), then the link to the agent
-(:func:`~xmig.orchestrator.probe.probe_link`, one after the other so the probe's traffic
-does not slow the guest it measures), and runs the convergence controller's model on both
+counters and a sample of its memory and disk, :func:`sim_guest_rates`; QEMU's shared RAM
+file sampled twice and its block statistics, :mod:`xmig.guest.qemu.plan`), then the link to
+the agent (:func:`~xmig.orchestrator.probe.probe_link`, one after the other so the probe's
+traffic does not slow the guest it measures), and runs the convergence controller's model on both
 (:func:`~xmig.convergence.forecast.forecast`). Nothing is migrated and nothing changes.
 """
 

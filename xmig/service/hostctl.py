@@ -420,22 +420,30 @@ def migrate(path: Path, req: MigrateRequest, *,
             conn.send(req.to_json())
         except GuestError as err:
             return Outcome(None, err)
-        while True:
-            try:
-                msg = conn.read(deadline)
-            except GuestError as err:
-                return Outcome(None, err)
-            if "ok" in msg:
-                report = msg.get("report")
-                report = report if isinstance(report, dict) else None
-                if msg["ok"]:
-                    return Outcome(report)
-                err_data = msg.get("error")
-                after = bool(err_data.get("after_go")) if isinstance(err_data, dict) else False
-                return Outcome(report, error_from(err_data), after)
-            on_event(msg)
+        try:
+            msg = _answer(conn, deadline, on_event)
+        except GuestError as err:
+            return Outcome(None, err)
+        report = msg.get("report")
+        report = report if isinstance(report, dict) else None
+        if msg["ok"]:
+            return Outcome(report)
+        err_data = msg.get("error")
+        after = bool(err_data.get("after_go")) if isinstance(err_data, dict) else False
+        return Outcome(report, error_from(err_data), after)
     finally:
         conn.close()
+
+
+def _answer(conn: _Connection, deadline: float,
+            on_event: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """The events a long request streams, each to ``on_event``, until its answer (the
+    object with ``ok``), returned."""
+    while True:
+        msg = conn.read(deadline)
+        if "ok" in msg:
+            return msg
+        on_event(msg)
 
 
 def plan(path: Path, req: MigrateRequest, *,
@@ -450,18 +458,15 @@ def plan(path: Path, req: MigrateRequest, *,
     conn = _Connection(path, 10.0, known=True)
     try:
         conn.send(req.to_json())
-        while True:
-            msg = conn.read(deadline)
-            if "ok" in msg:
-                if not msg["ok"]:
-                    raise error_from(msg.get("error"))
-                found = msg.get("plan")
-                if not isinstance(found, dict):
-                    raise GuestError("the host answered a plan request without a plan")
-                return found
-            on_event(msg)
+        msg = _answer(conn, deadline, on_event)
     finally:
         conn.close()
+    if not msg["ok"]:
+        raise error_from(msg.get("error"))
+    found = msg.get("plan")
+    if not isinstance(found, dict):
+        raise GuestError("the host answered a plan request without a plan")
+    return found
 
 
 def resolve(path: Path, req: ResolveRequest, *, timeout: float = 60.0,

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from xmig import guestctl
-from xmig.convergence import ControllerConfig
 from xmig.errors import (
     ConfigError,
     EpochAbandoned,
@@ -52,7 +51,7 @@ from xmig.errors import (
     XmigError,
 )
 from xmig.guest.sim import Progress, SimConfig, SimGuest, make_disk_image
-from xmig.guest.sim.source import MigrationOptions, SimSourceResult
+from xmig.guest.sim.source import MigrationOptions, SimSourceResult, controller_config
 from xmig.orchestrator.plan import make_plan, sim_guest_rates
 from xmig.orchestrator.report import aborted_report, downtime_estimate, ledger_check, source_report
 from xmig.orchestrator.run import migrate
@@ -325,17 +324,14 @@ class GuestHost:
             writer.write(hostctl.encode({"ok": False, "error": hostctl.error_dict(err)}))
             return
         host, port = req.endpoint
-        config = ControllerConfig(budget_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                  max_throttle=0.0 if req.sdps == "off" else
-                                  req.max_penalty or 0.99)
+        config = controller_config(_options(req))
         cap = req.bandwidth_bps / 8 if req.bandwidth_bps else None
         try:
             tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
             writer.write(hostctl.encode({"event": "connecting", "to": req.to}))
             async with connect(host, port, tls=tls, server_hostname=req.server_name or host,
                                streams=req.streams, connect_timeout=req.connect_timeout_s,
-                               config=SessionConfig(rate_cap_bps=cap * 8 if cap else None),
-                               ) as session:
+                               config=_session_config(req)) as session:
                 writer.write(hostctl.encode({"event": "measuring", "guest": self.name,
                                              "seconds": req.plan_s}))
                 rates = sim_guest_rates(self.guest, self.disk, seconds=req.plan_s,
@@ -515,13 +511,9 @@ class GuestHost:
                    timeline: list[dict[str, Any]], seen_resumed: list[float]
                    ) -> dict[str, Any]:
         host, port = req.endpoint
-        options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                   sdps=req.sdps, verify=req.verify,
-                                   blackout_timeout_s=req.blackout_timeout_s,
-                                   max_penalty=req.max_penalty)
+        options = _options(req)
         tls = client_context(PkiPaths.in_dir(Path(req.pki), role="client"))
-        config = SessionConfig(rate_cap_bps=float(req.bandwidth_bps)
-                               if req.bandwidth_bps else None)
+        config = _session_config(req)
         rate_before = self._rate_before()
         put({"event": "connecting", "to": req.to})
         result: SimSourceResult | None = None
@@ -553,10 +545,7 @@ class GuestHost:
                       wire: dict[str, Any], total_s: float, before: Progress, t_before: float,
                       rate_before: float | None, timeline: list[dict[str, Any]],
                       seen_resumed: float) -> dict[str, Any]:
-        options = MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
-                                   sdps=req.sdps, verify=req.verify,
-                                   blackout_timeout_s=req.blackout_timeout_s,
-                                   max_penalty=req.max_penalty)
+        options = _options(req)
         after = self.guest.progress()  # frozen at the pause
         srtt = wire.get("srtt_s")
         downtime, basis = downtime_estimate(
@@ -586,6 +575,19 @@ class GuestHost:
             self.guest.set_throttle(0.0)
             if self.guest.paused:
                 await guestctl.call(self.guest.resume)
+
+
+def _options(req: hostctl.MigrateRequest) -> MigrationOptions:
+    """What the engine is asked, from the client's request."""
+    return MigrationOptions(max_downtime_s=req.max_downtime_s, timeout_s=req.timeout_s,
+                            sdps=req.sdps, verify=req.verify,
+                            blackout_timeout_s=req.blackout_timeout_s,
+                            max_penalty=req.max_penalty)
+
+
+def _session_config(req: hostctl.MigrateRequest) -> SessionConfig:
+    """The session to the agent, capped at the request's ``--bandwidth``."""
+    return SessionConfig(rate_cap_bps=float(req.bandwidth_bps) if req.bandwidth_bps else None)
 
 
 def _agent(req: hostctl.MigrateRequest) -> AgentAddress:

@@ -42,13 +42,13 @@ async def qemu_guest_rates(guest: QemuGuest, *, seconds: float, seed: int = 0) -
     size."""
     ram = guest.config.ram_mb << 20
     pages = RamSample(guest.mem_path, ram, seed=seed)
-    first = await asyncio.to_thread(pages.digests)
+    first = digests(await asyncio.to_thread(pages.read))
     written, t0 = await _written(guest), time.monotonic()
     await asyncio.sleep(seconds)  # the measurement window
     disk_write = max(0.0, (await _written(guest) - written) / (time.monotonic() - t0))
-    then = await asyncio.to_thread(pages.digests)
-    dirty = pages.scale(int(np.count_nonzero(first != then))) / (time.monotonic() - t0)
-    nonzero = pages.scale(await asyncio.to_thread(pages.nonzero)) / ram * PAGE_SIZE
+    now = await asyncio.to_thread(pages.read)
+    dirty = pages.scale(int(np.count_nonzero(first != digests(now)))) / (time.monotonic() - t0)
+    nonzero = pages.scale(sum(1 for page in now if page != ZERO_PAGE)) / ram * PAGE_SIZE
     allocated = 0
     if guest.config.disk is not None:
         allocated = await asyncio.to_thread(_allocated, guest.config.disk)
@@ -60,7 +60,7 @@ async def qemu_guest_rates(guest: QemuGuest, *, seconds: float, seed: int = 0) -
 
 
 class RamSample:
-    """A seeded sample of the pages of a guest's RAM file, read through a read-only map."""
+    """A seeded sample of the pages of a guest's RAM file, read with ``pread``."""
 
     def __init__(self, path: Path, size: int, *, pages: int = SAMPLE_PAGES, seed: int = 0,
                  ) -> None:
@@ -73,18 +73,17 @@ class RamSample:
         """Pages of the whole RAM, from ``hits`` among the sampled ones."""
         return hits * self.count / len(self.picked) if len(self.picked) else 0.0
 
-    def _read(self) -> list[bytes]:
+    def read(self) -> list[bytes]:
+        """The sampled pages as they are now."""
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return [os.pread(fd, PAGE_SIZE, p * PAGE_SIZE) for p in self.picked.tolist()]
         finally:
             os.close(fd)
 
-    def digests(self) -> npt.NDArray[np.uint64]:
-        return np.array([xxhash.xxh3_64_intdigest(page) for page in self._read()], np.uint64)
 
-    def nonzero(self) -> int:
-        return sum(1 for page in self._read() if page != ZERO_PAGE)
+def digests(pages: list[bytes]) -> npt.NDArray[np.uint64]:
+    return np.array([xxhash.xxh3_64_intdigest(page) for page in pages], np.uint64)
 
 
 def _allocated(disk: Path) -> int:

@@ -87,6 +87,14 @@ class SimSourceResult(SourceResult):
     penalty_cost: PenaltyCost | None = None  #: what --max-penalty cost (None: not set)
 
 
+def controller_config(options: MigrationOptions) -> ControllerConfig:
+    """The convergence controller's settings for a reference guest (what its forecast
+    models too): the throttle capped at ``--max-penalty``, or none with SDPS off."""
+    throttle = 0.99 if options.max_penalty is None else options.max_penalty
+    return ControllerConfig(budget_s=options.max_downtime_s, timeout_s=options.timeout_s,
+                            max_throttle=0.0 if options.sdps == "off" else throttle)
+
+
 def sim_spec(config: SimConfig) -> control.SimSpec:
     """What the destination is told of a reference guest: its definition, none of this
     host's files, addresses or nice level."""
@@ -156,10 +164,7 @@ class SimSource(SourceBackend):
         options = self.options
         if options.sdps != "on":
             return AutoConverge() if options.sdps == "autoconverge" else False
-        config = ControllerConfig(
-            budget_s=options.max_downtime_s, timeout_s=options.timeout_s,
-            max_throttle=0.99 if options.max_penalty is None else options.max_penalty)
-        return for_session(config, session, sender)
+        return for_session(controller_config(options), session, sender)
 
     async def converge(self) -> None:
         bound, pace = self.options.max_penalty, self.guest.progress().rate
